@@ -1,0 +1,441 @@
+"""Exact and stochastic second-order math on arbitrary pytrees.
+
+Everything here is a pure function of pytrees and works under ``jax.jit``:
+
+* products: :func:`hvp` (exact Hessian-vector product, forward-over-reverse),
+  :func:`ggn_vp` (Gauss-Newton product ``J^T H_L J v``);
+* diagonal estimators used as Sophia's ``h_hat``: :func:`hutchinson_diagonal`
+  (Sophia-H), :func:`gnb_diagonal` (Gauss-Newton-Bartlett, Sophia-G),
+  :func:`fisher_diagonal` (empirical Fisher ``g*g``, what SOUL's code uses);
+* solvers / inspection: :func:`conjugate_gradient` (damped CG),
+  :func:`lanczos` (extreme eigenvalues), :func:`dense_hessian` and
+  :func:`hessian_diagonal_exact` (exact Hessian on a few flat coordinates), so a
+  user can measure how far a diagonal estimate is from the truth.
+
+Dtypes: products (``hvp``, ``ggn_vp``) come back in the dtype of the
+parameters, as JAX's autodiff produces them. Everything that is *accumulated*
+(diagonal estimates, CG / Lanczos scalars) is computed in float32, or float64 when
+the inputs are float64. Pass float32 parameters for second-order passes of a bf16
+model (DESIGN.md: "keep losses and curvature in fp32").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+# optax renamed a few tree helpers across 0.2.x; take whichever this install has.
+_tree_norm = getattr(otu, "tree_norm", None) or getattr(otu, "tree_l2_norm")
+_tree_add_scale = getattr(otu, "tree_add_scale", None) or getattr(otu, "tree_add_scalar_mul")
+
+__all__ = [
+    "acc_dtype",
+    "tree_vdot",
+    "tree_norm",
+    "tree_add_scale",
+    "hvp",
+    "ggn_vp",
+    "rademacher_like",
+    "hutchinson_diagonal",
+    "gnb_diagonal",
+    "fisher_diagonal",
+    "CGInfo",
+    "conjugate_gradient",
+    "LanczosResult",
+    "lanczos",
+    "dense_hessian",
+    "hessian_diagonal_exact",
+]
+
+
+# ----------------------------------------------------------------------------
+# Tree helpers (thin aliases over optax.tree_utils)
+# ----------------------------------------------------------------------------
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _tree_acc_dtype(tree: PyTree) -> jnp.dtype:
+    leaves = jax.tree.leaves(tree)
+    if any(jnp.dtype(jnp.result_type(x)) == jnp.float64 for x in leaves):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
+    """<x, y> summed over all leaves (``optax.tree_utils.tree_vdot``)."""
+    return otu.tree_vdot(x, y)
+
+
+def tree_norm(x: PyTree) -> jax.Array:
+    """Euclidean norm over all leaves (``optax.tree_utils.tree_norm``)."""
+    return _tree_norm(x)
+
+
+def tree_add_scale(x: PyTree, s, y: PyTree) -> PyTree:
+    """x + s * y (``optax.tree_utils.tree_add_scale``)."""
+    return _tree_add_scale(x, s, y)
+
+
+def _cast_tree(tree: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.result_type(b)), tree, like)
+
+
+# ----------------------------------------------------------------------------
+# Products
+# ----------------------------------------------------------------------------
+
+
+def hvp(f: Callable[..., jax.Array], params: PyTree, v: PyTree, *args) -> PyTree:
+    """Exact Hessian-vector product ``H(params) v`` of the scalar ``f(params, *args)``.
+
+    Forward-over-reverse: ``d/dt grad f(params + t v) |_{t=0}``, i.e.
+    ``jax.jvp(grad f, (params,), (v,))``. Costs about one gradient evaluation.
+    ``v`` must have the structure and dtypes of ``params``.
+    """
+    return jax.jvp(lambda p: jax.grad(f)(p, *args), (params,), (v,))[1]
+
+
+def ggn_vp(
+    logits_fn: Callable[[PyTree], jax.Array],
+    loss_of_logits: Callable[[jax.Array], jax.Array],
+    params: PyTree,
+    v: PyTree,
+) -> PyTree:
+    """Generalized Gauss-Newton product ``G v = J^T H_L J v``.
+
+    ``J`` is the Jacobian of ``logits_fn`` at ``params`` and ``H_L`` the Hessian of
+    ``loss_of_logits`` at ``z = logits_fn(params)``. One linearization of the model
+    (forward pass), its transpose for ``J^T``, and an exact HVP in logit space.
+    For a softmax cross entropy ``H_L`` is PSD, hence so is ``G``.
+    """
+    z, j_fn = jax.linearize(logits_fn, params)  # z, v -> J v
+    jv = j_fn(v)
+    hjv = hvp(loss_of_logits, z, jv)  # H_L (J v)
+    (g,) = jax.linear_transpose(j_fn, params)(hjv)  # J^T H_L J v
+    return g
+
+
+# ----------------------------------------------------------------------------
+# Diagonal curvature estimators (Sophia's h_hat)
+# ----------------------------------------------------------------------------
+
+
+def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
+    """Rademacher (+-1) probes with each leaf's shape and dtype.
+
+    One key per leaf (``optax.tree_utils.tree_random_like``, which also passes
+    the leaf's sharding as ``out_sharding`` where the sampler accepts it). Under
+    ``jit`` with automatic sharding the compiler lays the probes out like the
+    parameters they are combined with.
+    """
+    return otu.tree_random_like(key, tree, sampler=jax.random.rademacher)
+
+
+def hutchinson_diagonal(
+    f: Callable[..., jax.Array], params: PyTree, key: jax.Array, num_probes: int = 1, *args
+) -> PyTree:
+    """Hutchinson estimate of ``diag(H)``: mean over probes of ``u * (H u)`` (Sophia-H).
+
+    ``u`` is Rademacher, so ``E[u_i (H u)_i] = H_ii`` and the variance of one probe
+    in coordinate i is ``sum_{j != i} H_ij^2``: the error falls like
+    ``1/sqrt(num_probes)``. The gradient map is linearized once and each probe
+    costs one linear HVP; probes are summed sequentially (``lax.scan``), so memory
+    does not grow with ``num_probes``. Returns float32 (float64 for f64 params).
+    The estimate may be negative: Sophia's ``max(rho*h, eps)`` handles that.
+    """
+    dtype = _tree_acc_dtype(params)
+    _, hvp_lin = jax.linearize(lambda p: jax.grad(f)(p, *args), params)
+
+    def body(total, k):
+        u = rademacher_like(k, params)
+        hu = hvp_lin(u)
+        return jax.tree.map(lambda t, a, b: t + a.astype(dtype) * b.astype(dtype), total, u, hu), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    total, _ = jax.lax.scan(body, zeros, jax.random.split(key, num_probes))
+    return jax.tree.map(lambda t: t / num_probes, total)
+
+
+def gnb_diagonal(
+    logits_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    key: jax.Array,
+    weights: Optional[jax.Array] = None,
+    *,
+    scale_by_tokens: bool = True,
+) -> PyTree:
+    """Gauss-Newton-Bartlett estimate of ``diag(G)`` (Sophia-G, Liu et al. 2023, Alg. 2).
+
+    ``logits_fn(params)`` returns logits ``[..., V]``; ``weights`` (shape ``[...]``,
+    e.g. the answer-token mask) selects the tokens. What we do, exactly:
+
+    1. sample ``y_b ~ softmax(z_b)`` per token with ``jax.random.categorical`` on
+       ``stop_gradient(z)`` (labels are integers: nothing flows through them);
+    2. ``L_hat = sum_b w_b CE(z_b, y_b) / B`` with ``B = sum_b w_b`` (the mean CE over
+       the weighted tokens; ``B`` = number of tokens when ``weights`` is None);
+    3. return ``B * grad(L_hat) ** 2`` (float32).
+
+    Why ``B``: with ``g = (1/B) sum_b w_b J_b^T (p_b - e_{y_b})`` and independent
+    labels, ``E[g g^T] = (1/B^2) sum_b w_b^2 J_b^T (diag p_b - p_b p_b^T) J_b``, so for
+    0/1 weights ``B * E[g*g] = diag((1/B) sum_b w_b J_b^T H_b J_b)``: the Gauss-Newton
+    diagonal of the weighted-mean CE (what the tests check). Weights are meant to be
+    0/1; fractional weights give a biased estimate.
+
+    The SophiaG reference code (``Liuhong99/Sophia``, ``train_sophiag.py`` +
+    ``SophiaG.update_hessian``) stores the EMA of the plain ``g*g`` and puts the
+    token count into the step instead (``rho * bs * h`` with ``bs`` = tokens per
+    step). ``scale_by_tokens=False`` returns that plain ``g*g``; then pass the
+    token count as ``sophia(batch_scale=...)``. The two agree when the curvature
+    batch has ``bs`` tokens.
+    """
+    def sampled_loss(p):
+        z = logits_fn(p).astype(_tree_acc_dtype(p))
+        y = jax.random.categorical(key, jax.lax.stop_gradient(z), axis=-1)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
+        if weights is None:
+            count = jnp.asarray(ce.size, ce.dtype)
+            return jnp.mean(ce), count
+        w = jnp.asarray(weights, ce.dtype)
+        count = jnp.sum(w)
+        return jnp.sum(w * ce) / jnp.maximum(count, 1.0), count
+
+    g, count = jax.grad(sampled_loss, has_aux=True)(params)
+    dtype = _tree_acc_dtype(params)
+    scale = count.astype(dtype) if scale_by_tokens else jnp.asarray(1.0, dtype)
+    return jax.tree.map(lambda x: scale * jnp.square(x.astype(dtype)), g)
+
+
+def fisher_diagonal(grads: PyTree) -> PyTree:
+    """Empirical Fisher diagonal ``g * g`` (float32; what the SOUL code feeds Sophia)."""
+    return jax.tree.map(lambda g: jnp.square(g.astype(acc_dtype(g.dtype))), grads)
+
+
+# ----------------------------------------------------------------------------
+# Conjugate gradients
+# ----------------------------------------------------------------------------
+
+
+class CGInfo(NamedTuple):
+    iterations: jax.Array  # completed CG updates
+    residual_norm: jax.Array  # ||b - (A + damping I) x||, recursively updated
+    converged: jax.Array  # residual_norm <= max(tol * ||b||, atol)
+    negative_curvature: jax.Array  # stopped on p^T (A + damping I) p <= 0
+
+
+def conjugate_gradient(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    x0: Optional[PyTree] = None,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    maxiter: Optional[int] = None,
+    atol: float = 0.0,
+) -> tuple[PyTree, CGInfo]:
+    """Solve ``(A + damping I) x = b`` by conjugate gradients on pytrees.
+
+    ``matvec(v) = A v`` must be symmetric; CG needs ``A + damping I`` positive
+    definite. Stops when ``||r|| <= max(tol * ||b||, atol)`` (relative tolerance
+    like scipy's ``rtol``), after ``maxiter`` updates (default: the number of
+    unknowns, where exact arithmetic converges), or -- for an indefinite operator,
+    e.g. the Hessian of a nonconvex loss -- on the first direction with
+    ``p^T (A + damping I) p <= 0``; then the current iterate is returned and
+    ``info.negative_curvature`` is set (truncated CG, as in Newton-CG).
+
+    Iteration (Hestenes-Stiefel): ``alpha = r.r / p.Ap``, ``x += alpha p``,
+    ``r -= alpha Ap``, ``p = r_new + (r_new.r_new / r.r) p``. Runs in a
+    ``lax.while_loop``; scalars are accumulated at the highest precision (optax's
+    ``tree_vdot``).
+    """
+    def op(v):
+        av = matvec(v)
+        return tree_add_scale(av, damping, v) if damping else av
+
+    if x0 is None:
+        x0 = otu.tree_zeros_like(b)
+        r0 = b
+    else:
+        r0 = otu.tree_sub(b, op(x0))
+    if maxiter is None:
+        maxiter = otu.tree_size(b)
+
+    threshold = jnp.maximum(tol * tree_norm(b), atol)
+    rs0 = tree_vdot(r0, r0)
+
+    def cond(carry):
+        k, _, _, _, rs, neg = carry
+        return (k < maxiter) & (rs > threshold**2) & ~neg
+
+    def body(carry):
+        k, x, r, p, rs, _ = carry
+        ap = op(p)
+        pap = tree_vdot(p, ap)
+        neg = ~(pap > 0)  # also catches NaN
+        alpha = jnp.where(neg, 0.0, rs / jnp.where(neg, 1.0, pap))
+        x_new = tree_add_scale(x, alpha, p)
+        r_new = tree_add_scale(r, -alpha, ap)
+        rs_new = tree_vdot(r_new, r_new)
+        p_new = tree_add_scale(r_new, rs_new / rs, p)
+        keep = lambda new, old: otu.tree_where(neg, old, new)  # noqa: E731
+        return (
+            k + jnp.where(neg, 0, 1),
+            keep(x_new, x),
+            keep(r_new, r),
+            keep(p_new, p),
+            jnp.where(neg, rs, rs_new),
+            neg,
+        )
+
+    init = (jnp.asarray(0, jnp.int32), x0, r0, r0, rs0, jnp.asarray(False))
+    k, x, _, _, rs, neg = jax.lax.while_loop(cond, body, init)
+    res = jnp.sqrt(rs)
+    return x, CGInfo(iterations=k, residual_norm=res, converged=res <= threshold, negative_curvature=neg)
+
+
+# ----------------------------------------------------------------------------
+# Lanczos
+# ----------------------------------------------------------------------------
+
+
+class LanczosResult(NamedTuple):
+    ritz_values: jax.Array  # [num_iters] eigenvalues of T, ascending
+    min_eigenvalue: jax.Array  # smallest Ritz value (upper bound on lambda_min(A))
+    max_eigenvalue: jax.Array  # largest Ritz value (lower bound on lambda_max(A))
+    alphas: jax.Array  # diagonal of T
+    betas: jax.Array  # off-diagonal of T
+    num_valid: jax.Array  # Krylov dimension reached (< num_iters after breakdown)
+
+
+def lanczos(
+    matvec: Callable[[PyTree], PyTree],
+    v0: PyTree,
+    num_iters: int,
+    reorthogonalize: bool = True,
+) -> LanczosResult:
+    """Lanczos tridiagonalization ``V^T A V = T``; Ritz values = ``eigh(T)``.
+
+    Works on ``ravel_pytree(v0)``; ``matvec`` sees pytrees shaped like ``v0``.
+    With ``reorthogonalize`` every new vector is Gram-Schmidt'ed (twice) against
+    all previous ones: memory ``num_iters x n`` but no ghost eigenvalues. Without
+    it only two vectors are kept (cheap, but duplicate Ritz values may appear).
+
+    The extreme Ritz values converge first to the extreme eigenvalues of ``A``
+    (and bound them: ``min_eigenvalue >= lambda_min``, ``max_eigenvalue <=
+    lambda_max``). On breakdown (the Krylov space is invariant, ``beta ~ 0``) the
+    loop stops; the unused rows of ``T`` are decoupled and filled with
+    ``alpha_0 = v0^T A v0 / |v0|^2``, which lies inside the Ritz range, so the
+    extremes are unaffected (``ritz_values`` then repeats ``alpha_0``).
+    """
+    flat0, unravel = ravel_pytree(v0)
+    in_dtype = flat0.dtype
+    dtype = acc_dtype(in_dtype)
+    n = flat0.shape[0]
+    m = int(num_iters)
+    if m < 1:
+        raise ValueError("num_iters must be >= 1")
+    breakdown_tol = 100 * jnp.finfo(dtype).eps
+
+    def mv(x):
+        out, _ = ravel_pytree(matvec(unravel(x.astype(in_dtype))))
+        return out.astype(dtype)
+
+    def orth(w, basis):  # classical Gram-Schmidt, twice ("twice is enough")
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        return w
+
+    v = flat0.astype(dtype)
+    v = v / jnp.linalg.norm(v)
+    w = mv(v)
+    alpha0 = jnp.vdot(v, w)
+    w = w - alpha0 * v
+    basis = jnp.zeros((m, n), dtype).at[0].set(v) if reorthogonalize else None
+    if reorthogonalize:
+        w = orth(w, basis)
+    alphas = jnp.full((m,), alpha0, dtype)
+    betas = jnp.zeros((max(m - 1, 0),), dtype)
+    scale = jnp.abs(alpha0)
+
+    def cond(c):
+        j, done = c[0], c[-1]
+        return (j < m) & ~done
+
+    def body(c):
+        j, v_prev, v, w, alphas, betas, basis, scale, _ = c
+        beta = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, beta)
+        broke = beta <= breakdown_tol * scale
+        v_new = w / jnp.where(broke, 1.0, beta)
+        w_new = mv(v_new) - beta * v
+        alpha = jnp.vdot(v_new, w_new)
+        w_new = w_new - alpha * v_new
+        if reorthogonalize:
+            basis_new = basis.at[j].set(v_new)
+            w_new = orth(w_new, basis_new)
+            basis = jnp.where(broke, basis, basis_new)
+        scale = jnp.maximum(scale, jnp.abs(alpha))
+        alphas = jnp.where(broke, alphas, alphas.at[j].set(alpha))
+        betas = jnp.where(broke, betas, betas.at[j - 1].set(beta))
+        return (j + jnp.where(broke, 0, 1), v, v_new, w_new, alphas, betas, basis, scale, broke)
+
+    init = (jnp.asarray(1, jnp.int32), jnp.zeros_like(v), v, w, alphas, betas, basis, scale, jnp.asarray(False))
+    j, _, _, _, alphas, betas, _, _, _ = jax.lax.while_loop(cond, body, init)
+
+    tri = jnp.diag(alphas)
+    if m > 1:
+        tri = tri + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+    ritz = jnp.linalg.eigh(tri)[0]
+    return LanczosResult(
+        ritz_values=ritz,
+        min_eigenvalue=ritz[0],
+        max_eigenvalue=ritz[-1],
+        alphas=alphas,
+        betas=betas,
+        num_valid=j,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Exact Hessian on a few coordinates
+# ----------------------------------------------------------------------------
+
+
+def _hessian_rows(f, params, indices, args, batch_size):
+    """Rows ``H[indices, :]`` (flat coordinates) from HVPs with one-hot vectors."""
+    flat, unravel = ravel_pytree(params)
+    indices = jnp.asarray(indices, jnp.int32)
+    k = indices.shape[0]
+    onehots = jnp.zeros((k, flat.shape[0]), flat.dtype).at[jnp.arange(k), indices].set(1)
+
+    def row(e):  # H e_i = column i = row i (H symmetric)
+        return ravel_pytree(hvp(f, params, unravel(e), *args))[0]
+
+    rows = jax.lax.map(row, onehots, batch_size=batch_size) if batch_size else jax.vmap(row)(onehots)
+    return rows, indices
+
+
+def dense_hessian(f, params: PyTree, indices, *args, batch_size: Optional[int] = None) -> jax.Array:
+    """Exact Hessian of ``f(params, *args)`` restricted to flat coordinates ``indices``.
+
+    Flat coordinates index ``ravel_pytree(params)[0]``. Returns ``H[indices][:,
+    indices]`` of shape ``[k, k]``, built from ``k`` exact HVPs with one-hot vectors
+    (vmapped, or ``lax.map`` in chunks of ``batch_size`` to bound memory).
+    """
+    rows, indices = _hessian_rows(f, params, indices, args, batch_size)
+    return rows[:, indices]
+
+
+def hessian_diagonal_exact(f, params: PyTree, indices, *args, batch_size: Optional[int] = None) -> jax.Array:
+    """Exact ``H_ii`` for the flat coordinates ``indices`` (shape ``[k]``)."""
+    rows, indices = _hessian_rows(f, params, indices, args, batch_size)
+    return rows[jnp.arange(indices.shape[0]), indices]

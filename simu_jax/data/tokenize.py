@@ -1,0 +1,420 @@
+"""Tokenization into fixed-shape numpy arrays, batching, and a small BPE tokenizer.
+
+Conventions (Hugging Face style):
+
+* ``labels[t] = input_ids[t]`` on tokens that carry loss, ``-100`` elsewhere; the
+  loss function does the one-token shift.
+* Padded lengths are rounded up to a "bucket" (32, 64, 128, ...) so ``jax.jit``
+  compiles only a few shapes.
+* QA pairs: the prompt and the answer are tokenized separately and their ids
+  concatenated, so the answer boundary is exact and the prompt tokens are the same
+  ones the model later sees at generation time (:func:`tokenize_prompts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "IGNORE_INDEX",
+    "SPECIAL_TOKENS",
+    "BatchIterator",
+    "QATemplate",
+    "batch_iterator",
+    "bucket_length",
+    "tokenize_prompts",
+    "tokenize_qa",
+    "tokenize_texts",
+    "train_bpe_tokenizer",
+]
+
+IGNORE_INDEX = -100
+DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class QATemplate:
+    """How a question/answer pair becomes text (default: TOFU's format).
+
+    ``prompt = question_start + question + question_end + answer_start`` and the
+    training text is ``prompt + answer`` (+ EOS token).
+    """
+
+    question_start: str = "Question: "
+    question_end: str = "\n"
+    answer_start: str = "Answer: "
+
+    def prompt(self, question: str) -> str:
+        return f"{self.question_start}{question}{self.question_end}{self.answer_start}"
+
+    def text(self, question: str, answer: str) -> str:
+        return self.prompt(question) + answer
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= ``n``; beyond the largest bucket, the next power of two."""
+    for b in sorted(buckets):
+        if b >= n:
+            return int(b)
+    return 1 << max(0, n - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; pass add_eos=False")
+    return int(tokenizer.eos_token_id)
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` if the tokenizer adds a BOS token by itself, else ``[]``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    return [int(bos)] if with_special[:1] == [bos] else []
+
+
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _target_length(lengths: Sequence[int], buckets, max_length, pad_to) -> int:
+    if pad_to is not None:
+        return int(pad_to)
+    longest = max(lengths, default=1)
+    length = bucket_length(max(longest, 1), buckets)
+    return min(length, max_length) if max_length is not None else length
+
+
+def _truncate(seqs: list[list[int]], limit: int | None, mode: str, what: str, *, keep: str = "start") -> list[list[int]]:
+    """Cut sequences to ``limit`` tokens (keeping the start or the end); warn/raise/silent."""
+    if mode not in ("warn", "error", "silent"):
+        raise ValueError(f"truncation must be 'warn', 'error' or 'silent', got {mode!r}")
+    if limit is None:
+        return seqs
+    too_long = [i for i, s in enumerate(seqs) if len(s) > limit]
+    if not too_long:
+        return seqs
+    longest = max(len(seqs[i]) for i in too_long)
+    msg = f"{len(too_long)} {what} longer than {limit} tokens (longest {longest}, first index {too_long[0]})"
+    if mode == "error":
+        raise ValueError(msg)
+    if mode == "warn":
+        warnings.warn(msg + f"; truncated (kept the {keep})", stacklevel=3)
+    return [s[:limit] if keep == "start" else s[-limit:] for s in seqs]
+
+
+def _as_question(item: Any, key: str) -> str:
+    return item[key] if isinstance(item, Mapping) else str(item)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def tokenize_qa(
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    template: QATemplate = QATemplate(),
+    max_length: int | None = None,
+    answer_key: str = "answer",
+    truncation: str = "warn",
+    *,
+    question_key: str = "question",
+    add_eos: bool = True,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Tokenize QA records for training/loss evaluation.
+
+    Returns int32 arrays ``input_ids``, ``attention_mask``, ``labels`` of shape [N, T],
+    right-padded with the pad id (or EOS). Labels cover exactly the answer tokens and
+    the EOS token. ``T`` is the smallest bucket >= the longest sequence (capped at
+    ``max_length``), or ``pad_to`` if given. Sequences longer than ``max_length``
+    (or ``pad_to``) lose their end: a warning by default, ``ValueError`` with
+    ``truncation="error"``.
+    """
+    prefix = _bos_prefix(tokenizer)
+    eos = [_eos_id(tokenizer)] if add_eos else []
+    prompts = _encode(tokenizer, [template.prompt(r[question_key]) for r in records])
+    answers = _encode(tokenizer, [str(r[answer_key]) for r in records])
+    seqs = [prefix + p + a + eos for p, a in zip(prompts, answers)]
+    starts = [len(prefix) + len(p) for p in prompts]
+
+    limit = min((x for x in (max_length, pad_to) if x is not None), default=None)
+    seqs = _truncate(seqs, limit, truncation, "QA sequences")
+    T = _target_length([len(s) for s in seqs], buckets, max_length, pad_to)
+
+    n = len(seqs)
+    input_ids = np.full((n, T), _pad_id(tokenizer), dtype=np.int32)
+    attention_mask = np.zeros((n, T), dtype=np.int32)
+    labels = np.full((n, T), IGNORE_INDEX, dtype=np.int32)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        input_ids[i, : len(s)] = s
+        attention_mask[i, : len(s)] = 1
+        labels[i, start : len(s)] = s[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tokenize_prompts(
+    tokenizer,
+    questions: Sequence[str | Mapping[str, Any]],
+    template: QATemplate = QATemplate(),
+    *,
+    max_length: int | None = None,
+    truncation: str = "warn",
+    question_key: str = "question",
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Left-padded prompts (``input_ids``, ``attention_mask``, int32 [N, T]) for generation.
+
+    ``questions`` are strings or records with a ``question`` key. Over-long prompts
+    keep their *end* (so they still finish with ``answer_start``).
+    """
+    prefix = _bos_prefix(tokenizer)
+    seqs = [prefix + p for p in _encode(tokenizer, [template.prompt(_as_question(q, question_key)) for q in questions])]
+    limit = min((x for x in (max_length, pad_to) if x is not None), default=None)
+    seqs = _truncate(seqs, limit, truncation, "prompts", keep="end")
+    T = _target_length([len(s) for s in seqs], buckets, max_length, pad_to)
+
+    input_ids = np.full((len(seqs), T), _pad_id(tokenizer), dtype=np.int32)
+    attention_mask = np.zeros((len(seqs), T), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        if s:
+            input_ids[i, T - len(s) :] = s
+            attention_mask[i, T - len(s) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def tokenize_texts(
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    *,
+    add_eos: bool = False,
+    truncation: str = "silent",
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Tokenize plain documents (e.g. for MIA): right-padded, labels on every real token.
+
+    Documents longer than ``max_length`` are cut at the end, silently by default
+    (``truncation="warn"``/``"error"`` to be told).
+    """
+    prefix = _bos_prefix(tokenizer)
+    eos = [_eos_id(tokenizer)] if add_eos else []
+    seqs = [prefix + ids + eos for ids in _encode(tokenizer, list(texts))]
+    limit = min((x for x in (max_length, pad_to) if x is not None), default=None)
+    seqs = _truncate(seqs, limit, truncation, "texts")
+    T = _target_length([len(s) for s in seqs], buckets, max_length, pad_to)
+
+    n = len(seqs)
+    input_ids = np.full((n, T), _pad_id(tokenizer), dtype=np.int32)
+    attention_mask = np.zeros((n, T), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = s
+        attention_mask[i, : len(s)] = 1
+    labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+    """Deterministic, resumable iterator over fixed-size batches of row-aligned arrays.
+
+    Epoch ``e`` visits the rows in the order ``default_rng([seed, e]).permutation(N)``
+    (or ``0..N-1`` without shuffling), independent of earlier epochs, so the position
+    ``(epoch, index)`` (``index`` = batch number within the epoch) fully determines
+    what comes next: save :meth:`state_dict`, later :meth:`load_state_dict` (or pass
+    ``start``) and the run continues exactly.
+
+    A short last batch is filled up with padding rows: ``labels`` = -100, other keys 0
+    (``input_ids`` = ``pad_id``), in particular ``attention_mask`` = 0. Shapes never
+    change. With ``drop_remainder=True`` the short batch is skipped instead.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        drop_remainder: bool = False,
+        start: tuple[int, int] | Mapping[str, int] | None = None,
+        pad_id: int = 0,
+    ):
+        if not arrays:
+            raise ValueError("arrays is empty")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {k: v.shape[0] for k, v in self.arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"arrays have different numbers of rows: {sizes}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.num_rows = next(iter(sizes.values()))
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.drop_remainder = drop_remainder
+        self.pad_id = pad_id
+        if drop_remainder:
+            self.steps_per_epoch = self.num_rows // self.batch_size
+        else:
+            self.steps_per_epoch = math.ceil(self.num_rows / self.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"no batches: {self.num_rows} rows, batch_size {self.batch_size}, drop_remainder={drop_remainder}"
+            )
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, None
+        if start is not None:
+            self.load_state_dict(start if isinstance(start, Mapping) else {"epoch": start[0], "index": start[1]})
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, index)`` of the next batch."""
+        return self.epoch, self.index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if "seed" in state and int(state["seed"]) != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, iterator has seed {self.seed}")
+        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
+            raise ValueError(f"invalid position {(epoch, index)} (steps_per_epoch={self.steps_per_epoch})")
+        self.epoch, self.index = epoch, index
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            else:
+                self._order = np.arange(self.num_rows)
+            self._order_epoch = epoch
+        return self._order
+
+    def _pad_value(self, key: str) -> int:
+        return {"labels": IGNORE_INDEX, "input_ids": self.pad_id}.get(key, 0)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        rows = self._epoch_order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        batch = {}
+        for key, value in self.arrays.items():
+            part = value[rows]
+            if len(rows) < self.batch_size:
+                filler = np.full((self.batch_size - len(rows),) + value.shape[1:], self._pad_value(key), value.dtype)
+                part = np.concatenate([part, filler])
+            batch[key] = part
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+
+def batch_iterator(
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    epochs: int | None = None,
+    drop_remainder: bool = False,
+    start: tuple[int, int] | Mapping[str, int] | None = None,
+    pad_id: int = 0,
+) -> BatchIterator:
+    """A :class:`BatchIterator` (``epochs=None`` = endless; ``start=(epoch, index)`` resumes)."""
+    return BatchIterator(
+        arrays, batch_size, seed=seed, shuffle=shuffle, epochs=epochs,
+        drop_remainder=drop_remainder, start=start, pad_id=pad_id,
+    )
+
+
+# --------------------------------------------------------------------------- BPE tokenizer
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 1024,
+    *,
+    min_frequency: int = 2,
+    add_bos: bool = True,
+    model_max_length: int | None = None,
+):
+    """Train a byte-level BPE tokenizer on ``texts`` and save it to ``out_dir``.
+
+    Special tokens: ``<pad>`` (id 0), ``<s>`` (bos, 1), ``</s>`` (eos, 2), ``<unk>`` (3).
+    With ``add_bos`` the tokenizer prepends ``<s>`` when ``add_special_tokens=True``.
+    Byte-level, so any text encodes. The result is deterministic for the same texts and
+    loads with ``transformers.AutoTokenizer.from_pretrained(out_dir)``; it is returned too.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    if add_bos:
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+
+    kwargs = {"model_max_length": model_max_length} if model_max_length is not None else {}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", **kwargs
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    # Name the generic fast class so older transformers (v4) load the directory as well.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return fast

@@ -1,0 +1,276 @@
+"""One Flax NNX decoder for the LLaMA, OLMo and OLMo-2 families.
+
+The three families differ only in where the norms sit and in two attention details, so one
+module with three switches (`cfg.norm_kind`, `cfg.post_norm`, `cfg.qk_norm`, plus OLMo's
+`clip_qkv`) keeps each piece of logic in one place instead of three near-copies.
+
+Parameter names mirror HF's (`model.layers.self_attn.q_proj.kernel`, `model.norm.weight`,
+`lm_head.kernel`), kernels in JAX's [in, out] layout, so conversion is a 1:1 map plus
+transposes. The decoder layers are stacked: every layer parameter has a leading
+`num_hidden_layers` axis and the forward pass is a `jax.lax.scan` over it, which keeps
+compile time flat in depth.
+
+The pure view used by every transform: `graphdef, state = nnx.split(model)`;
+`params = nnx.to_pure_dict(state)` (a nested dict of arrays); `apply(graphdef, params,
+input_ids, attention_mask)` returns float32 logits.
+
+MLP hook (for neuron attribution): the activation feeding `down_proj`,
+`a = silu(gate(x)) * up(x)` of shape [B, T, I], can be returned (`return_mlp_acts`), scaled
+by a per-layer factor (`mlp_scale`, leading axis L, broadcast against [B, T, I]) and
+perturbed additively (`mlp_delta`, [L, B, T, I]); the gradient w.r.t. `mlp_delta` at zero is
+dL/da at the scaled point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simu_jax.models.config import ModelConfig
+from simu_jax.models.layers import F32, apply_rope, attention, layer_norm_no_params, rms_norm, rope_cos_sin
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Linear(nnx.Module):
+    """Bias-free linear map; `kernel` is [in, out] (or [L, in, out] when stacked)."""
+
+    def __init__(self, d_in: int, d_out: int, *, layers: int | None, init_std: float, param_dtype, rngs: nnx.Rngs):
+        shape = (d_in, d_out) if layers is None else (layers, d_in, d_out)
+        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), shape, F32).astype(param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x, self.kernel[...].astype(x.dtype))
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, hidden: int, *, init_std: float, param_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(init_std * jax.random.normal(rngs.params(), (vocab, hidden), F32).astype(param_dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, *, layers: int | None, eps: float, param_dtype):
+        shape = (size,) if layers is None else (layers, size)
+        self.weight = nnx.Param(jnp.ones(shape, param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, layers: int, param_dtype, rngs: nnx.Rngs):
+        lin = dict(layers=layers, init_std=cfg.initializer_range, param_dtype=param_dtype, rngs=rngs)
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, h * d, **lin)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, **lin)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, **lin)
+        self.o_proj = Linear(h * d, cfg.hidden_size, **lin)
+        if cfg.qk_norm:  # OLMo-2: RMSNorm over the full q / k width, before the head split
+            self.q_norm = RMSNorm(h * d, layers=layers, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(kv * d, layers=layers, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:  # OLMo-1
+            q, k, v = (jnp.clip(z, -cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        q = apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if kv_cache is not None:  # write this chunk into the cache slots [cache_index, cache_index + t)
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            kv_cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        return self.o_proj(attention(q, k, v, mask)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, layers: int, param_dtype, rngs: nnx.Rngs):
+        lin = dict(layers=layers, init_std=cfg.initializer_range, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **lin)
+
+    def __call__(self, x, scale=None, delta=None):
+        act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # the neurons: input of down_proj
+        neurons = act
+        if scale is not None:
+            act = act * scale.astype(act.dtype)
+        if delta is not None:
+            act = act + delta.astype(act.dtype)
+        return self.down_proj(act), neurons
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, parameters stacked on a leading layer axis."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        n = cfg.num_hidden_layers
+        self.self_attn = Attention(cfg, layers=n, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, layers=n, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(layers=n, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        if cfg.model_type == "llama":
+            self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        elif cfg.model_type == "olmo2":
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.cfg = cfg
+
+    def layer(self, x, cos, sin, mask, kv_cache, cache_index, scale, delta):
+        """One layer; called inside the scan on a module merged from one layer's slice."""
+        cfg = self.cfg
+        if cfg.model_type == "olmo2":  # h = x + norm(f(x))
+            a, kv_cache = self.self_attn(x, cos, sin, mask, kv_cache, cache_index)
+            x = x + self.post_attention_layernorm(a)
+            m, neurons = self.mlp(x, scale, delta)
+            x = x + self.post_feedforward_layernorm(m)
+        else:  # h = x + f(norm(x))
+            pre_attn = self.input_layernorm if cfg.model_type == "llama" else layer_norm_no_params
+            pre_mlp = self.post_attention_layernorm if cfg.model_type == "llama" else layer_norm_no_params
+            a, kv_cache = self.self_attn(pre_attn(x), cos, sin, mask, kv_cache, cache_index)
+            x = x + a
+            m, neurons = self.mlp(pre_mlp(x), scale, delta)
+            x = x + m
+        return x, kv_cache, neurons
+
+
+class Backbone(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.layers = DecoderLayers(cfg, param_dtype=param_dtype, rngs=rngs)
+        if cfg.norm_kind == "rmsnorm":
+            self.norm = RMSNorm(cfg.hidden_size, layers=None, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+class CausalLM(nnx.Module):
+    """LLaMA / OLMo / OLMo-2 causal LM. `dtype` is the compute dtype (defaults to param dtype)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=None,
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype or param_dtype)
+        self.remat = remat
+        self.model = Backbone(cfg, param_dtype=param_dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, layers=None, init_std=cfg.initializer_range,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, **kwargs) -> jax.Array:
+        return self.run(input_ids, attention_mask, positions, **kwargs)[0]
+
+    def run(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+        mlp_scale: jax.Array | None = None,
+        mlp_delta: jax.Array | None = None,
+        return_mlp_acts: bool = False,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts'}.
+
+        Without a cache, `attention_mask` is [B, T] (1 = real token) and default positions are
+        `cumsum(mask) - 1` (what HF generate uses, so left padding is handled). With a cache
+        (k, v each [L, B, S, KV, D]), `attention_mask` covers all S cache slots, the T new
+        tokens are written at slots [cache_index, cache_index + T), and `positions` must be given.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        key_valid = attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        s = key_valid.shape[1]
+        query_slot = cache_index + jnp.arange(t)
+        causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+        mask = causal[None] & key_valid[:, None, :]
+        cos, sin = rope_cos_sin(cfg, positions)
+
+        x = self.model.embed_tokens.embedding[...][input_ids].astype(self.dtype)
+        graphdef, layer_state = nnx.split(self.model.layers)
+
+        def body(x, xs):
+            layer_params, kv_cache, scale, delta = xs
+            layers = nnx.merge(graphdef, layer_params)
+            x, kv_cache, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta)
+            return x, (kv_cache, neurons if return_mlp_acts else None)
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy == "full":
+            body = jax.checkpoint(body)
+        elif policy is not None:
+            body = jax.checkpoint(body, policy=policy)
+        x, (new_cache, mlp_acts) = jax.lax.scan(body, x, (layer_state, cache, mlp_scale, mlp_delta))
+
+        if cfg.norm_kind == "rmsnorm":
+            x = self.model.norm(x)
+        else:
+            x = layer_norm_no_params(x)
+        if cfg.tie_word_embeddings:
+            head = self.model.embed_tokens.embedding[...].T
+        else:
+            head = self.lm_head.kernel[...]
+        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=F32)
+        return logits, {"cache": new_cache, "mlp_acts": mlp_acts}
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, remat="none") -> CausalLM:
+    return CausalLM(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
+
+
+def abstract_model(cfg: ModelConfig, *, param_dtype=jnp.float32, dtype=None, remat="none") -> CausalLM:
+    """The model's structure with ShapeDtypeStruct leaves, no memory allocated."""
+    return nnx.eval_shape(lambda: init_model(cfg, param_dtype=param_dtype, dtype=dtype, remat=remat))
+
+
+def split_params(model: CausalLM) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, params) with params a plain nested dict of arrays: the pure view."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef: nnx.GraphDef, *param_trees) -> CausalLM:
+    """Rebuild a module from its graphdef and one or more (partial) param trees."""
+    return nnx.merge(graphdef, *[t if isinstance(t, nnx.State) else nnx.State(t) for t in param_trees])
+
+
+def apply(graphdef, params, input_ids, attention_mask=None, positions=None, **kwargs) -> jax.Array:
+    """Pure forward: float32 logits [B, T, V] as a function of the params pytree."""
+    return merge_params(graphdef, params)(input_ids, attention_mask, positions, **kwargs)
+
+
+def apply_with_aux(graphdef, params, input_ids, attention_mask=None, positions=None, **kwargs):
+    return merge_params(graphdef, params).run(input_ids, attention_mask, positions, **kwargs)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,368 @@
+"""Tests for simu_jax.curvature: every estimator against an exact dense reference."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from simu_jax import curvature as C
+
+
+@contextlib.contextmanager
+def _x64():
+    """float64 on, restored afterwards (``jax.enable_x64`` where it exists)."""
+    ctx = getattr(jax, "enable_x64", None)
+    if ctx is not None:
+        with ctx(True):
+            yield
+    else:  # pragma: no cover - older/newer jax without the context manager
+        prev = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture
+def x64():
+    with _x64():
+        yield
+
+
+# ----------------------------------------------------------------------------
+# A small nonconvex problem: 2-layer tanh MLP with softmax cross entropy.
+# ----------------------------------------------------------------------------
+
+D_IN, HID, V, B = 3, 4, 3, 6
+
+
+def _mlp_problem(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(D_IN, HID)), dtype),
+        "b1": jnp.asarray(rng.normal(size=(HID,)) * 0.1, dtype),
+        "w2": jnp.asarray(rng.normal(size=(HID, V)), dtype),
+        "b2": jnp.asarray(rng.normal(size=(V,)) * 0.1, dtype),
+    }
+    x = jnp.asarray(rng.normal(size=(B, D_IN)), dtype)
+    y = jnp.asarray(rng.integers(0, V, size=(B,)))
+    return params, x, y
+
+
+def _logits(params, x):
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def _ce_of_logits(z, y):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
+
+
+def _loss(params, x, y):
+    return _ce_of_logits(_logits(params, x), y)
+
+
+def _dense_hessian(params, x, y):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda f: _loss(unravel(f), x, y))(flat))
+
+
+def _flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+# ----------------------------------------------------------------------------
+# Products
+# ----------------------------------------------------------------------------
+
+
+def test_hvp_matches_finite_differences_and_dense_hessian(x64):
+    params, x, y = _mlp_problem()
+    flat, unravel = ravel_pytree(params)
+    v = unravel(jnp.asarray(np.random.default_rng(1).normal(size=flat.shape)))
+    hv = _flat(jax.jit(C.hvp, static_argnums=0)(_loss, params, v, x, y))
+
+    # Exact: dense Hessian (jax.hessian) times v.
+    np.testing.assert_allclose(hv, _dense_hessian(params, x, y) @ _flat(v), rtol=1e-12, atol=1e-12)
+
+    # Central differences of the gradient: error O(eps^2 * |g'''|) + O(1e-16 / eps).
+    grad = jax.grad(_loss)
+    eps = 1e-5
+    gp = _flat(grad(jax.tree.map(lambda p, t: p + eps * t, params, v), x, y))
+    gm = _flat(grad(jax.tree.map(lambda p, t: p - eps * t, params, v), x, y))
+    np.testing.assert_allclose(hv, (gp - gm) / (2 * eps), rtol=1e-7, atol=1e-8)
+
+
+def test_ggn_vp_matches_dense_jacobian_product(x64):
+    params, x, y = _mlp_problem()
+    flat, unravel = ravel_pytree(params)
+    v = unravel(jnp.asarray(np.random.default_rng(2).normal(size=flat.shape)))
+    logits_fn = lambda p: _logits(p, x)  # noqa: E731
+    loss_of_logits = lambda z: _ce_of_logits(z, y)  # noqa: E731
+
+    gv = _flat(jax.jit(C.ggn_vp, static_argnums=(0, 1))(logits_fn, loss_of_logits, params, v))
+
+    z = logits_fn(params)
+    jac = np.asarray(jax.jacfwd(lambda f: logits_fn(unravel(f)).ravel())(flat))  # [B*V, n]
+    h_l = np.asarray(jax.hessian(lambda zf: loss_of_logits(zf.reshape(z.shape)))(z.ravel()))
+    G = jac.T @ h_l @ jac
+    np.testing.assert_allclose(gv, G @ _flat(v), rtol=1e-12, atol=1e-13)
+    # The MLP's Hessian is not its Gauss-Newton matrix: the test can tell them apart.
+    assert not np.allclose(G, _dense_hessian(params, x, y), atol=1e-3)
+
+
+def test_ggn_equals_hessian_for_a_linear_model(x64):
+    """Logits linear in the parameters: J^T H_L J is the full Hessian."""
+    params, x, y = _mlp_problem()
+    lin = {"w": params["w2"][:D_IN], "b": params["b2"]}
+    logits_fn = lambda p: x @ p["w"] + p["b"]  # noqa: E731
+    loss_of_logits = lambda z: _ce_of_logits(z, y)  # noqa: E731
+    v = jax.tree.map(lambda p: jnp.cos(3.0 * p), lin)
+    np.testing.assert_allclose(
+        _flat(C.ggn_vp(logits_fn, loss_of_logits, lin, v)),
+        _flat(C.hvp(lambda p: loss_of_logits(logits_fn(p)), lin, v)),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Diagonal estimators
+# ----------------------------------------------------------------------------
+
+
+def test_rademacher_probes_shapes_dtypes_values():
+    tree = {"a": jnp.zeros((3, 4), jnp.bfloat16), "b": [jnp.zeros((5,), jnp.float32)]}
+    u = jax.jit(C.rademacher_like)(jax.random.key(0), tree)
+    assert jax.tree.structure(u) == jax.tree.structure(tree)
+    for p, leaf in zip(jax.tree.leaves(tree), jax.tree.leaves(u)):
+        assert leaf.shape == p.shape and leaf.dtype == p.dtype
+        vals = np.asarray(leaf, np.float32)
+        assert set(np.unique(vals)) == {-1.0, 1.0}
+    # Different leaves get different keys.
+    u2 = C.rademacher_like(jax.random.key(0), {"a": jnp.zeros(64), "b": jnp.zeros(64)})
+    assert not np.array_equal(np.asarray(u2["a"]), np.asarray(u2["b"]))
+
+
+def test_hutchinson_converges_like_one_over_sqrt_probes(x64):
+    params, x, y = _mlp_problem()
+    H = _dense_hessian(params, x, y)
+    exact = np.diag(H)
+    # Rademacher: Var[u_i (Hu)_i] = sum_{j != i} H_ij^2  ->  E|err|^2 = that sum / n.
+    per_probe_var = np.sum(H**2, axis=1) - exact**2
+    est = jax.jit(C.hutchinson_diagonal, static_argnums=(0, 3))
+
+    errs = {}
+    for n in (10, 1000):
+        d = _flat(est(_loss, params, jax.random.key(n), n, x, y))
+        err = np.linalg.norm(d - exact)
+        predicted = np.sqrt(per_probe_var.sum() / n)
+        # A norm over 31 coordinates concentrates well: within a factor 2 of its rms.
+        assert 0.5 * predicted < err < 2.0 * predicted, (n, err, predicted)
+        errs[n] = err
+    # 100x more probes: error down by ~10x.
+    assert 4.0 < errs[10] / errs[1000] < 25.0
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian(x64):
+    """Off-diagonals zero => u_i^2 = 1 makes one probe exact (kills a missing u factor)."""
+    c = jnp.asarray([0.5, -2.0, 3.0])
+    f = lambda p: jnp.sum(c * p["a"] ** 2) + jnp.sum(jnp.cos(p["b"]))  # noqa: E731
+    p = {"a": jnp.asarray([1.0, 2.0, 3.0]), "b": jnp.asarray([0.3, -0.7])}
+    d = C.hutchinson_diagonal(f, p, jax.random.key(0), 1)
+    np.testing.assert_allclose(d["a"], 2 * c, rtol=1e-14)
+    np.testing.assert_allclose(d["b"], -np.cos(np.asarray(p["b"])), rtol=1e-14)
+
+
+def test_hutchinson_returns_float32_for_bf16_params():
+    params, x, y = _mlp_problem(np.float32)
+    p16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    d = C.hutchinson_diagonal(lambda p, x, y: _loss(p, x.astype(jnp.bfloat16), y), p16, jax.random.key(0), 2, x, y)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(d))
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(d))
+
+
+def test_gnb_expectation_matches_gauss_newton_diagonal(x64):
+    rng = np.random.default_rng(3)
+    params, _, _ = _mlp_problem()
+    xs = jnp.asarray(rng.normal(size=(2, 4, D_IN)))  # [batch, seq, d]
+    weights = jnp.asarray([[1, 1, 0, 1], [0, 1, 1, 0]], jnp.float64)  # answer-token mask, 5 tokens
+    logits_fn = lambda p: _logits(p, xs)  # noqa: E731  [2, 4, V]
+
+    # Exact Gauss-Newton diagonal of the weighted-mean CE: diag(J^T H_L J).
+    flat, unravel = ravel_pytree(params)
+    z = logits_fn(params)
+    jac = np.asarray(jax.jacfwd(lambda f: logits_fn(unravel(f)).reshape(-1, V))(flat))  # [T, V, n]
+    p = np.asarray(jax.nn.softmax(z).reshape(-1, V))
+    w = np.asarray(weights).ravel()
+    ggn = np.zeros((flat.shape[0], flat.shape[0]))
+    for t in range(p.shape[0]):
+        h_t = w[t] / w.sum() * (np.diag(p[t]) - np.outer(p[t], p[t]))
+        ggn += jac[t].T @ h_t @ jac[t]
+    exact = np.diag(ggn)
+
+    n = 20000
+    keys = jax.random.split(jax.random.key(0), n)
+    samples = jax.jit(jax.vmap(lambda k: ravel_pytree(C.gnb_diagonal(logits_fn, params, k, weights))[0]))(keys)
+    samples = np.asarray(samples)
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / np.sqrt(n)
+    assert np.all(np.abs(mean - exact) <= 5 * se + 1e-12), np.max(np.abs(mean - exact) / (se + 1e-30))
+    # The check has power: sampling error is small against the signal (a missing B
+    # factor = 5x, or the wrong labels, would fail it).
+    assert np.median(se / exact) < 0.05
+
+    # scale_by_tokens=False is the same estimate divided by B = sum(weights) (SophiaG code).
+    k = jax.random.key(7)
+    a = _flat(C.gnb_diagonal(logits_fn, params, k, weights))
+    b = _flat(C.gnb_diagonal(logits_fn, params, k, weights, scale_by_tokens=False))
+    np.testing.assert_allclose(a, 5.0 * b, rtol=1e-14)
+
+
+def test_gnb_unweighted_uses_token_count():
+    params, x, _ = _mlp_problem(np.float32)
+    k = jax.random.key(1)
+    a = _flat(C.gnb_diagonal(lambda p: _logits(p, x), params, k))
+    b = _flat(C.gnb_diagonal(lambda p: _logits(p, x), params, k, jnp.ones((B,))))
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert a.dtype == np.float32
+
+
+def test_fisher_diagonal_is_g_squared():
+    g = {"a": jnp.asarray([1.5, -2.0], jnp.bfloat16), "b": jnp.asarray([[3.0]], jnp.float32)}
+    f = C.fisher_diagonal(g)
+    assert f["a"].dtype == jnp.float32 and f["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(f["a"], [2.25, 4.0])
+    np.testing.assert_array_equal(f["b"], [[9.0]])
+
+
+# ----------------------------------------------------------------------------
+# Conjugate gradients
+# ----------------------------------------------------------------------------
+
+
+def _spd(n, rng, eigs=None):
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    eigs = rng.uniform(0.5, 50.0, size=n) if eigs is None else np.asarray(eigs, float)
+    return (q * eigs) @ q.T
+
+
+def test_cg_solves_spd_pytree_system_in_n_iterations(x64):
+    rng = np.random.default_rng(0)
+    n = 12
+    A = _spd(n, rng)
+    b_flat = rng.normal(size=n)
+    b = {"u": jnp.asarray(b_flat[:5]), "v": jnp.asarray(b_flat[5:].reshape(7, 1))}
+    _, unravel = ravel_pytree(b)
+    Aj = jnp.asarray(A)
+    matvec = lambda t: unravel(Aj @ ravel_pytree(t)[0])  # noqa: E731
+
+    x, info = jax.jit(lambda b: C.conjugate_gradient(matvec, b, tol=1e-12))(b)
+    assert jax.tree.structure(x) == jax.tree.structure(b)
+    assert int(info.iterations) <= n and bool(info.converged) and not bool(info.negative_curvature)
+    np.testing.assert_allclose(_flat(x), np.linalg.solve(A, b_flat), rtol=1e-9, atol=1e-10)
+    assert float(info.residual_norm) <= 1e-12 * np.linalg.norm(b_flat)
+
+    # Damping: (A + lambda I) x = b, and a warm start x0.
+    lam = 3.0
+    xd, info = C.conjugate_gradient(matvec, b, x0=x, damping=lam, tol=1e-12)
+    np.testing.assert_allclose(_flat(xd), np.linalg.solve(A + lam * np.eye(n), b_flat), rtol=1e-9, atol=1e-10)
+
+
+def test_cg_converges_in_k_iterations_for_k_distinct_eigenvalues(x64):
+    """Krylov property of true CG: 3 distinct eigenvalues -> exact after 3 steps."""
+    rng = np.random.default_rng(1)
+    n = 30
+    A = _spd(n, rng, eigs=np.repeat([1.0, 7.0, 40.0], 10))
+    b = rng.normal(size=n)
+    Aj = jnp.asarray(A)
+    x, info = C.conjugate_gradient(lambda v: Aj @ v, jnp.asarray(b), tol=1e-10)
+    assert int(info.iterations) == 3
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(A, b), rtol=1e-8)
+
+
+def test_cg_maxiter_and_negative_curvature(x64):
+    rng = np.random.default_rng(2)
+    n = 20
+    A = jnp.asarray(_spd(n, rng))
+    b = jnp.asarray(rng.normal(size=n))
+    _, info = C.conjugate_gradient(lambda v: A @ v, b, tol=1e-14, maxiter=4)
+    assert int(info.iterations) == 4 and not bool(info.converged)
+
+    # Indefinite: b along a negative eigenvector -> stops before updating x.
+    D = jnp.diag(jnp.asarray([-1.0, 2.0, 3.0]))
+    x, info = C.conjugate_gradient(lambda v: D @ v, jnp.asarray([1.0, 0.0, 0.0]))
+    assert bool(info.negative_curvature) and int(info.iterations) == 0
+    np.testing.assert_array_equal(np.asarray(x), np.zeros(3))
+
+
+# ----------------------------------------------------------------------------
+# Lanczos
+# ----------------------------------------------------------------------------
+
+
+def test_lanczos_matches_eigvalsh_of_dense_hessian(x64):
+    params, x, y = _mlp_problem()
+    H = _dense_hessian(params, x, y)
+    n = H.shape[0]
+    eig = np.linalg.eigvalsh(H)
+    assert eig[0] < 0 < eig[-1]  # nonconvex: both ends matter
+    v0 = C.rademacher_like(jax.random.key(0), params)
+    mv = lambda v: C.hvp(_loss, params, v, x, y)  # noqa: E731
+
+    res = jax.jit(lambda v0: C.lanczos(mv, v0, n))(v0)
+    scale = np.abs(eig).max()
+    np.testing.assert_allclose(np.asarray(res.ritz_values), eig, atol=1e-9 * scale)
+    np.testing.assert_allclose([res.min_eigenvalue, res.max_eigenvalue], [eig[0], eig[-1]], atol=1e-9 * scale)
+
+
+def test_lanczos_extremes_converge_before_the_interior(x64):
+    rng = np.random.default_rng(4)
+    n = 200
+    # Well separated extremes (gap ratio ~0.5): Kaniel-Paige bound gives ~1e-9 after 25 steps.
+    eigs = np.concatenate([[-10.0], rng.uniform(-1.0, 1.0, n - 2), [12.0]])
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    A = jnp.asarray((q * eigs) @ q.T)
+    v0 = {"a": jnp.asarray(rng.normal(size=(n // 2,))), "b": jnp.asarray(rng.normal(size=(n // 2,)))}
+    unravel = ravel_pytree(v0)[1]
+    mv = lambda t: unravel(A @ ravel_pytree(t)[0])  # noqa: E731
+    for reorth in (True, False):
+        res = C.lanczos(mv, v0, 25, reorthogonalize=reorth)
+        np.testing.assert_allclose(float(res.min_eigenvalue), -10.0, rtol=1e-7)
+        np.testing.assert_allclose(float(res.max_eigenvalue), 12.0, rtol=1e-7)
+        # Ritz values bound the spectrum from inside (interlacing).
+        assert float(res.min_eigenvalue) >= -10.0 - 1e-9 and float(res.max_eigenvalue) <= 12.0 + 1e-9
+
+
+def test_lanczos_breakdown_keeps_extremes():
+    """Only 3 distinct eigenvalues: the Krylov space is invariant after 3 steps."""
+    rng = np.random.default_rng(5)
+    n = 40
+    A = jnp.asarray(_spd(n, rng, eigs=np.repeat([-2.0, 1.0, 5.0], [10, 20, 10])), jnp.float32)
+    res = C.lanczos(lambda v: A @ v, jnp.asarray(rng.normal(size=n), jnp.float32), 10)
+    assert int(res.num_valid) == 3
+    assert np.all(np.isfinite(np.asarray(res.ritz_values)))
+    np.testing.assert_allclose([res.min_eigenvalue, res.max_eigenvalue], [-2.0, 5.0], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Dense Hessian on a subset of coordinates
+# ----------------------------------------------------------------------------
+
+
+def test_dense_hessian_and_diagonal_match_jax_hessian(x64):
+    params, x, y = _mlp_problem()
+    H = _dense_hessian(params, x, y)
+    idx = np.asarray([0, 5, 13, 17, 30])
+    sub = C.dense_hessian(_loss, params, idx, x, y)
+    assert sub.shape == (5, 5)
+    np.testing.assert_allclose(np.asarray(sub), H[np.ix_(idx, idx)], rtol=1e-12, atol=1e-14)
+    # Chunked path and the jitted diagonal agree.
+    sub2 = jax.jit(lambda p, i: C.dense_hessian(_loss, p, i, x, y, batch_size=2))(params, jnp.asarray(idx))
+    np.testing.assert_allclose(np.asarray(sub2), np.asarray(sub), rtol=1e-14, atol=1e-15)
+    diag = C.hessian_diagonal_exact(_loss, params, idx, x, y)
+    np.testing.assert_allclose(np.asarray(diag), np.diag(H)[idx], rtol=1e-12, atol=1e-14)
