@@ -18,7 +18,9 @@ MLP hook (for neuron attribution): the activation feeding `down_proj`,
 `a = silu(gate(x)) * up(x)` of shape [B, T, I], can be returned (`return_mlp_acts`), scaled
 by a per-layer factor (`mlp_scale`, leading axis L, broadcast against [B, T, I]) and
 perturbed additively (`mlp_delta`, [L, B, T, I]); the gradient w.r.t. `mlp_delta` at zero is
-dL/da at the scaled point.
+dL/da at the scaled point. `mlp_rows = (idx [L, K], rows [L, K, H])` adds
+`a[..., idx] @ rows` to each layer's `down_proj` output: SIMU trains a neuron subset this way,
+as a compact [L, K, H] array, with the corresponding kernel rows zeroed in the frozen params.
 """
 
 from __future__ import annotations
@@ -105,14 +107,18 @@ class MLP(nnx.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **lin)
 
-    def __call__(self, x, scale=None, delta=None):
+    def __call__(self, x, scale=None, delta=None, rows=None):
         act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # the neurons: input of down_proj
         neurons = act
         if scale is not None:
             act = act * scale.astype(act.dtype)
         if delta is not None:
             act = act + delta.astype(act.dtype)
-        return self.down_proj(act), neurons
+        out = self.down_proj(act)
+        if rows is not None:  # extra down_proj rows for a neuron subset: out += act[..., idx] @ rows
+            idx, row_values = rows
+            out = out + jnp.dot(jnp.take(act, idx, axis=-1), row_values.astype(act.dtype))
+        return out, neurons
 
 
 class DecoderLayers(nnx.Module):
@@ -131,20 +137,20 @@ class DecoderLayers(nnx.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.cfg = cfg
 
-    def layer(self, x, cos, sin, mask, kv_cache, cache_index, scale, delta):
+    def layer(self, x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows):
         """One layer; called inside the scan on a module merged from one layer's slice."""
         cfg = self.cfg
         if cfg.model_type == "olmo2":  # h = x + norm(f(x))
             a, kv_cache = self.self_attn(x, cos, sin, mask, kv_cache, cache_index)
             x = x + self.post_attention_layernorm(a)
-            m, neurons = self.mlp(x, scale, delta)
+            m, neurons = self.mlp(x, scale, delta, rows)
             x = x + self.post_feedforward_layernorm(m)
         else:  # h = x + f(norm(x))
             pre_attn = self.input_layernorm if cfg.model_type == "llama" else layer_norm_no_params
             pre_mlp = self.post_attention_layernorm if cfg.model_type == "llama" else layer_norm_no_params
             a, kv_cache = self.self_attn(pre_attn(x), cos, sin, mask, kv_cache, cache_index)
             x = x + a
-            m, neurons = self.mlp(pre_mlp(x), scale, delta)
+            m, neurons = self.mlp(pre_mlp(x), scale, delta, rows)
             x = x + m
         return x, kv_cache, neurons
 
@@ -193,6 +199,7 @@ class CausalLM(nnx.Module):
         cache_index: jax.Array | int = 0,
         mlp_scale: jax.Array | None = None,
         mlp_delta: jax.Array | None = None,
+        mlp_rows: tuple[jax.Array, jax.Array] | None = None,
         return_mlp_acts: bool = False,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts'}.
@@ -219,9 +226,9 @@ class CausalLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.model.layers)
 
         def body(x, xs):
-            layer_params, kv_cache, scale, delta = xs
+            layer_params, kv_cache, scale, delta, rows = xs
             layers = nnx.merge(graphdef, layer_params)
-            x, kv_cache, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta)
+            x, kv_cache, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows)
             return x, (kv_cache, neurons if return_mlp_acts else None)
 
         policy = REMAT_POLICIES[self.remat]
@@ -229,7 +236,7 @@ class CausalLM(nnx.Module):
             body = jax.checkpoint(body)
         elif policy is not None:
             body = jax.checkpoint(body, policy=policy)
-        x, (new_cache, mlp_acts) = jax.lax.scan(body, x, (layer_state, cache, mlp_scale, mlp_delta))
+        x, (new_cache, mlp_acts) = jax.lax.scan(body, x, (layer_state, cache, mlp_scale, mlp_delta, mlp_rows))
 
         if cfg.norm_kind == "rmsnorm":
             x = self.model.norm(x)

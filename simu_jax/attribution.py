@@ -1,0 +1,216 @@
+"""Stage 1 of SIMU: which MLP neurons store the forget set.
+
+A neuron is unit k of layer l's MLP, the k-th input of `down_proj` (`a = silu(gate) * up`).
+Integrated-gradients attribution (DESIGN.md, "Stage 1"):
+
+    Att(l, k) = sum_i sum_{t in ans(i)} a_{l,k,i,t} * (1/m) sum_{j=1..m} dL_i/da_{l,k,i,t} |_{a_l = (j/m) a_l}
+
+L_i is sample i's mean next-token NLL over its answer tokens; ans(i) are the positions whose
+next-token prediction is an answer token; the whole layer l is scaled by j/m (the other layers
+untouched) — one forward/backward per (layer, step). Variants for ablations:
+`grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
+mask with the same count per layer as a given mask).
+
+A neuron is critical in layer l when Att(l, k) > t * max_k Att(l, k) (or among the top
+fraction). Dual neurons (critical for forget and retain) are kept by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simu_jax.losses import mean_nll_per_example
+from simu_jax.models import apply, apply_with_aux
+
+SCORE_METHODS = ("ig", "grad_x_act", "grad_down")
+
+
+def _answer_positions(labels: jax.Array) -> jax.Array:
+    """[B, T] mask of positions t whose next token (t+1) is an answer token."""
+    nxt = labels[:, 1:] != -100
+    return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _ig_layer_scores(graphdef, params, batch, layer, *, steps: int):
+    """IG scores [I] of one layer (traced index, so one compilation serves all layers)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    _, aux = apply_with_aux(graphdef, params, ids, mask, return_mlp_acts=True)
+    acts = aux["mlp_acts"][layer]  # [B, T, I], unscaled
+    n_layers = aux["mlp_acts"].shape[0]
+    is_layer = (jnp.arange(n_layers) == layer)[:, None, None, None]
+
+    def loss_at(alpha, delta):
+        scale = jnp.where(is_layer, alpha, 1.0)
+        logits = apply(graphdef, params, ids, mask, mlp_scale=scale, mlp_delta=jnp.where(is_layer, delta[None], 0.0))
+        return jnp.sum(mean_nll_per_example(logits, labels))
+
+    zeros = jnp.zeros_like(acts)
+    grads = sum(jax.grad(loss_at, argnums=1)(j / steps, zeros) for j in range(1, steps + 1)) / steps
+    where = _answer_positions(labels)[..., None]
+    return jnp.sum(jnp.where(where, acts.astype(jnp.float32) * grads, 0.0), axis=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _down_grad(graphdef, params, batch):
+    def loss(down):
+        p = {**params, "model": {**params["model"], "layers": {**params["model"]["layers"], "mlp": {
+            **params["model"]["layers"]["mlp"], "down_proj": {"kernel": down}}}}}
+        logits = apply(graphdef, p, batch["input_ids"], batch["attention_mask"])
+        return jnp.sum(mean_nll_per_example(logits, batch["labels"]))
+
+    return jax.grad(loss)(params["model"]["layers"]["mlp"]["down_proj"]["kernel"])
+
+
+def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "ig", steps: int = 3) -> np.ndarray:
+    """Attribution scores [L, I] summed over all batches (padding rows contribute nothing)."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"attribution method={method!r}; allowed: {', '.join(SCORE_METHODS)}")
+    if steps < 1:
+        raise ValueError(f"attribution steps m must be >= 1, got {steps}")
+    n_layers = params["model"]["layers"]["mlp"]["down_proj"]["kernel"].shape[0]
+    total, down_grad = None, None
+    for batch in batches:
+        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
+        if method == "grad_down":
+            g = _down_grad(graphdef, params, batch)
+            down_grad = g if down_grad is None else down_grad + g
+            continue
+        m = 1 if method == "grad_x_act" else steps
+        per_layer = jnp.stack([_ig_layer_scores(graphdef, params, batch, l, steps=m) for l in range(n_layers)])
+        total = per_layer if total is None else total + per_layer
+    if method == "grad_down":
+        if down_grad is None:
+            raise ValueError("attribution got no batches (empty data set)")
+        return np.asarray(jnp.sum(jnp.abs(down_grad.astype(jnp.float32)), axis=-1))
+    if total is None:
+        raise ValueError("attribution got no batches (empty data set)")
+    return np.asarray(total)
+
+
+def critical_neurons(scores: np.ndarray, *, threshold: float | None = None, top_fraction: float | None = None) -> np.ndarray:
+    """Boolean [L, I]: score > t * (layer max), or the top fraction of each layer."""
+    if (threshold is None) == (top_fraction is None):
+        raise ValueError("give exactly one of threshold (t) or top_fraction")
+    scores = np.asarray(scores, np.float64)
+    if threshold is not None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold t must be in (0, 1], got {threshold}")
+        layer_max = scores.max(axis=1, keepdims=True)
+        return (scores > threshold * layer_max) & (layer_max > 0)
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    k = max(1, int(round(top_fraction * scores.shape[1])))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.zeros(scores.shape, bool)
+    np.put_along_axis(out, order, True, axis=1)
+    return out
+
+
+@dataclasses.dataclass
+class NeuronMask:
+    """Per-layer boolean neuron masks: forget-critical, retain-critical, and the selected set."""
+
+    selected: np.ndarray  # [L, I] bool: the neurons whose down_proj rows are trained
+    forget: np.ndarray | None = None
+    retain: np.ndarray | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(c) for c in self.selected.sum(axis=1)]
+
+    @property
+    def num_selected(self) -> int:
+        return int(self.selected.sum())
+
+    def digest(self) -> str:
+        return hashlib.sha256(np.packbits(self.selected).tobytes() + str(self.selected.shape).encode()).hexdigest()[:16]
+
+    def summary(self) -> dict:
+        out = {
+            "num_layers": int(self.selected.shape[0]),
+            "intermediate_size": int(self.selected.shape[1]),
+            "num_selected": self.num_selected,
+            "fraction_selected": self.num_selected / self.selected.size,
+            "per_layer_selected": self.counts,
+            "sha256_16": self.digest(),
+            **self.meta,
+        }
+        if self.forget is not None:
+            out["per_layer_forget"] = [int(c) for c in self.forget.sum(1)]
+        if self.retain is not None:
+            out["per_layer_retain"] = [int(c) for c in self.retain.sum(1)]
+            if self.forget is not None:
+                out["per_layer_dual"] = [int(c) for c in (self.forget & self.retain).sum(1)]
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        """mask.npz (arrays) + mask_summary.json (readable counts), written atomically."""
+        from simu_jax.runio import write_json_atomic
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {"selected": self.selected}
+        if self.forget is not None:
+            arrays["forget"] = self.forget
+        if self.retain is not None:
+            arrays["retain"] = self.retain
+        tmp = directory / ".mask.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(directory / "mask.npz")
+        write_json_atomic(directory / "mask_summary.json", self.summary())
+        return directory / "mask.npz"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronMask":
+        path = Path(path)
+        npz = path / "mask.npz" if path.is_dir() else path
+        if not npz.is_file():
+            raise FileNotFoundError(f"no neuron mask at {npz}")
+        data = np.load(npz)
+        meta = {}
+        summary = npz.with_name("mask_summary.json")
+        if summary.is_file():
+            meta = {k: v for k, v in json.loads(summary.read_text()).items() if not k.startswith("per_layer")
+                    and k not in ("num_layers", "intermediate_size", "num_selected", "fraction_selected", "sha256_16")}
+        return cls(selected=data["selected"].astype(bool), forget=data["forget"] if "forget" in data else None,
+                   retain=data["retain"] if "retain" in data else None, meta=meta)
+
+
+def build_mask(
+    forget_scores: np.ndarray,
+    retain_scores: np.ndarray | None = None,
+    *,
+    threshold: float | None = 0.5,
+    top_fraction: float | None = None,
+    dual: str = "include",
+    meta: dict | None = None,
+) -> NeuronMask:
+    """Selected = forget-critical neurons; with dual='exclude', minus the retain-critical ones."""
+    if dual not in ("include", "exclude"):
+        raise ValueError(f"dual={dual!r}; allowed: include, exclude")
+    forget = critical_neurons(forget_scores, threshold=threshold, top_fraction=top_fraction)
+    retain = None
+    if retain_scores is not None:
+        retain = critical_neurons(retain_scores, threshold=threshold, top_fraction=top_fraction)
+    selected = forget & ~retain if (dual == "exclude" and retain is not None) else forget.copy()
+    return NeuronMask(selected=selected, forget=forget, retain=retain, meta=dict(meta or {}, dual=dual))
+
+
+def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
+    """A random mask with the same number of selected neurons in every layer (ablation)."""
+    rng = np.random.default_rng(seed)
+    selected = np.zeros_like(mask.selected)
+    for layer, count in enumerate(mask.counts):
+        selected[layer, rng.choice(selected.shape[1], size=count, replace=False)] = True
+    return NeuronMask(selected=selected, meta=dict(mask.meta, random_seed=seed, method="random"))

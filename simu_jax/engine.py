@@ -1,0 +1,240 @@
+"""The unlearning engine: method registry, the jit-compiled step, and the loop.
+
+Every method is one configuration of one mechanism (objective x optimizer x trainable set):
+
+    fo_*     AdamW,  all parameters            (first-order baseline)
+    so_*     Sophia, all parameters            (SOUL: fisher curvature g*g)
+    simu_*   Sophia, attention + critical down_proj rows (SIMU)
+    simu_newton  exact Newton-CG on the SIMU subset (exact HVPs, trust radius)
+
+with objectives graddiff | npo | idk (| ga). The step differentiates only the trainable
+subset (`selection.Partition`); Sophia's state lives on that subset only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from simu_jax import optim
+from simu_jax.curvature import tree_norm
+from simu_jax.losses import token_mean_nll, unlearning_loss
+from simu_jax.models import apply
+from simu_jax.selection import ALL_PARAMS, SIMU, Partition, TrainableSpec, count_trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    objective: str  # graddiff | npo | idk | ga
+    optimizer: str  # adamw | sophia | newton
+    trainable: TrainableSpec
+
+
+METHODS: dict[str, Method] = {}
+for _obj in ("graddiff", "npo", "idk"):
+    METHODS[f"fo_{_obj}"] = Method(_obj, "adamw", ALL_PARAMS)
+    METHODS[f"so_{_obj}"] = Method(_obj, "sophia", ALL_PARAMS)
+    METHODS[f"simu_{_obj}"] = Method(_obj, "sophia", SIMU)
+METHODS["fo_ga"] = Method("ga", "adamw", ALL_PARAMS)
+METHODS["simu_newton"] = Method("graddiff", "newton", SIMU)
+
+
+def get_method(name: str, trainable: TrainableSpec | None = None) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method={name!r}; allowed: {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+    return dataclasses.replace(method, trainable=trainable) if trainable is not None else method
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Hyper-parameters of the step (hashable: part of the jit cache key)."""
+
+    learning_rate: float = 1e-4
+    gamma: float = 1.0  # retain weight
+    beta: float = 0.1  # NPO
+    retain_loss: str = "nll"
+    # Sophia (SOUL's defaults: betas (0.9, 0.95), rho 0.04, batch-scale 5120, every step g*g)
+    b1: float = 0.9
+    b2: float = 0.95
+    rho: float = 0.04
+    batch_scale: float = 5120.0
+    weight_decay: float = 0.0
+    clip_threshold: float = 1.0
+    update_interval: int = 1
+    estimator: str = "fisher"  # fisher | gnb | hutchinson
+    num_probes: int = 1
+    # AdamW
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    # Newton-CG
+    damping: float = 1e-2
+    trust_radius: float = 0.5
+    cg_iters: int = 20
+    cg_tol: float = 1e-5
+    # debugging: multiply the loss by NaN at this step (tests the NaN guard); -1 = off
+    inject_nan_at_step: int = -1
+
+
+def build_optimizer(method: Method, s: StepSettings, mask) -> optax.GradientTransformationExtraArgs | None:
+    if method.optimizer == "adamw":
+        return optim.adamw(s.learning_rate, b1=s.b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay,
+                           mask=mask)
+    if method.optimizer == "sophia":
+        return optim.sophia(s.learning_rate, b1=s.b1, b2=s.b2, rho=s.rho, batch_scale=s.batch_scale,
+                            weight_decay=s.weight_decay, clip_threshold=s.clip_threshold,
+                            update_interval=s.update_interval, mask=mask)
+    return None  # newton: stateless
+
+
+class Unlearner:
+    """Holds the partitioned params, the optimizer state and the compiled step."""
+
+    def __init__(self, graphdef, params: dict, method: Method, settings: StepSettings,
+                 selected: np.ndarray | None = None, ref_params: dict | None = None):
+        self.graphdef, self.method, self.settings = graphdef, method, settings
+        self.original = params
+        self.partition = Partition(params, method.trainable, selected)
+        trainable, self.frozen = self.partition.split(params)
+        # a private copy: the step donates it, and it may alias the original / reference params
+        self.trainable = jax.tree.map(jnp.copy, trainable)
+        self.mask = self.partition.optimizer_mask(self.trainable)
+        needs_ref = method.objective == "npo" or settings.retain_loss == "kl"
+        self.ref = (ref_params if ref_params is not None else params) if needs_ref else None
+        self.tx = build_optimizer(method, settings, self.mask)
+        self.opt_state = self.tx.init(self.trainable) if self.tx is not None else ()
+        self.step_count = 0
+        self._step = jax.jit(functools.partial(_step, graphdef, self.partition, self.method, self.settings, self.tx,
+                                               self.mask),
+                             donate_argnums=(0, 1) if jax.default_backend() != "cpu" else ())
+
+    @property
+    def num_trainable(self) -> int:
+        return count_trainable(self.partition, self.trainable)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer + curvature state (on the trainable subset only)."""
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.opt_state)))
+
+    def step(self, batch: dict, key: jax.Array) -> dict[str, float]:
+        self.trainable, self.opt_state, metrics = self._step(
+            self.trainable, self.opt_state, self.frozen, self.ref, batch, key, jnp.int32(self.step_count))
+        self.step_count += 1
+        return metrics
+
+    def params(self) -> dict:
+        """The full parameter tree with the unlearned values written in."""
+        return self.partition.merge_back(self.trainable, self.original)
+
+
+def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, trainable, frozen, ref, batch, step):
+    params, kwargs = partition.combine(trainable, frozen)
+    logits_fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"], **kwargs)  # noqa: E731
+    ref_fn = None
+    if ref is not None:
+        ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"])  # noqa: E731
+    loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.gamma, beta=s.beta,
+                                  retain_loss=s.retain_loss, ref_logits_fn=ref_fn)
+    if s.inject_nan_at_step >= 0:
+        poison = jnp.where(step == s.inject_nan_at_step, jnp.nan, 1.0)
+        terms = {**terms, "forget": terms["forget"] * poison}
+        loss = loss * poison
+    return loss, terms
+
+
+def _step(graphdef, partition, method, s, tx, mask, trainable, opt_state, frozen, ref, batch, key, step):
+    loss_fn = functools.partial(_loss, graphdef, partition, method, s)
+    if method.optimizer == "newton":
+        scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
+        _, terms = loss_fn(trainable, frozen, ref, batch, step)
+        trainable, info = optim.newton_cg_step(scalar, trainable, frozen, ref, batch, step, damping=s.damping,
+                                               trust_radius=s.trust_radius, maxiter=s.cg_iters, tol=s.cg_tol,
+                                               mask=mask)
+        metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"], "cg_iterations": info["cg_iterations"],
+                   "step_norm": info["step_norm"], **{f"loss/{k}": v for k, v in terms.items()}}
+        return trainable, opt_state, metrics
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, ref, batch, step)
+    extra = {}
+    if method.optimizer == "sophia":
+        estimate = _estimator(graphdef, partition, method, s, loss_fn)
+        extra["hessian_estimate"] = optim.curvature_on_schedule(
+            estimate, step, s.update_interval, trainable, key, grads, frozen, ref, batch, step)
+    updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
+    trainable = optim.masked_apply(trainable, updates, mask)
+    metrics = {"loss": loss, "grad_norm": tree_norm(grads), **{f"loss/{k}": v for k, v in terms.items()}}
+    return trainable, opt_state, metrics
+
+
+def _estimator(graphdef, partition, method, s, loss_fn):
+    if s.estimator == "fisher":
+        return optim.make_curvature_estimator("fisher")
+    if s.estimator == "hutchinson":
+        scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
+        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.num_probes)
+    if s.estimator == "gnb":
+        # Gauss-Newton-Bartlett of the model's own next-token distribution on the forget and
+        # retain inputs (answer tokens): curvature of the output, independent of the
+        # unlearning objective's sign, as in Sophia-G.
+        def logits_fn(tr, fr, rf, b, st):
+            params, kwargs = partition.combine(tr, fr)
+            logits, weights = [], []
+            for part in ("forget", "retain"):
+                x = b[part]
+                logits.append(apply(graphdef, params, x["input_ids"], x["attention_mask"], **kwargs)[:, :-1])
+                weights.append((x["labels"][:, 1:] != -100).astype(jnp.float32))
+            t = min(l.shape[1] for l in logits)
+            return (jnp.concatenate([l[:, :t] for l in logits]), jnp.concatenate([w[:, :t] for w in weights]))
+        return optim.make_curvature_estimator("gnb", logits_fn=logits_fn)
+    raise ValueError(f"estimator={s.estimator!r}; allowed: fisher, gnb, hutchinson")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_losses(graphdef, params, batch):
+    """Teacher-forced mean answer NLL of one batch."""
+    logits = apply(graphdef, params, batch["input_ids"], batch["attention_mask"])
+    return token_mean_nll(logits, batch["labels"])
+
+
+def paired_batches(forget_iter: Iterator[dict], retain_iter: Iterator[dict],
+                   idk_iter: Iterator[dict] | None = None) -> Iterator[dict]:
+    """Zip forget / retain (/ refusal-relabelled forget) batches into the step's batch dict."""
+    while True:
+        batch = {"forget": next(forget_iter), "retain": next(retain_iter)}
+        if idk_iter is not None:
+            batch["forget_idk"] = next(idk_iter)
+        yield jax.tree.map(jnp.asarray, batch)
+
+
+def with_refusals(records: list[dict], refusals: list[str], seed: int) -> list[dict]:
+    """Forget records relabelled with refusal answers (IdK), chosen deterministically from the seed."""
+    if not refusals:
+        raise ValueError("IdK unlearning needs a non-empty list of refusal answers")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(refusals), size=len(records))
+    return [{**r, "answer": refusals[i]} for r, i in zip(records, picks)]
+
+
+def run_loop(unlearner: Unlearner, batches: Iterator[dict], steps: int, *, seed: int = 0,
+             on_step: Callable[[int, dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+             start_step: int = 0) -> int:
+    """Run `steps` unlearning steps (from `start_step`); returns the number of the last step done + 1."""
+    base = jax.random.key(seed)
+    step = start_step
+    for step in range(start_step, steps):
+        metrics = unlearner.step(next(batches), jax.random.fold_in(base, step))
+        if on_step is not None:
+            on_step(step, metrics)
+        if should_stop is not None and should_stop():
+            return step + 1
+    return steps
+
+
+def host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,158 @@
+"""Which parameters an unlearning method trains, as one mechanism for FO, SO, SIMU and ablations.
+
+`TrainableSpec(attention, mlp, rest)`:
+  attention  'full' (q/k/v/o) | 'frozen'
+  mlp        'masked' (down_proj rows of the selected neurons) | 'down' (all of down_proj)
+             | 'full' (gate/up/down) | 'frozen'
+  rest       'frozen' | 'full' (embeddings, norms, lm_head)
+
+Only the trainable subset is differentiated: `Partition.split` gives (trainable, frozen);
+the loss closes over `frozen`. SIMU's neuron rows are a compact [L, K, H] array (K = the
+largest per-layer count) gathered from `down_proj`; their kernel rows are zeroed in the
+frozen params and the model adds `a[..., idx] @ rows` (see `models.transformer`), so the
+backward pass computes K rows of weight gradient per layer instead of I, and the optimizer
+and curvature state hold K rows. Padding slots (layers with fewer than K neurons) are
+masked out (`row_valid`) and contribute nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableSpec:
+    attention: str = "full"
+    mlp: str = "masked"
+    rest: str = "frozen"
+
+    def __post_init__(self):
+        for name, allowed in (("attention", ("full", "frozen")), ("mlp", ("masked", "down", "full", "frozen")),
+                              ("rest", ("frozen", "full"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"trainable.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+
+
+ALL_PARAMS = TrainableSpec(attention="full", mlp="full", rest="full")
+SIMU = TrainableSpec(attention="full", mlp="masked", rest="frozen")
+
+
+def _is_trainable(path: tuple[str, ...], spec: TrainableSpec) -> bool:
+    if path[:2] == ("model", "layers") and path[2] == "self_attn" and path[3] in ATTENTION:
+        return spec.attention == "full"
+    if path[:3] == ("model", "layers", "mlp"):
+        return spec.mlp == "full" or (spec.mlp == "down" and path[3] == "down_proj")
+    return spec.rest == "full"
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of `tree` with `path` replaced (shallow copies along the path only)."""
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+DOWN = ("model", "layers", "mlp", "down_proj", "kernel")
+
+
+class Partition:
+    """Split params into a trainable subset and the frozen rest, and put them back together."""
+
+    def __init__(self, params: dict, spec: TrainableSpec, selected: np.ndarray | None = None):
+        if spec.mlp == "masked" and selected is None:
+            raise ValueError("trainable.mlp='masked' needs a neuron mask")
+        self.spec = spec
+        self.paths = [p for p, _ in _flatten(params) if _is_trainable(p, spec)]
+        self.row_index = self.row_valid = None
+        if spec.mlp == "masked":
+            selected = np.asarray(selected, bool)
+            if selected.sum() == 0:
+                raise ValueError("the neuron mask selects zero neurons (lower the threshold t or use top_fraction)")
+            counts = selected.sum(axis=1)
+            k = int(counts.max())
+            index = np.zeros((selected.shape[0], k), np.int32)
+            valid = np.zeros((selected.shape[0], k), bool)
+            for layer, row in enumerate(selected):
+                ids = np.flatnonzero(row)
+                index[layer, : len(ids)] = ids
+                valid[layer, : len(ids)] = True
+            self.row_index, self.row_valid = jnp.asarray(index), jnp.asarray(valid)
+
+    @staticmethod
+    def _key(path):
+        return "/".join(path)
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen). Trainable is a flat dict {'a/b/kernel': array, 'down_rows': [L,K,H]}."""
+        trainable = {self._key(p): _get(params, p) for p in self.paths}
+        frozen = params
+        if self.row_index is not None:
+            down = _get(params, DOWN)
+            rows = jnp.take_along_axis(down, self.row_index[..., None], axis=1)
+            trainable["down_rows"] = jnp.where(self.row_valid[..., None], rows, 0).astype(down.dtype)
+            zeroed = jax.vmap(lambda k, i, v: k.at[i].set(jnp.where(v[:, None], 0, k[i])))(down, self.row_index,
+                                                                                            self.row_valid)
+            frozen = _set(frozen, DOWN, zeroed)
+        for p in self.paths:  # drop trainable leaves from the frozen tree (they are replaced anyway)
+            frozen = _set(frozen, p, None)
+        return trainable, frozen
+
+    def combine(self, trainable: dict, frozen: dict) -> tuple[dict, dict]:
+        """(full params for `apply`, extra `apply` kwargs) from the two halves."""
+        params = frozen
+        for p in self.paths:
+            params = _set(params, p, trainable[self._key(p)])
+        kwargs = {}
+        if self.row_index is not None:
+            rows = jnp.where(self.row_valid[..., None], trainable["down_rows"], 0)
+            kwargs["mlp_rows"] = (self.row_index, rows)
+        return params, kwargs
+
+    def merge_back(self, trainable: dict, original: dict) -> dict:
+        """Full params with the trained values written in (selected down_proj rows scattered back)."""
+        params = original
+        for p in self.paths:
+            params = _set(params, p, trainable[self._key(p)])
+        if self.row_index is not None:
+            down = _get(original, DOWN)
+            new = jax.vmap(lambda k, i, v, r: k.at[i].set(jnp.where(v[:, None], r, k[i])))(
+                down, self.row_index, self.row_valid, trainable["down_rows"].astype(down.dtype))
+            params = _set(params, DOWN, new)
+        return params
+
+    def optimizer_mask(self, trainable: dict) -> dict | None:
+        """Element-wise trainable mask for the optimizer (only padding row slots are masked)."""
+        if self.row_index is None:
+            return None
+        return {k: (self.row_valid[..., None] if k == "down_rows" else True) for k in trainable}
+
+
+def count_trainable(partition: Partition, trainable: dict) -> int:
+    """Number of trainable scalars (padding row slots excluded)."""
+    total = 0
+    for k, v in trainable.items():
+        if k == "down_rows":
+            total += int(partition.row_valid.sum()) * v.shape[-1]
+        else:
+            total += int(v.size)
+    return total
