@@ -5,8 +5,10 @@ Integrated-gradients attribution (DESIGN.md, "Stage 1"):
 
     Att(l, k) = sum_i sum_{t in ans(i)} a_{l,k,i,t} * (1/m) sum_{j=1..m} dL_i/da_{l,k,i,t} |_{a_l = (j/m) a_l}
 
-L_i is sample i's mean next-token NLL over its answer tokens; ans(i) are the positions whose
-next-token prediction is an answer token; the whole layer l is scaled by j/m (the other layers
+L_i is sample i's mean next-token log-likelihood over its answer tokens (the negative of the
+loss: a positive score means the neuron *supports* the answer, i.e. stores it; with the loss
+itself the top scores would be the neurons that hurt the answer, the opposite of what the
+mask is for); ans(i) are the positions whose next-token prediction is an answer token; the whole layer l is scaled by j/m (the other layers
 untouched) — one forward/backward per (layer, step). Variants for ablations:
 `grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
 mask with the same count per layer as a given mask).
@@ -40,8 +42,8 @@ def _answer_positions(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
-def _ig_layer_scores(graphdef, params, batch, layer, *, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "all_positions"))
+def _ig_layer_scores(graphdef, params, batch, layer, *, steps: int, all_positions: bool = False):
     """IG scores [I] of one layer (traced index, so one compilation serves all layers)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     _, aux = apply_with_aux(graphdef, params, ids, mask, return_mlp_acts=True)
@@ -52,11 +54,16 @@ def _ig_layer_scores(graphdef, params, batch, layer, *, steps: int):
     def loss_at(alpha, delta):
         scale = jnp.where(is_layer, alpha, 1.0)
         logits = apply(graphdef, params, ids, mask, mlp_scale=scale, mlp_delta=jnp.where(is_layer, delta[None], 0.0))
-        return jnp.sum(mean_nll_per_example(logits, labels))
+        return -jnp.sum(mean_nll_per_example(logits, labels))
 
     zeros = jnp.zeros_like(acts)
-    grads = sum(jax.grad(loss_at, argnums=1)(j / steps, zeros) for j in range(1, steps + 1)) / steps
-    where = _answer_positions(labels)[..., None]
+    alphas = jnp.arange(1, steps + 1, dtype=jnp.float32) / steps  # right Riemann sum of the IG path
+
+    def accumulate(total, alpha):
+        return total + jax.grad(loss_at, argnums=1)(alpha, zeros), None
+
+    grads = jax.lax.scan(accumulate, zeros, alphas)[0] / steps
+    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[..., None]
     return jnp.sum(jnp.where(where, acts.astype(jnp.float32) * grads, 0.0), axis=(0, 1))
 
 
@@ -71,8 +78,13 @@ def _down_grad(graphdef, params, batch):
     return jax.grad(loss)(params["model"]["layers"]["mlp"]["down_proj"]["kernel"])
 
 
-def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "ig", steps: int = 3) -> np.ndarray:
-    """Attribution scores [L, I] summed over all batches (padding rows contribute nothing)."""
+def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "ig", steps: int = 3,
+                  all_positions: bool = False) -> np.ndarray:
+    """Attribution scores [L, I] summed over all batches (padding rows contribute nothing).
+
+    `all_positions` sums over every real token instead of the answer positions; then the IG
+    completeness axiom holds: sum_k Att(l, k) -> LL(a_l) - LL(0 * a_l) as m grows (tested).
+    """
     if method not in SCORE_METHODS:
         raise ValueError(f"attribution method={method!r}; allowed: {', '.join(SCORE_METHODS)}")
     if steps < 1:
@@ -86,7 +98,8 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
             down_grad = g if down_grad is None else down_grad + g
             continue
         m = 1 if method == "grad_x_act" else steps
-        per_layer = jnp.stack([_ig_layer_scores(graphdef, params, batch, l, steps=m) for l in range(n_layers)])
+        per_layer = jnp.stack([_ig_layer_scores(graphdef, params, batch, l, steps=m, all_positions=all_positions)
+                               for l in range(n_layers)])
         total = per_layer if total is None else total + per_layer
     if method == "grad_down":
         if down_grad is None:

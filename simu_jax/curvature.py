@@ -37,6 +37,7 @@ _tree_add_scale = getattr(otu, "tree_add_scale", None) or getattr(otu, "tree_add
 
 __all__ = [
     "acc_dtype",
+    "to_acc_dtype",
     "tree_vdot",
     "tree_norm",
     "tree_add_scale",
@@ -85,6 +86,11 @@ def tree_norm(x: PyTree) -> jax.Array:
 def tree_add_scale(x: PyTree, s, y: PyTree) -> PyTree:
     """x + s * y (``optax.tree_utils.tree_add_scale``)."""
     return _tree_add_scale(x, s, y)
+
+
+def to_acc_dtype(tree: PyTree) -> PyTree:
+    """Cast every leaf to its accumulation dtype (float32; float64 stays float64)."""
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(acc_dtype(jnp.result_type(x))), tree)
 
 
 def _cast_tree(tree: PyTree, like: PyTree) -> PyTree:
@@ -254,13 +260,19 @@ def conjugate_gradient(
 
     Iteration (Hestenes-Stiefel): ``alpha = r.r / p.Ap``, ``x += alpha p``,
     ``r -= alpha Ap``, ``p = r_new + (r_new.r_new / r.r) p``. Runs in a
-    ``lax.while_loop``; scalars are accumulated at the highest precision (optax's
-    ``tree_vdot``).
+    ``lax.while_loop``. The iterates are kept in float32 (float64 for f64 inputs),
+    so ``x`` is float32 for a bf16 ``b``; ``matvec`` is called with ``b``'s dtypes.
     """
+    # Iterate in float32 (float64 for f64 inputs); matvec sees b's own dtypes.
+    b_in = b
+    b = to_acc_dtype(b)
+
     def op(v):
-        av = matvec(v)
+        av = to_acc_dtype(matvec(_cast_tree(v, b_in)))
         return tree_add_scale(av, damping, v) if damping else av
 
+    if x0 is not None:
+        x0 = to_acc_dtype(x0)
     if x0 is None:
         x0 = otu.tree_zeros_like(b)
         r0 = b

@@ -110,9 +110,9 @@ class Unlearner:
         self.tx = build_optimizer(method, settings, self.mask)
         self.opt_state = self.tx.init(self.trainable) if self.tx is not None else ()
         self.step_count = 0
-        self._step = jax.jit(functools.partial(_step, graphdef, self.partition, self.method, self.settings, self.tx,
-                                               self.mask),
-                             donate_argnums=(0, 1) if jax.default_backend() != "cpu" else ())
+        # the compiled step with its static configuration bound; `sharding.shard_unlearner`
+        # replaces it with a version pinned to a device mesh
+        self._step_fn = functools.partial(compiled_step, graphdef, self.partition, method, settings)
 
     @property
     def num_trainable(self) -> int:
@@ -123,8 +123,9 @@ class Unlearner:
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.opt_state)))
 
     def step(self, batch: dict, key: jax.Array) -> dict[str, float]:
-        self.trainable, self.opt_state, metrics = self._step(
-            self.trainable, self.opt_state, self.frozen, self.ref, batch, key, jnp.int32(self.step_count))
+        self.trainable, self.opt_state, metrics = self._step_fn(
+            self.trainable, self.opt_state, self.frozen, self.ref, self.partition.rows, batch, key,
+            jnp.int32(self.step_count))
         self.step_count += 1
         return metrics
 
@@ -133,8 +134,8 @@ class Unlearner:
         return self.partition.merge_back(self.trainable, self.original)
 
 
-def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, trainable, frozen, ref, batch, step):
-    params, kwargs = partition.combine(trainable, frozen)
+def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows, trainable, frozen, ref, batch, step):
+    params, kwargs = partition.combine(trainable, frozen, rows)
     logits_fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"], **kwargs)  # noqa: E731
     ref_fn = None
     if ref is not None:
@@ -148,8 +149,11 @@ def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, train
     return loss, terms
 
 
-def _step(graphdef, partition, method, s, tx, mask, trainable, opt_state, frozen, ref, batch, key, step):
-    loss_fn = functools.partial(_loss, graphdef, partition, method, s)
+def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref, rows, batch, key, step):
+    """One unlearning step (see `compiled_step`)."""
+    mask = partition.optimizer_mask(trainable, rows)
+    tx = build_optimizer(method, s, mask)
+    loss_fn = functools.partial(_loss, graphdef, partition, method, s, rows)
     if method.optimizer == "newton":
         scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
         _, terms = loss_fn(trainable, frozen, ref, batch, step)
@@ -163,7 +167,7 @@ def _step(graphdef, partition, method, s, tx, mask, trainable, opt_state, frozen
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, ref, batch, step)
     extra = {}
     if method.optimizer == "sophia":
-        estimate = _estimator(graphdef, partition, method, s, loss_fn)
+        estimate = _estimator(graphdef, partition, s, rows, loss_fn)
         extra["hessian_estimate"] = optim.curvature_on_schedule(
             estimate, step, s.update_interval, trainable, key, grads, frozen, ref, batch, step)
     updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
@@ -172,7 +176,13 @@ def _step(graphdef, partition, method, s, tx, mask, trainable, opt_state, frozen
     return trainable, opt_state, metrics
 
 
-def _estimator(graphdef, partition, method, s, loss_fn):
+# Compiled once per (model, partition structure, method, settings, shapes): Unlearners that differ
+# only in the mask's values (same row count) share one executable.
+compiled_step = jax.jit(step_impl, static_argnums=(0, 1, 2, 3),
+                        donate_argnums=(4, 5) if jax.default_backend() != "cpu" else ())
+
+
+def _estimator(graphdef, partition, s, rows, loss_fn):
     if s.estimator == "fisher":
         return optim.make_curvature_estimator("fisher")
     if s.estimator == "hutchinson":
@@ -183,7 +193,7 @@ def _estimator(graphdef, partition, method, s, loss_fn):
         # retain inputs (answer tokens): curvature of the output, independent of the
         # unlearning objective's sign, as in Sophia-G.
         def logits_fn(tr, fr, rf, b, st):
-            params, kwargs = partition.combine(tr, fr)
+            params, kwargs = partition.combine(tr, fr, rows)
             logits, weights = [], []
             for part in ("forget", "retain"):
                 x = b[part]

@@ -325,12 +325,15 @@ def curvature_on_schedule(
     """
     if update_interval == 1:
         return estimate(params, key, grads, *args)
-    zeros = lambda p: jnp.zeros(jnp.shape(p), _state_dtype(jnp.result_type(p)))  # noqa: E731
-    return jax.lax.cond(
-        step % update_interval == 0,
-        lambda: jax.tree.map(lambda e, p: e.astype(_state_dtype(jnp.result_type(p))), estimate(params, key, grads, *args), params),
-        lambda: jax.tree.map(zeros, params),
-    )
+    dtype = lambda p: _state_dtype(jnp.result_type(p))  # noqa: E731
+
+    def refresh():
+        return jax.tree.map(lambda e, p: e.astype(dtype(p)), estimate(params, key, grads, *args), params)
+
+    def skip():
+        return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype(p)), params)
+
+    return jax.lax.cond(step % update_interval == 0, refresh, skip)
 
 
 # ----------------------------------------------------------------------------
@@ -400,7 +403,8 @@ def newton_cg_step(
     else:
         matvec = h_lin
 
-    d, info = C.conjugate_gradient(matvec, g, damping=damping, tol=tol, maxiter=maxiter)
+    d, info = C.conjugate_gradient(matvec, g, damping=damping, tol=tol, maxiter=maxiter)  # float32 d
+    g = C.to_acc_dtype(g)
     fallback = info.negative_curvature & (info.iterations == 0)
     d = otu.tree_where(fallback, g, d)
 
@@ -410,7 +414,8 @@ def newton_cg_step(
     if mask is not None:
         new_params = _where_tree(mask, new_params, params)
 
-    ad = C.tree_add_scale(matvec(d), damping, d)  # (H + lambda I) d
+    hd = C.to_acc_dtype(matvec(jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), d, params)))
+    ad = C.tree_add_scale(hd, damping, d)  # (H + lambda I) d
     gd = C.tree_vdot(g, d)
     dad = C.tree_vdot(d, ad)
     stats = dict(

@@ -102,6 +102,24 @@ class Partition:
     def _key(path):
         return "/".join(path)
 
+    # Hashable by structure (spec, trainable paths, row count), not by the mask's values, so a
+    # jit-compiled step keyed on the partition is reused across masks of the same shape; the
+    # row index/validity arrays are passed to the step as traced arguments (`rows`).
+    def _static(self):
+        k = None if self.row_index is None else tuple(self.row_index.shape)
+        return (self.spec, tuple(self.paths), k)
+
+    def __hash__(self):
+        return hash(self._static())
+
+    def __eq__(self, other):
+        return isinstance(other, Partition) and self._static() == other._static()
+
+    @property
+    def rows(self) -> tuple[jax.Array, jax.Array] | None:
+        """(row_index [L, K], row_valid [L, K]) of the trained neuron rows, or None."""
+        return None if self.row_index is None else (self.row_index, self.row_valid)
+
     def split(self, params: dict) -> tuple[dict, dict]:
         """(trainable, frozen). Trainable is a flat dict {'a/b/kernel': array, 'down_rows': [L,K,H]}."""
         trainable = {self._key(p): _get(params, p) for p in self.paths}
@@ -117,15 +135,20 @@ class Partition:
             frozen = _set(frozen, p, None)
         return trainable, frozen
 
-    def combine(self, trainable: dict, frozen: dict) -> tuple[dict, dict]:
-        """(full params for `apply`, extra `apply` kwargs) from the two halves."""
+    def combine(self, trainable: dict, frozen: dict, rows=None) -> tuple[dict, dict]:
+        """(full params for `apply`, extra `apply` kwargs) from the two halves.
+
+        `rows` = (row_index, row_valid); defaults to this partition's own (pass them explicitly
+        inside a jit-compiled function so they are traced, not baked in as constants).
+        """
         params = frozen
         for p in self.paths:
             params = _set(params, p, trainable[self._key(p)])
         kwargs = {}
         if self.row_index is not None:
-            rows = jnp.where(self.row_valid[..., None], trainable["down_rows"], 0)
-            kwargs["mlp_rows"] = (self.row_index, rows)
+            index, valid = rows if rows is not None else self.rows
+            values = jnp.where(valid[..., None], trainable["down_rows"], 0)
+            kwargs["mlp_rows"] = (index, values)
         return params, kwargs
 
     def merge_back(self, trainable: dict, original: dict) -> dict:
@@ -140,11 +163,12 @@ class Partition:
             params = _set(params, DOWN, new)
         return params
 
-    def optimizer_mask(self, trainable: dict) -> dict | None:
+    def optimizer_mask(self, trainable: dict, rows=None) -> dict | None:
         """Element-wise trainable mask for the optimizer (only padding row slots are masked)."""
         if self.row_index is None:
             return None
-        return {k: (self.row_valid[..., None] if k == "down_rows" else True) for k in trainable}
+        valid = (rows if rows is not None else self.rows)[1]
+        return {k: (valid[..., None] if k == "down_rows" else True) for k in trainable}
 
 
 def count_trainable(partition: Partition, trainable: dict) -> int:

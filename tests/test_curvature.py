@@ -66,9 +66,14 @@ def _loss(params, x, y):
     return _ce_of_logits(_logits(params, x), y)
 
 
-def _dense_hessian(params, x, y):
+@jax.jit
+def _dense_hessian_jit(params, x, y):
     flat, unravel = ravel_pytree(params)
-    return np.asarray(jax.hessian(lambda f: _loss(unravel(f), x, y))(flat))
+    return jax.hessian(lambda f: _loss(unravel(f), x, y))(flat)
+
+
+def _dense_hessian(params, x, y):
+    return np.asarray(_dense_hessian_jit(params, x, y))
 
 
 def _flat(tree):
@@ -90,7 +95,7 @@ def test_hvp_matches_finite_differences_and_dense_hessian(x64):
     np.testing.assert_allclose(hv, _dense_hessian(params, x, y) @ _flat(v), rtol=1e-12, atol=1e-12)
 
     # Central differences of the gradient: error O(eps^2 * |g'''|) + O(1e-16 / eps).
-    grad = jax.grad(_loss)
+    grad = jax.jit(jax.grad(_loss))
     eps = 1e-5
     gp = _flat(grad(jax.tree.map(lambda p, t: p + eps * t, params, v), x, y))
     gm = _flat(grad(jax.tree.map(lambda p, t: p - eps * t, params, v), x, y))
@@ -107,8 +112,8 @@ def test_ggn_vp_matches_dense_jacobian_product(x64):
     gv = _flat(jax.jit(C.ggn_vp, static_argnums=(0, 1))(logits_fn, loss_of_logits, params, v))
 
     z = logits_fn(params)
-    jac = np.asarray(jax.jacfwd(lambda f: logits_fn(unravel(f)).ravel())(flat))  # [B*V, n]
-    h_l = np.asarray(jax.hessian(lambda zf: loss_of_logits(zf.reshape(z.shape)))(z.ravel()))
+    jac = np.asarray(jax.jit(jax.jacfwd(lambda f: logits_fn(unravel(f)).ravel()))(flat))  # [B*V, n]
+    h_l = np.asarray(jax.jit(jax.hessian(lambda zf: loss_of_logits(zf.reshape(z.shape))))(z.ravel()))
     G = jac.T @ h_l @ jac
     np.testing.assert_allclose(gv, G @ _flat(v), rtol=1e-12, atol=1e-13)
     # The MLP's Hessian is not its Gauss-Newton matrix: the test can tell them apart.
@@ -123,8 +128,8 @@ def test_ggn_equals_hessian_for_a_linear_model(x64):
     loss_of_logits = lambda z: _ce_of_logits(z, y)  # noqa: E731
     v = jax.tree.map(lambda p: jnp.cos(3.0 * p), lin)
     np.testing.assert_allclose(
-        _flat(C.ggn_vp(logits_fn, loss_of_logits, lin, v)),
-        _flat(C.hvp(lambda p: loss_of_logits(logits_fn(p)), lin, v)),
+        _flat(jax.jit(lambda p, v: C.ggn_vp(logits_fn, loss_of_logits, p, v))(lin, v)),
+        _flat(jax.jit(lambda p, v: C.hvp(lambda q: loss_of_logits(logits_fn(q)), p, v))(lin, v)),
         rtol=1e-12,
         atol=1e-14,
     )
@@ -173,7 +178,7 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian(x64):
     c = jnp.asarray([0.5, -2.0, 3.0])
     f = lambda p: jnp.sum(c * p["a"] ** 2) + jnp.sum(jnp.cos(p["b"]))  # noqa: E731
     p = {"a": jnp.asarray([1.0, 2.0, 3.0]), "b": jnp.asarray([0.3, -0.7])}
-    d = C.hutchinson_diagonal(f, p, jax.random.key(0), 1)
+    d = jax.jit(lambda p, k: C.hutchinson_diagonal(f, p, k, 1))(p, jax.random.key(0))
     np.testing.assert_allclose(d["a"], 2 * c, rtol=1e-14)
     np.testing.assert_allclose(d["b"], -np.cos(np.asarray(p["b"])), rtol=1e-14)
 
@@ -181,7 +186,8 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian(x64):
 def test_hutchinson_returns_float32_for_bf16_params():
     params, x, y = _mlp_problem(np.float32)
     p16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    d = C.hutchinson_diagonal(lambda p, x, y: _loss(p, x.astype(jnp.bfloat16), y), p16, jax.random.key(0), 2, x, y)
+    f = lambda p, x, y: _loss(p, x.astype(jnp.bfloat16), y)  # noqa: E731
+    d = jax.jit(lambda p, k: C.hutchinson_diagonal(f, p, k, 2, x, y))(p16, jax.random.key(0))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(d))
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(d))
 
@@ -196,7 +202,7 @@ def test_gnb_expectation_matches_gauss_newton_diagonal(x64):
     # Exact Gauss-Newton diagonal of the weighted-mean CE: diag(J^T H_L J).
     flat, unravel = ravel_pytree(params)
     z = logits_fn(params)
-    jac = np.asarray(jax.jacfwd(lambda f: logits_fn(unravel(f)).reshape(-1, V))(flat))  # [T, V, n]
+    jac = np.asarray(jax.jit(jax.jacfwd(lambda f: logits_fn(unravel(f)).reshape(-1, V)))(flat))  # [T, V, n]
     p = np.asarray(jax.nn.softmax(z).reshape(-1, V))
     w = np.asarray(weights).ravel()
     ggn = np.zeros((flat.shape[0], flat.shape[0]))
@@ -218,16 +224,16 @@ def test_gnb_expectation_matches_gauss_newton_diagonal(x64):
 
     # scale_by_tokens=False is the same estimate divided by B = sum(weights) (SophiaG code).
     k = jax.random.key(7)
-    a = _flat(C.gnb_diagonal(logits_fn, params, k, weights))
-    b = _flat(C.gnb_diagonal(logits_fn, params, k, weights, scale_by_tokens=False))
+    gnb = jax.jit(lambda k, s: C.gnb_diagonal(logits_fn, params, k, weights, scale_by_tokens=s), static_argnums=1)
+    a, b = _flat(gnb(k, True)), _flat(gnb(k, False))
     np.testing.assert_allclose(a, 5.0 * b, rtol=1e-14)
 
 
 def test_gnb_unweighted_uses_token_count():
     params, x, _ = _mlp_problem(np.float32)
     k = jax.random.key(1)
-    a = _flat(C.gnb_diagonal(lambda p: _logits(p, x), params, k))
-    b = _flat(C.gnb_diagonal(lambda p: _logits(p, x), params, k, jnp.ones((B,))))
+    a = _flat(jax.jit(lambda k: C.gnb_diagonal(lambda p: _logits(p, x), params, k))(k))
+    b = _flat(jax.jit(lambda k: C.gnb_diagonal(lambda p: _logits(p, x), params, k, jnp.ones((B,))))(k))
     np.testing.assert_allclose(a, b, rtol=1e-6)
     assert a.dtype == np.float32
 
@@ -300,6 +306,21 @@ def test_cg_maxiter_and_negative_curvature(x64):
     np.testing.assert_array_equal(np.asarray(x), np.zeros(3))
 
 
+def test_cg_bf16_inputs_iterate_in_float32():
+    diag = jnp.asarray([1.0, 2.0, 4.0, 8.0], jnp.bfloat16)
+    b = {"a": jnp.asarray([1.0, -1.0, 2.0, 3.0], jnp.bfloat16)}
+    seen = []
+
+    def matvec(v):
+        seen.append(v["a"].dtype)
+        return {"a": diag * v["a"]}
+
+    x, info = jax.jit(lambda b: C.conjugate_gradient(matvec, b, tol=1e-3))(b)
+    assert x["a"].dtype == jnp.float32 and seen[0] == jnp.bfloat16
+    # bf16 matvec rounding (eps 2^-8) limits the accuracy, not the iteration.
+    np.testing.assert_allclose(np.asarray(x["a"]), [1.0, -0.5, 0.5, 0.375], rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------
 # Lanczos
 # ----------------------------------------------------------------------------
@@ -316,8 +337,20 @@ def test_lanczos_matches_eigvalsh_of_dense_hessian(x64):
 
     res = jax.jit(lambda v0: C.lanczos(mv, v0, n))(v0)
     scale = np.abs(eig).max()
-    np.testing.assert_allclose(np.asarray(res.ritz_values), eig, atol=1e-9 * scale)
     np.testing.assert_allclose([res.min_eigenvalue, res.max_eigenvalue], [eig[0], eig[-1]], atol=1e-9 * scale)
+
+    # Softmax shift invariance gives H a multiple zero eigenvalue; Lanczos sees each
+    # distinct eigenvalue once, then breaks down: the Krylov dimension is the number
+    # of distinct eigenvalues, and the valid block of T has exactly those.
+    distinct = np.concatenate([eig[np.abs(eig) > 1e-10 * scale], [0.0]])
+    k = int(res.num_valid)
+    assert k == distinct.size < n
+    t = np.diag(np.asarray(res.alphas)[:k]) + np.diag(np.asarray(res.betas)[: k - 1], 1)
+    ritz = np.linalg.eigvalsh(t + np.triu(t, 1).T)
+    np.testing.assert_allclose(ritz, np.sort(distinct), atol=1e-9 * scale)
+    # The filler rows past breakdown stay inside the spectrum.
+    assert np.all(np.asarray(res.ritz_values) >= eig[0] - 1e-9 * scale)
+    assert np.all(np.asarray(res.ritz_values) <= eig[-1] + 1e-9 * scale)
 
 
 def test_lanczos_extremes_converge_before_the_interior(x64):
@@ -331,7 +364,7 @@ def test_lanczos_extremes_converge_before_the_interior(x64):
     unravel = ravel_pytree(v0)[1]
     mv = lambda t: unravel(A @ ravel_pytree(t)[0])  # noqa: E731
     for reorth in (True, False):
-        res = C.lanczos(mv, v0, 25, reorthogonalize=reorth)
+        res = jax.jit(lambda v0: C.lanczos(mv, v0, 25, reorthogonalize=reorth))(v0)
         np.testing.assert_allclose(float(res.min_eigenvalue), -10.0, rtol=1e-7)
         np.testing.assert_allclose(float(res.max_eigenvalue), 12.0, rtol=1e-7)
         # Ritz values bound the spectrum from inside (interlacing).
@@ -343,7 +376,7 @@ def test_lanczos_breakdown_keeps_extremes():
     rng = np.random.default_rng(5)
     n = 40
     A = jnp.asarray(_spd(n, rng, eigs=np.repeat([-2.0, 1.0, 5.0], [10, 20, 10])), jnp.float32)
-    res = C.lanczos(lambda v: A @ v, jnp.asarray(rng.normal(size=n), jnp.float32), 10)
+    res = jax.jit(lambda v0: C.lanczos(lambda v: A @ v, v0, 10))(jnp.asarray(rng.normal(size=n), jnp.float32))
     assert int(res.num_valid) == 3
     assert np.all(np.isfinite(np.asarray(res.ritz_values)))
     np.testing.assert_allclose([res.min_eigenvalue, res.max_eigenvalue], [-2.0, 5.0], rtol=1e-4)
@@ -358,11 +391,11 @@ def test_dense_hessian_and_diagonal_match_jax_hessian(x64):
     params, x, y = _mlp_problem()
     H = _dense_hessian(params, x, y)
     idx = np.asarray([0, 5, 13, 17, 30])
-    sub = C.dense_hessian(_loss, params, idx, x, y)
+    sub = jax.jit(lambda p: C.dense_hessian(_loss, p, idx, x, y))(params)
     assert sub.shape == (5, 5)
     np.testing.assert_allclose(np.asarray(sub), H[np.ix_(idx, idx)], rtol=1e-12, atol=1e-14)
     # Chunked path and the jitted diagonal agree.
     sub2 = jax.jit(lambda p, i: C.dense_hessian(_loss, p, i, x, y, batch_size=2))(params, jnp.asarray(idx))
     np.testing.assert_allclose(np.asarray(sub2), np.asarray(sub), rtol=1e-14, atol=1e-15)
-    diag = C.hessian_diagonal_exact(_loss, params, idx, x, y)
+    diag = jax.jit(lambda p: C.hessian_diagonal_exact(_loss, p, idx, x, y))(params)
     np.testing.assert_allclose(np.asarray(diag), np.diag(H)[idx], rtol=1e-12, atol=1e-14)

@@ -1,0 +1,170 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 CPU devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python tests/sharding_worker.py OUT.json TMPDIR
+
+A SIMU unlearning step (simu_graddiff, Sophia) on a tiny random LLaMA, once on one device
+and once on each mesh; the shards each device holds; a checkpoint saved on one mesh and
+restored onto another. Writes its measurements as JSON; the assertions live in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+from simu_jax import sharding as S
+from simu_jax.checkpoint import Checkpointer, abstract_like
+from simu_jax.engine import StepSettings, Unlearner, get_method
+from simu_jax.models import ModelConfig, init_model, split_params
+
+CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.1)
+B, T = 8, 16
+MESHES = ("fsdp=8", "data=2,fsdp=4", "fsdp=2,tensor=4")
+STEPS = 2
+
+
+def make_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CFG.vocab_size, size=(B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.int32)
+    mask[-1, 12:] = 0
+    labels = np.where(np.arange(T)[None] >= 6, ids, -100).astype(np.int32)
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def neuron_mask() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    sel = np.zeros((CFG.num_hidden_layers, CFG.intermediate_size), bool)
+    sel[0, rng.choice(CFG.intermediate_size, 6, replace=False)] = True  # K = 6: not divisible by tensor=4
+    sel[1, rng.choice(CFG.intermediate_size, 3, replace=False)] = True
+    return sel
+
+
+def run(unlearner, batches):
+    losses = []
+    for i, b in enumerate(batches):
+        m = unlearner.step(b, jax.random.fold_in(jax.random.key(0), i))
+        losses.append(float(m["loss"]))
+    return losses
+
+
+def spec_entries(sharding, ndim):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return [[] if e is None else [e] if isinstance(e, str) else list(e) for e in spec]
+
+
+def shard_report(tree, mesh):
+    """Per leaf: spec, global shape, the set of addressable shard shapes, expected shard shape."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not hasattr(x, "addressable_shards"):
+            continue
+        entries = spec_entries(x.sharding, x.ndim)
+        expected = [d // int(np.prod([mesh.shape[a] for a in e])) for d, e in zip(x.shape, entries)]
+        out[jax.tree_util.keystr(path)] = {
+            "spec": entries,
+            "shape": list(x.shape),
+            "shard_shapes": sorted({tuple(s.data.shape) for s in x.addressable_shards}),
+            "n_shards": len(x.addressable_shards),
+            "expected": expected,
+            "dtype": str(x.dtype),
+            "mesh_match": x.sharding.mesh.shape == mesh.shape if hasattr(x.sharding, "mesh") else False,
+        }
+    return out
+
+
+def main(out_path: str, tmp: str) -> None:
+    t0 = time.perf_counter()
+    res: dict = {"device_count": jax.device_count(), "meshes": {}}
+    graphdef, params = split_params(init_model(CFG, seed=0))
+    sel = neuron_mask()
+    method = get_method("simu_graddiff")
+    settings = StepSettings(learning_rate=1e-3)
+    batches = [{"forget": make_batch(2 * i), "retain": make_batch(2 * i + 1)} for i in range(STEPS)]
+
+    ref = Unlearner(graphdef, params, method, settings, selected=sel)
+    t = time.perf_counter()
+    ref_losses = run(ref, batches)
+    res["single_device_s"] = time.perf_counter() - t
+    ref_tr = jax.device_get(ref.trainable)
+    init_tr = jax.device_get(Unlearner(graphdef, params, method, settings, selected=sel).trainable)
+    res["moved"] = max(float(np.max(np.abs(ref_tr[k] - init_tr[k]))) for k in ref_tr)
+    res["ref_losses"] = ref_losses
+
+    sharded = {}
+    for spec in MESHES:
+        t = time.perf_counter()
+        mesh = S.make_mesh(spec)
+        u = S.shard_unlearner(Unlearner(graphdef, params, method, settings, selected=sel), mesh, model_config=CFG)
+        before = {"trainable": shard_report(u.trainable, mesh), "frozen": shard_report(u.frozen, mesh),
+                  "opt_state": shard_report(u.opt_state, mesh),
+                  "batch": shard_report(S.shard_batch(batches[0], mesh), mesh),
+                  "masks": shard_report({"selected": S.shard_mask(sel, mesh), "row_valid": u.partition.row_valid,
+                                         "opt_mask": u.mask}, mesh)}
+        losses = run(u, batches)
+        after = {"trainable": shard_report(u.trainable, mesh), "opt_state": shard_report(u.opt_state, mesh)}
+        tr = jax.device_get(u.trainable)
+        ref_opt = jax.device_get(ref.opt_state)
+        opt = jax.device_get(u.opt_state)
+        res["meshes"][spec] = {
+            "axis_types": [str(t_) for t_ in mesh.axis_types],
+            "losses": losses,
+            "max_abs_diff": max(float(np.max(np.abs(tr[k] - ref_tr[k]))) for k in ref_tr),
+            "opt_max_abs_diff": max(float(np.max(np.abs(a - b)))
+                                    for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(ref_opt))),
+            "merged_max_abs_diff": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+                                             zip(jax.tree.leaves(u.params()), jax.tree.leaves(ref.params())))),
+            "before": before,
+            "after": after,
+            "seconds": time.perf_counter() - t,
+        }
+        sharded[spec] = (mesh, u)
+
+    # checkpoint saved from one mesh, restored onto another
+    t = time.perf_counter()
+    mesh_a, ua = sharded["fsdp=8"]
+    mesh_b, ub = sharded["fsdp=2,tensor=4"]
+    state = {"params": ua.trainable, "opt_state": ua.opt_state, "step": ua.step_count, "data": {"index": 5}}
+    with Checkpointer(f"{tmp}/ckpt", save_every=1, keep=1) as ck:
+        ck.save(ua.step_count, state)
+    target_sh = {"params": S.param_shardings(ub.trainable, mesh_b, model_config=CFG),
+                 "opt_state": S.opt_state_shardings(ub.opt_state, S.param_shardings(ub.trainable, mesh_b,
+                                                                                      model_config=CFG), mesh_b,
+                                                    tx=ub.tx)}
+    target = {"params": abstract_like(ua.trainable, target_sh["params"]),
+              "opt_state": abstract_like(ua.opt_state, target_sh["opt_state"])}
+    with Checkpointer(f"{tmp}/ckpt", save_every=1, keep=1) as ck:
+        back = ck.restore(target=target)
+    saved, restored = jax.device_get(state["params"]), jax.device_get(back["params"])
+    res["checkpoint"] = {
+        "max_abs_diff": max(float(np.max(np.abs(saved[k] - restored[k]))) for k in saved),
+        "opt_max_abs_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                                zip(jax.tree.leaves(ua.opt_state), jax.tree.leaves(back["opt_state"]))),
+        "same_structure": jax.tree.structure(back["opt_state"]) == jax.tree.structure(ua.opt_state),
+        "step": back["step"],
+        "data": back.get("data"),
+        "restored": shard_report({"params": back["params"], "opt_state": back["opt_state"]}, mesh_b),
+        "spec_equal": all(back["params"][k].sharding.spec == target_sh["params"][k].spec for k in saved),
+        "seconds": time.perf_counter() - t,
+    }
+    # the restored state drives another step on mesh B, equal to continuing on mesh A
+    ub.trainable, ub.opt_state, ub.step_count = back["params"], back["opt_state"], back["step"]
+    extra = {"forget": make_batch(50), "retain": make_batch(51)}
+    la = float(ua.step(extra, jax.random.key(9))["loss"])
+    lb = float(ub.step(extra, jax.random.key(9))["loss"])
+    ta, tb = jax.device_get(ua.trainable), jax.device_get(ub.trainable)
+    res["resume_other_mesh"] = {"loss_diff": abs(la - lb),
+                                "max_abs_diff": max(float(np.max(np.abs(ta[k] - tb[k]))) for k in ta)}
+    res["total_s"] = time.perf_counter() - t0
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
