@@ -227,3 +227,10 @@ def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
     for layer, count in enumerate(mask.counts):
         selected[layer, rng.choice(selected.shape[1], size=count, replace=False)] = True
     return NeuronMask(selected=selected, meta=dict(mask.meta, random_seed=seed, method="random"))
+
+
+def cli_main(argv: list[str]) -> int:
+    """`simu-jax attribute` (implemented beside `simu-jax unlearn`, whose config it shares)."""
+    from simu_jax.unlearn import attribute_main
+
+    return attribute_main(argv)

@@ -1,0 +1,521 @@
+"""`simu-jax unlearn` and `simu-jax attribute`: config, orchestration and outputs.
+
+A run directory holds: `config.yaml` (resolved), `run.json` (what reproduces it: versions,
+git commit, data and mask hashes, devices, mesh), `mask/` (mask.npz + mask_summary.json, for
+masked methods), `metrics.jsonl` (per-step losses, eval curves), `checkpoints/` (orbax),
+`model/` (the unlearned model, HF format), `summary.json` + `per_sample.json` (evaluation),
+and `COMPLETE`, written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from simu_jax.config import DataSpec, ModelSpec, resolve_model_path
+from simu_jax.engine import METHODS, StepSettings
+
+EXIT_INTERRUPTED = 75
+POS = (1, None)
+NONNEG = (0.0, None)
+
+
+@dataclass
+class AttributionSpec:
+    """Stage 1. `threshold` t: score > t * layer max; or `top_fraction` per layer instead.
+    `mask_path`: reuse a saved mask (directory or mask.npz) instead of attributing."""
+
+    method: Literal["ig", "grad_x_act", "grad_down", "random"] = "ig"
+    steps: int = field(default=3, metadata={"range": POS})
+    threshold: float | None = field(default=0.5, metadata={"range": (0.0, 1.0, "(]")})
+    top_fraction: float | None = field(default=None, metadata={"range": (0.0, 1.0, "(]")})
+    dual: Literal["include", "exclude"] = "include"
+    max_examples: int | None = field(default=None, metadata={"range": POS})
+    batch_size: int = field(default=8, metadata={"range": POS})
+    mask_path: str | None = None
+    seed: int = field(default=0, metadata={"range": (0, None)})
+
+
+@dataclass
+class TrainableOverride:
+    """Override the method's trainable set (None = the method's default)."""
+
+    attention: Literal["full", "frozen"] | None = None
+    mlp: Literal["masked", "down", "full", "frozen"] | None = None
+    rest: Literal["frozen", "full"] | None = None
+
+
+@dataclass
+class OptimSpec:
+    learning_rate: float = field(default=1e-4, metadata={"range": (0.0, None, "()")})
+    b1: float = field(default=0.9, metadata={"range": (0.0, 1.0, "[)")})
+    b2: float = field(default=0.95, metadata={"range": (0.0, 1.0, "[)")})
+    rho: float = field(default=0.04, metadata={"range": (0.0, None, "()")})
+    batch_scale: float = field(default=5120.0, metadata={"range": (0.0, None, "()")})
+    weight_decay: float = field(default=0.0, metadata={"range": NONNEG})
+    clip_threshold: float = field(default=1.0, metadata={"range": (0.0, None, "()")})
+    update_interval: int = field(default=1, metadata={"range": POS})
+    estimator: Literal["fisher", "gnb", "hutchinson"] = "fisher"
+    num_probes: int = field(default=1, metadata={"range": POS})
+    adam_b2: float = field(default=0.999, metadata={"range": (0.0, 1.0, "[)")})
+    adam_eps: float = field(default=1e-8, metadata={"range": (0.0, None, "()")})
+    damping: float = field(default=1e-2, metadata={"range": NONNEG})
+    trust_radius: float = field(default=0.5, metadata={"range": (0.0, None, "()")})
+    cg_iters: int = field(default=20, metadata={"range": POS})
+    cg_tol: float = field(default=1e-5, metadata={"range": (0.0, None, "()")})
+
+
+@dataclass
+class LossSpec:
+    gamma: float = field(default=1.0, metadata={"range": NONNEG})  # retain weight
+    beta: float = field(default=0.1, metadata={"range": (0.0, None, "()")})  # NPO
+    retain_loss: Literal["nll", "kl"] = "nll"
+
+
+@dataclass
+class EvalSpec:
+    """Final evaluation (`enabled`) and the curves recorded every `every` steps (0 = never)."""
+
+    enabled: bool = True
+    every: int = field(default=0, metadata={"range": (0, None)})
+    limit: int | None = field(default=None, metadata={"range": POS})
+    curve_limit: int = field(default=32, metadata={"range": POS})
+    generate: bool = True
+    max_new_tokens: int = field(default=32, metadata={"range": POS})
+    batch_size: int = field(default=16, metadata={"range": POS})
+
+
+@dataclass
+class UnlearnDebug:
+    inject_nan_at_step: int | None = field(default=None, metadata={"range": (0, None)})
+    stop_after_step: int | None = field(default=None, metadata={"range": POS})
+
+
+@dataclass
+class UnlearnConfig:
+    """Unlearning configuration (YAML keys = field names). `model.path` is the target model;
+    `reference` the retain-only model (forget quality compares against it)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    reference: str | None = None
+    data: DataSpec = field(default_factory=DataSpec)
+    method: Literal[tuple(sorted(METHODS))] = "simu_graddiff"  # type: ignore[valid-type]
+    attribution: AttributionSpec = field(default_factory=AttributionSpec)
+    trainable: TrainableOverride = field(default_factory=TrainableOverride)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    steps: int = field(default=20, metadata={"range": POS})
+    batch_size: int = field(default=8, metadata={"range": POS})
+    seed: int = field(default=0, metadata={"range": (0, None)})
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    checkpoint_every: int = field(default=50, metadata={"range": POS})
+    keep_checkpoints: int = field(default=2, metadata={"range": POS})
+    mesh: str | None = None
+    debug: UnlearnDebug = field(default_factory=UnlearnDebug)
+
+
+def step_settings(cfg: UnlearnConfig) -> StepSettings:
+    o, l = cfg.optim, cfg.loss
+    return StepSettings(
+        learning_rate=o.learning_rate, gamma=l.gamma, beta=l.beta, retain_loss=l.retain_loss, b1=o.b1, b2=o.b2,
+        rho=o.rho, batch_scale=o.batch_scale, weight_decay=o.weight_decay, clip_threshold=o.clip_threshold,
+        update_interval=o.update_interval, estimator=o.estimator, num_probes=o.num_probes, adam_b2=o.adam_b2,
+        adam_eps=o.adam_eps, damping=o.damping, trust_radius=o.trust_radius, cg_iters=o.cg_iters, cg_tol=o.cg_tol,
+        inject_nan_at_step=-1 if cfg.debug.inject_nan_at_step is None else cfg.debug.inject_nan_at_step,
+    )
+
+
+def resolved_method(cfg: UnlearnConfig):
+    from simu_jax.engine import get_method
+    from simu_jax.selection import TrainableSpec
+
+    base = get_method(cfg.method)
+    t = cfg.trainable
+    spec = TrainableSpec(attention=t.attention or base.trainable.attention, mlp=t.mlp or base.trainable.mlp,
+                         rest=t.rest or base.trainable.rest)
+    return get_method(cfg.method, spec)
+
+
+# =========================================================================== preparation
+
+
+@dataclass
+class Prepared:
+    model: Any  # abstract CausalLM (graph only)
+    graphdef: Any
+    params: dict
+    tokenizer: Any
+    tokenizer_dir: Path
+    bench: Any
+    template: Any
+    arrays: dict  # forget / retain / forget_idk -> numpy arrays, common length
+
+
+def prepare(cfg: UnlearnConfig) -> Prepared:
+    """Load the target model, its tokenizer, the benchmark, and tokenize forget/retain."""
+    from flax import nnx
+
+    from simu_jax.config import _jnp_dtype, load_benchmark, qa_template
+    from simu_jax.data import tokenize_qa
+    from simu_jax.engine import with_refusals
+    from simu_jax.finetune import TRAIN_BUCKETS, _pad_arrays, load_tokenizer
+    from simu_jax.models import abstract_model, split_params
+    from simu_jax.models.convert import load_pretrained
+
+    if cfg.model.path is None:
+        raise ValueError("model.path is required: the fine-tuned target model to unlearn from")
+    path = resolve_model_path(cfg.model.path)
+    dtype, compute = _jnp_dtype(cfg.model.dtype), _jnp_dtype(cfg.model.compute_dtype)
+    loaded = load_pretrained(path, dtype=dtype, compute_dtype=compute, remat=cfg.model.remat)
+    _, params = split_params(loaded)
+    model = abstract_model(loaded.config, param_dtype=dtype, dtype=compute, remat=cfg.model.remat)
+    graphdef = nnx.graphdef(model)
+    try:
+        tok = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no tokenizer in {path}: {' '.join(str(e).split())[:160]}") from None
+    if len(tok) > loaded.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {loaded.config.vocab_size}")
+    bench = load_benchmark(cfg.data)
+    for name in ("forget", "retain"):
+        if not getattr(bench, name):
+            raise ValueError(f"the {name} set of benchmark {bench.name} is empty")
+    template = qa_template(cfg.data)
+    max_len = min(cfg.data.max_length, loaded.config.max_position_embeddings)
+
+    def tokenize(recs):
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+
+    arrays = {"forget": tokenize(bench.forget), "retain": tokenize(bench.retain)}
+    if resolved_method(cfg).objective == "idk":
+        arrays["forget_idk"] = tokenize(with_refusals(bench.forget, bench.refusals, cfg.seed))
+    length = max(a["input_ids"].shape[1] for a in arrays.values())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    arrays = {k: _pad_arrays(v, length, pad) for k, v in arrays.items()}
+    return Prepared(model, graphdef, params, tok, path, bench, template, arrays)
+
+
+def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
+    """The neuron mask of a run: loaded (`attribution.mask_path`) or attributed on forget + retain."""
+    import numpy as np
+
+    from simu_jax.attribution import NeuronMask, build_mask, neuron_scores, random_mask_like
+    from simu_jax.data import batch_iterator
+
+    a = cfg.attribution
+    if a.mask_path:
+        return NeuronMask.load(a.mask_path)
+
+    def batches(arrays):
+        n = len(arrays["input_ids"]) if a.max_examples is None else min(a.max_examples, len(arrays["input_ids"]))
+        sub = {k: v[:n] for k, v in arrays.items()}
+        it = batch_iterator(sub, a.batch_size, seed=a.seed, shuffle=False, epochs=1)
+        return list(it)
+
+    method = "ig" if a.method == "random" else a.method
+    t0 = time.time()
+    forget = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["forget"]), method=method, steps=a.steps)
+    retain = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["retain"]), method=method, steps=a.steps)
+    meta = {"method": a.method, "steps": a.steps, "threshold": a.threshold, "top_fraction": a.top_fraction,
+            "seconds": round(time.time() - t0, 2)}
+    threshold = None if a.top_fraction is not None else a.threshold
+    mask = build_mask(forget, retain, threshold=threshold, top_fraction=a.top_fraction, dual=a.dual, meta=meta)
+    if a.method == "random":
+        mask = random_mask_like(mask, seed=a.seed)
+    if not quiet:
+        print(f"attribution: {mask.num_selected} neurons selected ({100 * mask.num_selected / mask.selected.size:.1f}%),"
+              f" per layer {mask.counts} [{meta['seconds']} s]", file=sys.stderr)
+    np.asarray(mask.selected)  # materialized
+    return mask
+
+
+# =========================================================================== run
+
+
+def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bool = False,
+                quiet: bool = False) -> dict[str, Any]:
+    """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from simu_jax.checkpoint import Checkpointer
+    from simu_jax.config import dump_yaml
+    from simu_jax.data import batch_iterator
+    from simu_jax.engine import Unlearner, eval_losses, host_metrics
+    from simu_jax.models.convert import save_pretrained
+    from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays,
+                                is_complete, mark_complete, prepare_output_dir, progress, run_metadata,
+                                write_json_atomic)
+
+    t_start = time.time()
+    out = Path(out_dir)
+    if resume and is_complete(out):
+        import json
+
+        return json.loads((out / "result.json").read_text())
+    mesh = None
+    if cfg.mesh:
+        from simu_jax.sharding import initialize_distributed, make_mesh
+
+        initialize_distributed()
+        mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
+    out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    primary = jax.process_index() == 0
+    prep = prepare(cfg)
+    method = resolved_method(cfg)
+    mask = None
+    if method.trainable.mlp == "masked":
+        mask_dir = out / "mask"
+        mask = compute_mask(cfg, prep, quiet) if not (resume and (mask_dir / "mask.npz").is_file()) else None
+        if mask is None:
+            from simu_jax.attribution import NeuronMask
+
+            mask = NeuronMask.load(mask_dir)
+        elif primary:
+            mask.save(mask_dir)
+    settings = step_settings(cfg)
+    if mesh is not None:
+        from simu_jax.sharding import shard_params
+
+        prep.params = shard_params(prep.params, mesh, model_config=prep.model.config)
+    unlearner = Unlearner(prep.graphdef, prep.params, method, settings,
+                          selected=None if mask is None else mask.selected)
+    if mesh is not None:
+        from simu_jax.sharding import shard_unlearner
+
+        shard_unlearner(unlearner, mesh, model_config=prep.model.config)
+
+    iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
+             for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
+    curve_sets = {k: {a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()} for k in ("forget", "retain")}
+    ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    step = 0
+
+    def state():
+        return {"trainable": unlearner.trainable, "opt_state": unlearner.opt_state, "step": step,
+                "data": {k: it.state_dict() for k, it in iters.items()}}
+
+    resumed_from = None
+    if resume and ckpt.latest_step() is not None:
+        restored = ckpt.restore(target=state())
+        unlearner.trainable, unlearner.opt_state = restored["trainable"], restored["opt_state"]
+        step = unlearner.step_count = int(restored["step"])
+        for k, it in iters.items():
+            it.load_state_dict(restored["data"][k])
+        resumed_from = step
+        if not quiet:
+            print(f"resuming from step {step}", file=sys.stderr)
+
+    meta = {}
+    if primary:
+        dump_yaml(cfg, out / "config.yaml")
+        meta = run_metadata(cfg, {
+            "command_name": "unlearn", "method": cfg.method, "seed": cfg.seed,
+            "data_hash": hash_arrays({f"{k}/{a}": v for k, arr in prep.arrays.items() for a, v in arr.items()}),
+            "mask_hash": None if mask is None else mask.digest(),
+            "mask_selected": None if mask is None else mask.num_selected,
+            "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
+            "mesh": cfg.mesh, "resumed_from": resumed_from, "status": "running",
+        })
+        write_json_atomic(out / "run.json", meta)
+    logger = MetricsLogger(out / "metrics.jsonl", primary=primary)
+    guard = NanGuard()
+    base_key = jax.random.key(cfg.seed)
+
+    def curves(current):
+        return {f"eval/{k}_loss": float(eval_losses(prep.graphdef, current, {a: jnp.asarray(v) for a, v in s.items()}))
+                for k, s in curve_sets.items()}
+
+    status = "complete"
+    t_loop = time.time()
+    try:
+        if cfg.eval.every and step == 0:
+            logger.log(step=0, **curves(prep.params))
+        with GracefulSignals() as sig, progress(cfg.steps, f"unlearn {cfg.method}", quiet, initial=step) as bar:
+            while step < cfg.steps:
+                batch = {k: {a: jnp.asarray(v) for a, v in next(it).items()} for k, it in iters.items()}
+                m = host_metrics(unlearner.step(batch, jax.random.fold_in(base_key, step)))
+                last = ckpt.latest_step()
+                guard.hint = (f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last is not None
+                              else "no checkpoint was written yet")
+                guard.check(step + 1, {k: v for k, v in m.items() if k.startswith("loss")})
+                step += 1
+                bar.update(1, loss=m["loss"], forget=m.get("loss/forget", float("nan")))
+                record = {"step": step, **m, "time": round(time.time() - t_start, 3)}
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    record.update(curves(unlearner.params()))
+                logger.log(record)
+                if step < cfg.steps:
+                    ckpt.maybe_save(step, state())
+                if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < cfg.steps:
+                    sig.request_stop("debug.stop_after_step")
+                if sig.stop and step < cfg.steps:
+                    ckpt.save(step, state())
+                    ckpt.wait_until_finished()
+                    status = "interrupted"
+                    bar.write(f"{sig.signal_name}: checkpoint at step {step} written; rerun with --resume")
+                    break
+    except NonFiniteLossError as e:
+        if primary:
+            meta.update(status="failed", error=str(e), last_checkpoint=ckpt.latest_step())
+            write_json_atomic(out / "run.json", meta)
+        raise
+    finally:
+        logger.close()
+        ckpt.close()
+
+    if status == "interrupted":
+        if primary:
+            meta.update(status="interrupted", stopped_at_step=step)
+            write_json_atomic(out / "run.json", meta)
+        return {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
+
+    unlearn_time = time.time() - t_loop
+    final_params = jax.tree.map(np.asarray, unlearner.params())
+    result: dict[str, Any] = {"status": "complete", "step": step, "method": cfg.method,
+                              "unlearn_time_s": round(unlearn_time, 2), "resumed_from": resumed_from,
+                              "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes()}
+    if primary:
+        save_pretrained(prep.model, out / "model", params=final_params, tokenizer_dir=prep.tokenizer_dir,
+                        overwrite=True)
+        if cfg.eval.enabled:
+            metrics = evaluate_run(cfg, prep, final_params, out, quiet)
+            result["metrics"] = metrics
+        write_json_atomic(out / "result.json", result)
+        meta.update(status="complete", wall_time_s=round(time.time() - t_start, 2))
+        write_json_atomic(out / "run.json", meta)
+        mark_complete(out, {"step": step})
+    return result
+
+
+def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True) -> dict[str, float]:
+    """Evaluate `params` on the benchmark (forget quality against `cfg.reference`) -> summary.json."""
+    from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, reference_forget_truth_ratios,
+                                          summary_metrics, write_results)
+
+    def subset(recs):
+        return recs if cfg.eval.limit is None else recs[: cfg.eval.limit]
+
+    scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size)
+    bench = prep.bench
+    if bench.name == "lume":
+        summary, per_sample = evaluate_lume(scorer, subset(bench.forget), subset(bench.retain),
+                                            max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate)
+    else:
+        ref_tr = None
+        if cfg.reference:
+            from simu_jax.evaluate.runner import load_model_and_tokenizer
+            from simu_jax.models import split_params
+
+            ref_model, _ = load_model_and_tokenizer(resolve_model_path(cfg.reference))
+            g, p = split_params(ref_model)
+            ref_tr = reference_forget_truth_ratios(Scorer(g, p, prep.tokenizer, prep.template,
+                                                          batch_size=cfg.eval.batch_size), subset(bench.forget))
+        sets = {"forget": subset(bench.forget), "retain": subset(bench.retain_eval)}
+        if bench.name == "tofu":
+            sets["real_authors"] = [r for r in bench.general if r.get("general_set") == "real_authors_perturbed"]
+            sets["world_facts"] = [r for r in bench.general if r.get("general_set") == "world_facts_perturbed"]
+        elif bench.general:
+            sets["general"] = subset(bench.general)
+        if bench.holdout:
+            sets["holdout"] = subset(bench.holdout)
+        summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
+                                                    generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens)
+    write_results(out, cfg.method, summary, per_sample)
+    metrics = summary_metrics(summary)
+    if not quiet:
+        from simu_jax.evaluate.runner import format_summary
+
+        print(format_summary(summary), file=sys.stderr)
+    return metrics
+
+
+# =========================================================================== CLI
+
+
+def _parser(prog: str, description: str):
+    from simu_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="YAML config file (UnlearnConfig); defaults if omitted")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set method=simu_npo optim.learning_rate=1e-4")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return p
+
+
+def _load(args):
+    from simu_jax.config import load_config
+
+    cfg = load_config(UnlearnConfig, args.config, args.overrides)
+    if getattr(args, "mesh", None):
+        cfg = dataclasses.replace(cfg, mesh=args.mesh)
+    return cfg
+
+
+def plan(cfg: UnlearnConfig) -> str:
+    from simu_jax.config import model_config_from_spec
+
+    method = resolved_method(cfg)
+    lines = [f"method: {cfg.method} (objective {method.objective}, optimizer {method.optimizer}, "
+             f"trainable {dataclasses.asdict(method.trainable)})",
+             f"model: {cfg.model.path}", f"benchmark: {cfg.data.benchmark}", f"steps: {cfg.steps} x batch {cfg.batch_size}"]
+    try:
+        from simu_jax.sharding import memory_estimate
+
+        mcfg = model_config_from_spec(cfg.model)
+        est = memory_estimate(mcfg, {"adamw": "fo", "sophia": "so", "newton": "simu"}[method.optimizer]
+                              if method.trainable.mlp != "masked" else "simu")
+        lines.append("memory estimate (bytes): " + ", ".join(f"{k} {v:,.0f}" for k, v in est.items()
+                                                          if isinstance(v, (int, float))))
+    except Exception as e:  # the plan is informative; a missing model dir is reported by the real run
+        lines.append(f"memory estimate unavailable: {' '.join(str(e).split())[:120]}")
+    return "\n".join(lines)
+
+
+def cli_main(argv: list[str]) -> int:
+    p = _parser("simu-jax unlearn", "Unlearn the forget set from a fine-tuned target model.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (-1 = the rest)")
+    args = p.parse_args(argv)
+    cfg = _load(args)
+    if args.dry_run:
+        print(plan(cfg))
+        return 0
+    result = run_unlearn(cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    if result["status"] == "interrupted":
+        return EXIT_INTERRUPTED
+    if not args.quiet:
+        print(f"unlearned model written to {Path(args.out) / 'model'}", file=sys.stderr)
+    return 0
+
+
+def attribute_main(argv: list[str]) -> int:
+    """`simu-jax attribute`: compute and save a neuron mask on its own."""
+    from simu_jax.runio import prepare_output_dir
+
+    p = _parser("simu-jax attribute", "Attribute MLP neurons on the forget/retain sets and save the mask.")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    cfg = _load(args)
+    if args.dry_run:
+        print(plan(cfg))
+        return 0
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    prep = prepare(cfg)
+    mask = compute_mask(cfg, prep, quiet=args.quiet)
+    if mask.num_selected == 0:
+        raise ValueError("the neuron mask selects zero neurons (lower attribution.threshold or set top_fraction)")
+    mask.save(out)
+    print(f"{mask.num_selected} neurons selected, per layer {mask.counts}; mask written to {out}")
+    return 0
