@@ -387,3 +387,17 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     report = out_dir / "report.md"
     _atomic_write_bytes(report, "\n".join(lines).encode("utf-8"))
     return report
+
+
+def cli_main(argv: list[str]) -> int:
+    """`simu-jax report RUN_DIR... --out DIR`: the markdown table and plots of finished runs."""
+    from simu_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="simu-jax report", description="Tabulate and plot finished runs.")
+    p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
+    p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+    args = p.parse_args(argv)
+    path = write_report([Path(r) for r in args.runs], Path(args.out))
+    print(format_table([load_run(Path(r)) for r in args.runs]))
+    print(f"report written to {path}")
+    return 0

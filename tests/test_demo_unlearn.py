@@ -1,0 +1,139 @@
+"""End to end: `simu-jax demo --quick`, then `simu-jax unlearn` on its target: outputs, errors, resume, NaN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from simu_jax.cli import main
+from simu_jax.evaluate.report import load_run
+from simu_jax.models.convert import load_pretrained
+from simu_jax.models import split_params
+
+METHODS = ("simu_graddiff", "simu_newton", "so_graddiff", "fo_graddiff")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_outputs(demo, capsys):
+    report = (demo / "report" / "report.md").read_text()
+    for method in METHODS:
+        assert method in report
+        run = load_run(demo / "runs" / method)
+        m = run["metrics"]
+        for key in ("forget_rouge", "retain_rouge", "model_utility", "forget_quality", "forget_prob"):
+            assert key in m and np.isfinite(m[key]), (method, key)
+        assert (demo / "runs" / method / "COMPLETE").is_file()
+        assert (demo / "runs" / method / "model" / "model.safetensors").is_file()
+    for png in ("tradeoff.png", "curves.png", "neurons.png"):
+        assert (demo / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the target memorized its forget set; unlearning moved the forget answers' probability down
+    target = load_run(demo / "runs" / "target")["metrics"]
+    assert target["forget_prob"] > 0.5
+    for method in METHODS:
+        assert load_run(demo / "runs" / method)["metrics"]["forget_prob"] < target["forget_prob"], method
+    # the reference is the retain-only model itself: forget quality of a model against itself is 1
+    assert load_run(demo / "runs" / "retain_only")["metrics"]["forget_quality"] == pytest.approx(1.0)
+
+
+def test_demo_rerun_reuses_everything(demo, capsys):
+    before = (demo / "runs" / "simu_graddiff" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--quiet", "--out", str(demo)]) == 0
+    err = capsys.readouterr().err
+    assert "reusing target model" in err and "reusing retain model" in err
+    assert (demo / "runs" / "simu_graddiff" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def _unlearn_args(demo, out, *extra):
+    return ["unlearn", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
+            "data.synthetic.num_people=10", "data.synthetic.num_general=10", "steps=4", "batch_size=4",
+            "eval.enabled=false", "checkpoint_every=2", f"attribution.mask_path={demo / 'runs' / 'simu_graddiff' / 'mask'}",
+            "optim.learning_rate=1e-2", *extra]
+
+
+def _params(run):
+    return split_params(load_pretrained(run / "model"))[1]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(demo, tmp_path):
+    full = tmp_path / "full"
+    assert main(_unlearn_args(demo, full)) == 0
+    part = tmp_path / "part"
+    assert main(_unlearn_args(demo, part, "debug.stop_after_step=2")) == 75  # interrupted, checkpoint written
+    assert not (part / "COMPLETE").exists() and not (part / "model").exists()
+    assert main(_unlearn_args(demo, part)[:1] + ["--resume"] + _unlearn_args(demo, part)[1:]) == 0
+    for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(part))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r]
+    assert losses(full)[-1] == losses(part)[-1]
+
+
+def test_nan_stops_with_step_and_term(demo, tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert main(_unlearn_args(demo, out, "debug.inject_nan_at_step=3")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step 4" in err[0] and "forget" in err[0]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["last_checkpoint"] == 2
+    assert not (out / "COMPLETE").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("attribution.threshold=1.5", "attribution.threshold"),
+    ("optim.learning_rate=-1", "optim.learning_rate"),
+    ("loss.gamma=-0.5", "loss.gamma"),
+    ("attribution.steps=0", "attribution.steps"),
+    ("method=simu_magic", "method"),
+    ("optimm.learning_rate=1", "optimm"),
+])
+def test_bad_config_one_line_error(demo, tmp_path, capsys, override, needle):
+    out = tmp_path / "bad"
+    assert main(_unlearn_args(demo, out, override)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not out.exists()
+
+
+def test_bad_inputs_keep_previous_output(demo, tmp_path, capsys):
+    good = tmp_path / "good"
+    assert main(_unlearn_args(demo, good)) == 0
+    snapshot = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    # rerun into an existing directory: refused, nothing touched
+    assert main(_unlearn_args(demo, good)) == 1
+    assert "already exists" in capsys.readouterr().err
+    # a missing model directory
+    assert main(_unlearn_args(demo, tmp_path / "x", f"model.path={tmp_path / 'nope'}")) == 1
+    assert "nope" in capsys.readouterr().err
+    # a mesh that does not divide the device count
+    assert main(_unlearn_args(demo, tmp_path / "y") + ["--mesh", "fsdp=3"]) == 1
+    assert "fsdp=3" in capsys.readouterr().err
+    # a mask that selects no neuron
+    empty = tmp_path / "empty_mask"
+    shutil.copytree(demo / "runs" / "simu_graddiff" / "mask", empty)
+    sel = np.load(empty / "mask.npz")
+    np.savez(empty / "mask.npz", selected=np.zeros_like(sel["selected"]))
+    assert main(_unlearn_args(demo, tmp_path / "z", f"attribution.mask_path={empty}")) == 1
+    assert "zero neurons" in capsys.readouterr().err
+    after = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    assert after == snapshot
+
+
+def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
+    out = tmp_path / "mask"
+    args = ["attribute", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
+            "data.synthetic.num_people=10", "data.synthetic.num_general=10", "attribution.threshold=0.5"]
+    assert main(args) == 0
+    summary = json.loads((out / "mask_summary.json").read_text())
+    demo_summary = json.loads((demo / "runs" / "simu_graddiff" / "mask" / "mask_summary.json").read_text())
+    assert summary["per_layer_selected"] == demo_summary["per_layer_selected"]  # same config -> same mask
+    assert summary["num_selected"] > 0
