@@ -162,9 +162,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, rem
     params = params_from_hf_tensors(cfg, read_safetensors(path), param_dtype=dtype)
     graphdef, state = nnx.split(abstract_model(cfg, param_dtype=dtype, dtype=compute_dtype, remat=remat))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    model = nnx.merge(graphdef, state)
-    model.source_dir = str(path.resolve())
-    return model
+    return nnx.merge(graphdef, state)
 
 
 def save_pretrained(
@@ -178,8 +176,8 @@ def save_pretrained(
 ) -> Path:
     """Write an HF directory transformers can load: config.json, safetensors (+ tokenizer files).
 
-    `params` overrides the model's own (e.g. after unlearning). Tokenizer files are copied from
-    `tokenizer_dir`, else from the directory the model was loaded from. The directory is
+    `params` overrides the model's own (e.g. after unlearning). Tokenizer files (and
+    generation_config.json) are copied from `tokenizer_dir` when given. The directory is
     written beside its destination and renamed into place, so an interrupted save never
     leaves a directory that looks complete; an existing directory is refused unless
     `overwrite`.
@@ -201,11 +199,10 @@ def save_pretrained(
         hf_cfg["dtype"] = str(jnp.dtype(next(iter(tensors.values())).dtype))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         _write_shards(tmp, tensors, max_shard_bytes)
-        src = tokenizer_dir or getattr(model, "source_dir", None)
-        if src is not None:
+        if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
-                if (Path(src) / name).is_file():
-                    shutil.copy2(Path(src) / name, tmp / name)
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
