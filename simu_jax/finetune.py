@@ -1,0 +1,725 @@
+"""Fine-tuning a target model (forget + retain data) or a retain-only reference model.
+
+``simu-jax finetune --config FILE [--set k=v ...] --out DIR [--overwrite|--resume] [--quiet] [--dry-run]``
+
+* AdamW (decoupled weight decay on linear kernels only) with linear warmup + cosine decay,
+  global-norm clipping, and exact gradient accumulation: one jit-compiled step takes a
+  ``[grad_accum, batch_size, T]`` batch, scans over the micro-batches summing per-token
+  gradients and divides by the total number of answer tokens, so ``grad_accum=4,
+  batch_size=4`` computes the same update as ``batch_size=16``.
+* All sequences (train and eval) are padded to one length bucket, so the step compiles once.
+* Periodic evaluation: answer-token loss and teacher-forced accuracy on forget and retain.
+* NaN/Inf guard on every step; orbax checkpoints every ``checkpoint_every`` steps; exact
+  ``--resume`` (parameters, optimizer state, step and data position); SIGINT/SIGTERM save
+  a checkpoint and exit cleanly (exit code 75, resumable).
+* Output (see :mod:`simu_jax.runio` for the directory contract): ``model/`` (HF directory:
+  config.json, safetensors, tokenizer files, loads in transformers), ``final_metrics.json``,
+  ``run.json``, ``config.yaml``, ``metrics.jsonl``, ``tokenizer/``, ``checkpoints/``, and
+  ``COMPLETE`` last.
+
+Python API: :func:`run_finetune` (returns the final metrics), :func:`plan_finetune`
+(the ``--dry-run`` plan).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from simu_jax.config import ConfigError, DataSpec, ModelSpec, host_init_params, resolve_model_path
+
+__all__ = ["DebugSpec", "FinetuneConfig", "cli_main", "format_plan", "plan_finetune", "run_finetune"]
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; rerun with --resume
+POS = (1, None)  # range metadata: >= 1
+# Padded lengths: multiples of 16 up to 512 (less padding than powers of two), then powers of two.
+TRAIN_BUCKETS = tuple(range(16, 513, 16)) + (1024, 2048, 4096, 8192)
+
+
+@dataclass
+class DebugSpec:
+    """Test knobs. ``inject_nan_at_step``: the loss of that step (1-based) is multiplied by
+    NaN (so parameters would be poisoned; the guard must stop the run before saving).
+    ``stop_after_step``: behave as if SIGTERM arrived after that step (checkpoint + clean
+    exit). ``sleep_per_step``: seconds to sleep after each step (to test signals)."""
+
+    inject_nan_at_step: int | None = field(default=None, metadata={"range": POS})
+    stop_after_step: int | None = field(default=None, metadata={"range": POS})
+    sleep_per_step: float = field(default=0.0, metadata={"range": (0.0, None)})
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning configuration (YAML keys = field names).
+
+    ``split``: ``full`` trains on forget + retain (the target model), ``retain`` on retain
+    only (the reference model). ``include_general`` adds the benchmark's general set
+    (default: only for synthetic, whose model starts from scratch).
+    ``tokenizer``: an HF tokenizer directory/name; ``None`` = the model directory's, or for
+    a randomly initialized model a byte-level BPE tokenizer (``tokenizer_vocab_size``)
+    trained on the benchmark's texts and saved with the model.
+    ``epochs`` is used unless ``max_steps`` is set. ``eval_every: 0`` evaluates only at the
+    end. ``eval_limit`` caps the records evaluated per split (``None`` = all).
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    split: Literal["full", "retain"] = "full"
+    include_general: bool | None = None
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = field(default=1024, metadata={"range": (260, None)})
+    batch_size: int = field(default=16, metadata={"range": POS})
+    grad_accum: int = field(default=1, metadata={"range": POS})
+    learning_rate: float = field(default=2e-3, metadata={"range": (0.0, None, "()")})
+    warmup_ratio: float = field(default=0.05, metadata={"range": (0.0, 1.0, "[)")})
+    min_lr_ratio: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
+    weight_decay: float = field(default=0.0, metadata={"range": (0.0, None)})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.98), metadata={"range": (0.0, 1.0, "[)")})
+    adam_eps: float = field(default=1e-8, metadata={"range": (0.0, None, "()")})
+    max_grad_norm: float | None = field(default=1.0, metadata={"range": (0.0, None, "()")})
+    epochs: int = field(default=10, metadata={"range": POS})
+    max_steps: int | None = field(default=None, metadata={"range": POS})
+    seed: int = field(default=0, metadata={"range": (0, None)})
+    eval_every: int = field(default=0, metadata={"range": (0, None)})
+    eval_batch_size: int = field(default=32, metadata={"range": POS})
+    eval_limit: int | None = field(default=None, metadata={"range": POS})
+    log_every: int = field(default=10, metadata={"range": POS})
+    checkpoint_every: int = field(default=200, metadata={"range": POS})
+    keep_checkpoints: int = field(default=2, metadata={"range": POS})
+    async_checkpoint: bool = True
+    debug: DebugSpec = field(default_factory=DebugSpec)
+
+
+# Keys that may differ between a run and its --resume (they do not change the trajectory).
+_RESUME_FREE_KEYS = ("debug", "eval_every", "eval_batch_size", "eval_limit", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "async_checkpoint")
+
+
+# =========================================================================== preparation
+
+
+@dataclass
+class _Prepared:
+    cfg: FinetuneConfig
+    bench: Any
+    tokenizer: Any
+    tokenizer_dir: Path
+    model_config: Any
+    train: dict  # numpy arrays [N, T]
+    evals: dict  # split name -> numpy arrays
+    counts: dict
+    length: int
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """An HF tokenizer from a directory or hub name.
+
+    Directories saved as a generic fast tokenizer (e.g. ours, from
+    :func:`simu_jax.data.train_bpe_tokenizer`) load through ``PreTrainedTokenizerFast``
+    directly, which avoids importing torch via ``AutoTokenizer`` (seconds per command).
+    """
+    import json
+
+    path = Path(source)
+    config = path / "tokenizer_config.json"
+    if config.is_file() and (path / "tokenizer.json").is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
+    """(tokenizer, directory holding its files)."""
+    from simu_jax.config import benchmark_texts
+    from simu_jax.data import train_bpe_tokenizer
+
+    source = cfg.tokenizer or (str(resolve_model_path(cfg.model.path, config_only=True)) if cfg.model.path else None)
+    if source is not None:
+        try:
+            tok = load_tokenizer(source)
+        except (OSError, ValueError) as e:
+            what = "tokenizer" if cfg.tokenizer else "model.path (no tokenizer files there; set tokenizer)"
+            raise FileNotFoundError(f"cannot load a tokenizer from {source} ({what}): "
+                                    f"{' '.join(str(e).split())[:200]}") from None
+        local = Path(source)
+        if not (local.is_dir() and (local / "tokenizer_config.json").is_file()):
+            local = work_dir / "tokenizer"
+            if not (local / "tokenizer_config.json").is_file():
+                tok.save_pretrained(str(local))
+        return tok, local
+    tok_dir = work_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():  # resume: reuse the tokenizer the run started with
+        return load_tokenizer(tok_dir), tok_dir
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=work_dir))
+    try:
+        tok = train_bpe_tokenizer(benchmark_texts(bench), tmp, vocab_size=cfg.tokenizer_vocab_size)
+        os.replace(tmp, tok_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return load_tokenizer(tok_dir), tok_dir
+
+
+def _pad_arrays(arrays: dict, length: int, pad_id: int) -> dict:
+    import numpy as np
+
+    n, t = arrays["input_ids"].shape
+    if t == length:
+        return arrays
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    return {k: np.concatenate([v, np.full((n, length - t), fill[k], v.dtype)], axis=1) for k, v in arrays.items()}
+
+
+def _train_records(cfg: FinetuneConfig, bench) -> tuple[list[dict], dict[str, int]]:
+    include_general = bench.train_general if cfg.include_general is None else cfg.include_general
+    parts = {"retain": bench.retain}
+    if cfg.split == "full":
+        parts = {"forget": bench.forget, **parts}
+    if include_general:
+        parts["general"] = bench.general
+    for name in ("forget", "retain"):
+        if name in parts and not parts[name]:
+            raise ValueError(f"the {name} set of benchmark {bench.name} is empty; cannot fine-tune split={cfg.split}")
+    records = [r for recs in parts.values() for r in recs]
+    return records, {k: len(v) for k, v in parts.items()}
+
+
+def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
+    from simu_jax.config import load_benchmark, model_config_from_spec, qa_template
+    from simu_jax.data import tokenize_qa
+
+    bench = load_benchmark(cfg.data)
+    tok, tok_dir = _load_tokenizer(cfg, bench, work_dir)
+    mcfg = model_config_from_spec(
+        cfg.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        max_position_embeddings=max(2048, cfg.data.max_length),
+    )
+    if len(tok) > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {mcfg.vocab_size}")
+    max_len = min(cfg.data.max_length, mcfg.max_position_embeddings)
+    template = qa_template(cfg.data)
+    records, counts = _train_records(cfg, bench)
+
+    def tokenize(recs):
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+
+    train = tokenize(records)
+    evals = {}
+    for name, recs in (("forget", bench.forget), ("retain", bench.retain_eval)):
+        if recs:
+            evals[name] = tokenize(recs[: cfg.eval_limit] if cfg.eval_limit else recs)
+    length = max(a["input_ids"].shape[1] for a in [train, *evals.values()])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = _pad_arrays(train, length, pad)
+    evals = {k: _pad_arrays(v, length, pad) for k, v in evals.items()}
+    return _Prepared(cfg, bench, tok, tok_dir, mcfg, train, evals, counts, length)
+
+
+def _schedule_steps(cfg: FinetuneConfig, num_examples: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warmup steps)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(num_examples / per_step)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_ratio * total))
+    return steps_per_epoch, total, warmup
+
+
+# =========================================================================== plan (--dry-run)
+
+
+def plan_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """What a run would do (no output directory, no weights allocated)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from simu_jax.config import _jnp_dtype
+    from simu_jax.models import abstract_model, count_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = _prepare(cfg, Path(tmp))
+    mcfg = prep.model_config
+    abstract = abstract_model(mcfg, param_dtype=_jnp_dtype(cfg.model.dtype))
+    n_params = count_params(nnx.to_pure_dict(nnx.state(abstract)))
+    steps_per_epoch, total, warmup = _schedule_steps(cfg, len(prep.train["input_ids"]))
+    per_step = cfg.batch_size * cfg.grad_accum
+    answer_tokens = int((prep.train["labels"] != -100).sum())
+    pbytes = np.dtype(jax.numpy.dtype(cfg.model.dtype)).itemsize
+    act_dtype = np.dtype(jax.numpy.dtype(cfg.model.compute_dtype or cfg.model.dtype)).itemsize
+    # Rough activation estimate for one micro-batch: ~16 hidden-sized tensors per layer kept for
+    # backward (fewer with remat), plus the [B, T, V] logits in fp32.
+    per_layer = 16 * mcfg.hidden_size + 3 * mcfg.intermediate_size
+    layers_kept = mcfg.num_hidden_layers if cfg.model.remat == "none" else 1
+    act = cfg.batch_size * prep.length * (per_layer * layers_kept * act_dtype + 2 * mcfg.vocab_size * 4)
+    memory = {
+        "params": n_params * pbytes,
+        "gradients": n_params * 4,
+        "adam_state": 2 * n_params * 4,
+        "activations": act,
+    }
+    memory["total"] = sum(memory.values())
+    return {
+        "model": {
+            "source": cfg.model.path or "random init",
+            "model_type": mcfg.model_type, "layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
+            "heads": mcfg.num_attention_heads, "kv_heads": mcfg.num_key_value_heads,
+            "intermediate": mcfg.intermediate_size, "vocab": mcfg.vocab_size,
+            "dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype or cfg.model.dtype,
+        },
+        "parameters": n_params,
+        "trainable": n_params,
+        "data": {"benchmark": cfg.data.benchmark, "split": cfg.split, "examples": len(prep.train["input_ids"]),
+                 "by_set": prep.counts, "padded_length": prep.length, "answer_tokens": answer_tokens,
+                 "eval": {k: len(v["input_ids"]) for k, v in prep.evals.items()}},
+        "steps": {"per_epoch": steps_per_epoch, "total": total, "warmup": warmup,
+                  "epochs": total / steps_per_epoch, "examples_per_step": per_step,
+                  "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
+        "tokens": {"padded_per_step": per_step * prep.length, "padded_total": per_step * prep.length * total,
+                   "answer_tokens_total": int(answer_tokens * total / steps_per_epoch)},
+        "memory_bytes": memory,
+        "tokenizer": cfg.tokenizer or cfg.model.path or f"BPE trained on the benchmark ({len(prep.tokenizer)} tokens)",
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    m, d, s, t, mem = plan["model"], plan["data"], plan["steps"], plan["tokens"], plan["memory_bytes"]
+    lines = [
+        "finetune plan",
+        f"  model:      {m['model_type']} from {m['source']}: {m['layers']} layers, hidden {m['hidden']}, "
+        f"{m['heads']} heads ({m['kv_heads']} kv), intermediate {m['intermediate']}, vocab {m['vocab']}",
+        f"  parameters: {plan['parameters']:,} ({_human(plan['parameters'])}), trainable {plan['trainable']:,}; "
+        f"dtype {m['dtype']}, compute {m['compute_dtype']}",
+        f"  tokenizer:  {plan['tokenizer']}",
+        f"  data:       {d['benchmark']}, split {d['split']}: {d['examples']} examples "
+        f"({', '.join(f'{k} {v}' for k, v in d['by_set'].items())}), padded length {d['padded_length']}, "
+        f"{d['answer_tokens']:,} answer tokens",
+        f"  steps:      {s['total']} ({s['per_epoch']}/epoch, {s['epochs']:.3g} epochs, warmup {s['warmup']}), "
+        f"{s['examples_per_step']} examples/step (batch {s['batch_size']} x accum {s['grad_accum']})",
+        f"  tokens:     {t['padded_per_step']:,} padded/step, {_human(t['padded_total'])} padded in total, "
+        f"~{_human(t['answer_tokens_total'])} answer tokens trained on",
+        f"  memory:     ~{_mib(mem['total'])} (params {_mib(mem['params'])}, grads {_mib(mem['gradients'])}, "
+        f"adam {_mib(mem['adam_state'])}, activations {_mib(mem['activations'])})",
+        f"  eval:       {', '.join(f'{k} {v}' for k, v in d['eval'].items())} examples",
+    ]
+    return "\n".join(lines)
+
+
+# =========================================================================== training
+
+
+def _optimizer_key(cfg: FinetuneConfig, total: int, warmup: int) -> tuple:
+    return (cfg.learning_rate, cfg.min_lr_ratio, tuple(cfg.adam_betas), cfg.adam_eps, cfg.weight_decay,
+            cfg.max_grad_norm, total, warmup)
+
+
+def _make_optimizer(key: tuple):
+    """AdamW + warmup/cosine (+ global-norm clipping) from :func:`_optimizer_key`'s tuple.
+
+    Weight decay applies to linear kernels only (not embeddings or norm weights).
+    """
+    import jax
+    import optax
+
+    lr, min_lr_ratio, (b1, b2), eps, weight_decay, max_grad_norm, total, warmup = key
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1), end_value=lr * min_lr_ratio,
+    )
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+    chain = []
+    if max_grad_norm is not None:
+        chain.append(optax.clip_by_global_norm(max_grad_norm))
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*chain), schedule
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef, opt_key: tuple, donate: bool):
+    """(optimizer, schedule, train_step, eval_step), cached so that runs with the same model
+    and optimizer settings in one process (resume, tests, sweeps) share compiled steps."""
+    optimizer, schedule = _make_optimizer(opt_key)
+    train_step, eval_step = _make_steps(graphdef, optimizer, schedule, donate)
+    return optimizer, schedule, train_step, eval_step
+
+
+def _global_norm(tree):
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(sums, optimizer, schedule, donate: bool = False):
+    """A jit-compiled optimizer step with exact gradient accumulation.
+
+    ``sums(params, batch) -> (loss_sum, (token_count, hits))`` on one micro-batch ([B, T]
+    leaves). The step takes ``batch`` with leaves ``[A, B, T]``: gradients of the summed
+    loss are accumulated over the A micro-batches in float32 (a ``lax.scan``; none when
+    A == 1) and divided by the total token count, which is exactly the gradient of the
+    token-mean loss over all A*B rows. ``loss_scale`` multiplies the loss (1.0; NaN
+    injection in tests); ``step`` (0-based) only feeds the logged learning rate.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+    def train_step(params, opt_state, batch, loss_scale, step):
+        if jax.tree.leaves(batch)[0].shape[0] == 1:
+            (tot, (cnt, hits)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            def micro(carry, mb):
+                g_acc, tot, cnt, hits = carry
+                (loss, (count, h)), g = grad_fn(params, mb)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                return (g_acc, tot + loss, cnt + count, hits + h), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
+            (grads, tot, cnt, hits), _ = jax.lax.scan(micro, init, batch)
+        denom = jnp.maximum(cnt, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g * (loss_scale / denom), grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"nll": tot / denom * loss_scale, "grad_norm": _global_norm(grads),
+                   "accuracy": hits / denom, "tokens": cnt, "lr": schedule(step)}
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+
+
+def _make_steps(graphdef, optimizer, schedule, donate: bool):
+    """(train_step, eval_step) for the causal LM ``graphdef`` (answer-token NLL)."""
+    import jax
+    import jax.numpy as jnp
+
+    from simu_jax.losses import sequence_nll, token_accuracy
+    from simu_jax.models import apply
+
+    def sums(params, mb):
+        logits = apply(graphdef, params, mb["input_ids"], mb["attention_mask"])
+        total, count = sequence_nll(logits, mb["labels"])
+        hits, _ = token_accuracy(logits, mb["labels"])
+        return jnp.sum(total), (jnp.sum(count), hits)
+
+    def eval_step(params, batch):
+        total, (count, hits) = sums(params, batch)
+        return total, count, hits
+
+    return make_train_step(sums, optimizer, schedule, donate), jax.jit(eval_step)
+
+
+def _evaluate(eval_step, params, sets: dict, batch_size: int, pad_id: int) -> dict[str, dict[str, float]]:
+    from simu_jax.data import batch_iterator
+
+    out = {}
+    for name, arrays in sets.items():
+        nll = count = hits = 0.0
+        for batch in batch_iterator(arrays, batch_size, shuffle=False, epochs=1, pad_id=pad_id):
+            t, c, h = eval_step(params, batch)
+            nll, count, hits = nll + float(t), count + int(c), hits + int(h)
+        out[name] = {"loss": nll / max(count, 1), "accuracy": hits / max(count, 1), "tokens": int(count),
+                     "examples": int(arrays["input_ids"].shape[0])}
+    return out
+
+
+def _flat_eval(ev: dict) -> dict[str, float]:
+    return {f"{name}/{k}": v for name, d in ev.items() for k, v in d.items() if k in ("loss", "accuracy")}
+
+
+def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
+    import yaml
+
+    from simu_jax.config import to_dict
+
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = to_dict(cfg)
+
+    def flat(d, prefix=""):
+        items = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and k != "config":
+                items.update(flat(v, key + "."))
+            else:
+                items[key] = v
+        return items
+
+    a, b = flat(saved), flat(now)
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in _RESUME_FREE_KEYS:
+            continue
+        if a.get(key) != b.get(key):
+            raise ConfigError(f"differs from the run being resumed in {out} ({a.get(key)!r} there, {b.get(key)!r} "
+                              f"here); resume with the same config or start a new run", key)
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` into ``out_dir``; returns the final metrics dict.
+
+    The dict has ``status`` (``complete`` or ``interrupted``), ``step``, and when complete
+    ``forget``/``retain`` ({loss, accuracy, tokens, examples}), ``model_dir``,
+    ``wall_time_s``, ``steps``. ``resume=True`` continues from the latest checkpoint (or
+    returns the stored metrics of a run that is already complete). Raises
+    :class:`simu_jax.runio.NonFiniteLossError` if a loss term becomes NaN/Inf (the last
+    checkpoint stays usable).
+    """
+    import jax
+    import numpy as np
+
+    from flax import nnx
+
+    from simu_jax.checkpoint import Checkpointer
+    from simu_jax.config import _jnp_dtype, dump_yaml
+    from simu_jax.data import batch_iterator
+    from simu_jax.models import abstract_model, count_params, init_model, split_params
+    from simu_jax.models.convert import load_pretrained, save_pretrained
+    from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays, is_complete,
+                                mark_complete, prepare_output_dir, progress, run_metadata, write_json_atomic)
+
+    t_start = time.time()
+    out = Path(out_dir)
+    if resume and is_complete(out):
+        import json
+
+        final = json.loads((out / "final_metrics.json").read_text())
+        _say(quiet, f"{out} is already complete; nothing to resume")
+        return final
+    if resume and out.is_dir():
+        _check_resume_config(cfg, out)
+    out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    primary = jax.process_index() == 0
+
+    prep = _prepare(cfg, out)
+    tok = prep.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n_train = len(prep.train["input_ids"])
+    steps_per_epoch, total, warmup = _schedule_steps(cfg, n_train)
+
+    dtype_kw = dict(param_dtype=_jnp_dtype(cfg.model.dtype), dtype=_jnp_dtype(cfg.model.compute_dtype),
+                    remat=cfg.model.remat)
+    if cfg.model.path is not None:
+        loaded = load_pretrained(resolve_model_path(cfg.model.path), dtype=dtype_kw["param_dtype"],
+                                 compute_dtype=dtype_kw["dtype"], remat=cfg.model.remat)
+        _, params = split_params(loaded)
+        # The graphdef of a freshly built model (not of `loaded`, which carries its source
+        # directory as an attribute) so equal configs share compiled steps.
+        model = abstract_model(loaded.config, **dtype_kw)
+        graphdef = nnx.graphdef(model)
+        del loaded
+    else:
+        model = abstract_model(prep.model_config, **dtype_kw)
+        graphdef = nnx.graphdef(model)
+        params = host_init_params(nnx.to_pure_dict(nnx.state(model)), prep.model_config.initializer_range,
+                                  cfg.model.seed)
+        if params is None:
+            params = jax.jit(lambda: split_params(init_model(prep.model_config, seed=cfg.model.seed, **dtype_kw))[1])()
+    # Commit the state to one device explicitly: restored checkpoints come back committed, and
+    # committed vs uncommitted arguments are different jit cache entries (a resume would recompile).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = jax.device_put(params, device)
+    donate = jax.default_backend() != "cpu"  # on CPU async checkpoint copies may alias donated buffers
+    optimizer, schedule, train_step, eval_step = _compiled(graphdef, _optimizer_key(cfg, total, warmup), donate)
+    opt_state = jax.device_put(jax.jit(optimizer.init)(params), device)
+
+    it = batch_iterator(prep.train, cfg.batch_size * cfg.grad_accum, seed=cfg.seed, shuffle=True, pad_id=pad_id)
+    rng = np.asarray([0, cfg.seed % 2**32], np.uint32)  # raw threefry key data; finetune draws no randomness
+    step = 0
+
+    ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                        async_save=cfg.async_checkpoint)
+
+    def state():
+        return {"params": params, "opt_state": opt_state, "step": step, "rng": rng, "data": it.state_dict()}
+
+    resumed_from = None
+    if resume and ckpt.latest_step() is not None:
+        restored = ckpt.restore(target=state())
+        params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
+        step = int(restored["step"])
+        it.load_state_dict(restored["data"])
+        resumed_from = step
+        _say(quiet, f"resuming from step {step} ({out / 'checkpoints'})")
+
+    data_hash = hash_arrays(prep.train)
+    if primary:
+        dump_yaml(cfg, out / "config.yaml")
+        meta = run_metadata(cfg, {
+            "command_name": "finetune", "data_hash": data_hash,
+            "eval_hashes": {k: hash_arrays(v) for k, v in prep.evals.items()},
+            "parameters": count_params(params), "steps_total": total, "steps_per_epoch": steps_per_epoch,
+            "padded_length": prep.length, "train_examples": prep.counts, "resumed_from": resumed_from,
+            "status": "running",
+        })
+        write_json_atomic(out / "run.json", meta)
+    logger = MetricsLogger(out / "metrics.jsonl", primary=primary)
+
+    def last_good() -> str:
+        last = ckpt.latest_step()
+        return f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last else "no checkpoint was written yet"
+
+    guard = NanGuard(hint=last_good)
+    inject = cfg.debug.inject_nan_at_step
+    t_loop, step0 = time.time(), step
+    status = "complete"
+    try:
+        with GracefulSignals() as sig, progress(total, "finetune", quiet, initial=step) as bar:
+            while step < total:
+                batch = next(it)
+                batch = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
+                scale = np.float32(np.nan if inject is not None and step + 1 == inject else 1.0)
+                new_params, new_opt, m = train_step(params, opt_state, batch, scale, np.int32(step))
+                terms = guard.check(step + 1, {"nll": m["nll"], "grad_norm": m["grad_norm"]})
+                params, opt_state, step = new_params, new_opt, step + 1
+                acc = float(m["accuracy"])
+                bar.update(1, loss=terms["nll"], acc=acc)
+                if step % cfg.log_every == 0 or step == total:
+                    now = time.time()
+                    logger.log(event="train", step=step, epoch=round(step / steps_per_epoch, 4), nll=terms["nll"],
+                               accuracy=acc, grad_norm=terms["grad_norm"], lr=float(m["lr"]),
+                               tokens=int(m["tokens"]), steps_per_s=(step - step0) / max(now - t_loop, 1e-9),
+                               time=round(now - t_start, 3))
+                if cfg.debug.sleep_per_step:
+                    time.sleep(cfg.debug.sleep_per_step)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id)
+                    logger.log(event="eval", step=step, **_flat_eval(ev))
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _flat_eval(ev).items()))
+                if step < total:
+                    ckpt.maybe_save(step, state())
+                if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < total:
+                    sig.request_stop("debug.stop_after_step")
+                if sig.stop and step < total:
+                    ckpt.save(step, state())
+                    ckpt.wait_until_finished()
+                    status = "interrupted"
+                    bar.write(f"{sig.signal_name}: checkpoint at step {step} written; rerun with --resume")
+                    break
+    except NonFiniteLossError as e:
+        if primary:
+            meta.update(status="failed", error=str(e), last_checkpoint=ckpt.latest_step())
+            write_json_atomic(out / "run.json", meta)
+        raise
+    finally:
+        logger.close()
+        try:
+            ckpt.close()
+        except Exception:  # pragma: no cover - never mask the original error
+            pass
+
+    if status == "interrupted":
+        result = {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
+        if primary:
+            meta["status"] = "interrupted"
+            meta["stopped_at_step"] = step
+            write_json_atomic(out / "run.json", meta)
+        return result
+
+    # ---------------------------------------------------------------- final outputs
+    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id)
+    wall = time.time() - t_start
+    final = {
+        "status": "complete",
+        "step": step,
+        "steps": total,
+        **ev,
+        "model_dir": str((out / "model").resolve()),
+        "wall_time_s": round(wall, 2),
+        "train_time_s": round(time.time() - t_loop, 2),
+        "resumed_from": resumed_from,
+    }
+    if primary:
+        logger = MetricsLogger(out / "metrics.jsonl")
+        logger.log(event="final", step=step, **_flat_eval(ev))
+        logger.close()
+        params_host = jax.tree.map(np.asarray, params)
+        save_pretrained(model, out / "model", params=params_host, tokenizer_dir=prep.tokenizer_dir, overwrite=True)
+        write_json_atomic(out / "final_metrics.json", final)
+        meta.update(status="complete", wall_time_s=round(wall, 2), final=_flat_eval(ev))
+        write_json_atomic(out / "run.json", meta)
+        mark_complete(out, {"step": step})
+    return final
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+# =========================================================================== CLI
+
+
+def cli_main(argv: list[str]) -> int:
+    from simu_jax.cli import ArgumentParser
+    from simu_jax.config import load_config
+
+    p = ArgumentParser(prog="simu-jax finetune",
+                       description="Fine-tune a target (split=full) or retain-only (split=retain) model.")
+    p.add_argument("--config", help="YAML config file (FinetuneConfig); defaults if omitted")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set learning_rate=1e-3 data.max_length=128")
+    p.add_argument("--out", help="output run directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = p.parse_args(argv)
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(format_plan(plan_finetune(cfg)))
+        if args.out:
+            print(f"  output:     {args.out}")
+        return 0
+    if not args.out:
+        p.error("--out is required (or use --dry-run)")
+    result = run_finetune(cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    if result["status"] != "complete":
+        print(f"interrupted at step {result['step']}; checkpoint in {result['checkpoint']}; "
+              f"rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    parts = [f"{k} accuracy {result[k]['accuracy']:.4f} loss {result[k]['loss']:.4f}"
+             for k in ("forget", "retain") if k in result]
+    print(f"finetune complete: {result['step']} steps in {result['wall_time_s']:.1f}s; " + "; ".join(parts)
+          + f"; model: {result['model_dir']}")
+    return 0
