@@ -56,18 +56,19 @@ def _finetune(out: Path, split: str, size: DemoSize, tokenizer: str | None, quie
     from simu_jax.finetune import FinetuneConfig, run_finetune
     from simu_jax.runio import is_complete
 
+    label = "target" if split == "full" else "retain"
     if is_complete(out):
-        print(f"[demo] reusing {split} model in {out / 'model'}", file=sys.stderr)
+        print(f"[demo] reusing {label} model in {out / 'model'}", file=sys.stderr)
         return out / "model"
     cfg = FinetuneConfig(
         model=ModelSpec(config=dict(model_type="llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=4)),
         data=_data(size), split=split, tokenizer=tokenizer, batch_size=16, learning_rate=3e-3,
         epochs=size.epochs, checkpoint_every=10_000, eval_every=0)
-    print(f"[demo] fine-tuning the {'target' if split == 'full' else 'retain-only'} model", file=sys.stderr)
+    print(f"[demo] fine-tuning the {label} model", file=sys.stderr)
     result = run_finetune(cfg, out, overwrite=out.exists(), quiet=quiet)
     acc = {k: round(result[k]["accuracy"], 3) for k in ("forget", "retain") if k in result}
-    print(f"[demo] {split}: answer-token accuracy {acc} in {result['wall_time_s']} s", file=sys.stderr)
+    print(f"[demo] {label}: answer-token accuracy {acc} in {result['wall_time_s']} s", file=sys.stderr)
     return out / "model"
 
 

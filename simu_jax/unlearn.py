@@ -344,7 +344,9 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                 last = ckpt.latest_step()
                 guard.hint = (f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last is not None
                               else "no checkpoint was written yet")
-                guard.check(step + 1, {k: v for k, v in m.items() if k.startswith("loss")})
+                # the objective's terms first, so a NaN is reported in the term it came from
+                terms = {k.removeprefix("loss/"): v for k, v in m.items() if k.startswith("loss/")}
+                guard.check(step + 1, {**terms, "total loss": m["loss"]})
                 step += 1
                 bar.update(1, loss=m["loss"], forget=m.get("loss/forget", float("nan")))
                 record = {"step": step, **m, "time": round(time.time() - t_start, 3)}

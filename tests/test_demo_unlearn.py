@@ -124,6 +124,30 @@ def test_bad_inputs_keep_previous_output(demo, tmp_path, capsys):
     np.savez(empty / "mask.npz", selected=np.zeros_like(sel["selected"]))
     assert main(_unlearn_args(demo, tmp_path / "z", f"attribution.mask_path={empty}")) == 1
     assert "zero neurons" in capsys.readouterr().err
+    # a tokenizer with more tokens than the model's vocabulary
+    model_copy = tmp_path / "vocab_model"
+    shutil.copytree(demo / "target" / "model", model_copy)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(model_copy))
+    tok.add_tokens([f"extra_token_{i}" for i in range(2000)])
+    tok.save_pretrained(str(model_copy))
+    assert main(_unlearn_args(demo, tmp_path / "v", f"model.path={model_copy}")) == 1
+    assert "vocab_size" in capsys.readouterr().err
+    # an empty forget set (a TOFU directory whose forget split holds no rows)
+    from simu_jax.data import default_data_dir
+
+    tofu = default_data_dir() / "tofu"
+    if tofu.is_dir():
+        empty_tofu = tmp_path / "tofu"
+        empty_tofu.mkdir()
+        for f in tofu.iterdir():
+            (empty_tofu / f.name).symlink_to(f)
+        (empty_tofu / "forget10_perturbed.json").unlink()
+        (empty_tofu / "forget10_perturbed.json").write_text("[]")
+        assert main(_unlearn_args(demo, tmp_path / "e", "data.benchmark=tofu", f"data.source={empty_tofu}")) == 1
+        err = capsys.readouterr().err
+        assert "forget set" in err and "empty" in err
     after = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
     assert after == snapshot
 

@@ -24,7 +24,7 @@ Run-directory schema (one directory per method / run)
 Keys need not appear on every line; blank or truncated (non-JSON) lines are
 skipped with a warning; lines without ``"step"`` are skipped.
 
-``mask_summary.json`` (optional)::
+``mask_summary.json`` or ``mask/mask_summary.json`` (optional)::
 
     {"per_layer_forget":   [int, ...],   # neurons flagged for the forget set, per layer
      "per_layer_retain":   [int, ...],   # neurons flagged for the retain set, per layer
@@ -161,6 +161,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     hist_path = run_dir / "metrics.jsonl"
     history = _read_jsonl(hist_path) if hist_path.is_file() else None
     mask_path = run_dir / "mask_summary.json"
+    if not mask_path.is_file():  # `simu-jax unlearn` keeps the mask in its own folder
+        mask_path = run_dir / "mask" / "mask_summary.json"
     mask = None
     if mask_path.is_file():
         with open(mask_path, encoding="utf-8") as f:
