@@ -79,10 +79,18 @@ class LossSpec:
 
 @dataclass
 class EvalSpec:
-    """Final evaluation (`enabled`) and the curves recorded every `every` steps (0 = never)."""
+    """Final evaluation (`enabled`) and the curves recorded every `every` steps (0 = never).
+
+    `stop_forget_loss`: stop once the curve's forget NLL (teacher-forced, on `curve_limit`
+    forget examples) reaches this many nats. `keep_best`: the written model is the one of the
+    curve step with the best balance `forget NLL - retain NLL` (both in nats), not the last
+    (after `--resume`, among the steps since the resume point). Both need `every > 0`.
+    """
 
     enabled: bool = True
     every: int = field(default=0, metadata={"range": (0, None)})
+    stop_forget_loss: float | None = field(default=None, metadata={"range": (0.0, None, "()")})
+    keep_best: bool = False
     limit: int | None = field(default=None, metadata={"range": POS})
     curve_limit: int = field(default=32, metadata={"range": POS})
     generate: bool = True
@@ -92,8 +100,12 @@ class EvalSpec:
 
 @dataclass
 class UnlearnDebug:
+    """Test knobs: poison the loss of a step with NaN; act as if SIGTERM arrived after a step;
+    sleep after each step (to test signals and kills)."""
+
     inject_nan_at_step: int | None = field(default=None, metadata={"range": (0, None)})
     stop_after_step: int | None = field(default=None, metadata={"range": POS})
+    sleep_per_step: float = field(default=0.0, metadata={"range": NONNEG})
 
 
 @dataclass
@@ -293,7 +305,10 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
 
     iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
              for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
+    if (cfg.eval.stop_forget_loss is not None or cfg.eval.keep_best) and not cfg.eval.every:
+        raise ValueError("eval.stop_forget_loss and eval.keep_best need eval.every > 0 (curve steps)")
     curve_sets = {k: {a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()} for k in ("forget", "retain")}
+    best = {"score": -float("inf"), "step": None, "trainable": None}
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     step = 0
 
@@ -350,9 +365,21 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                 step += 1
                 bar.update(1, loss=m["loss"], forget=m.get("loss/forget", float("nan")))
                 record = {"step": step, **m, "time": round(time.time() - t_start, 3)}
+                reached = False
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     record.update(curves(unlearner.params()))
+                    score = record["eval/forget_loss"] - record["eval/retain_loss"]
+                    if cfg.eval.keep_best and score > best["score"]:
+                        best.update(score=score, step=step, trainable=jax.tree.map(np.asarray, unlearner.trainable))
+                    limit = cfg.eval.stop_forget_loss
+                    reached = limit is not None and record["eval/forget_loss"] >= limit
                 logger.log(record)
+                if cfg.debug.sleep_per_step:
+                    time.sleep(cfg.debug.sleep_per_step)
+                if reached:
+                    bar.write(f"forget NLL {record['eval/forget_loss']:.3f} >= {cfg.eval.stop_forget_loss}: "
+                              f"stopping at step {step}")
+                    break
                 if step < cfg.steps:
                     ckpt.maybe_save(step, state())
                 if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < cfg.steps:
@@ -379,10 +406,13 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         return {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
 
     unlearn_time = time.time() - t_loop
+    if best["trainable"] is not None:
+        unlearner.trainable = best["trainable"]
     final_params = jax.tree.map(np.asarray, unlearner.params())
     result: dict[str, Any] = {"status": "complete", "step": step, "method": cfg.method,
                               "unlearn_time_s": round(unlearn_time, 2), "resumed_from": resumed_from,
-                              "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes()}
+                              "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
+                              "best_step": best["step"]}
     if primary:
         save_pretrained(prep.model, out / "model", params=final_params, tokenizer_dir=prep.tokenizer_dir,
                         overwrite=True)

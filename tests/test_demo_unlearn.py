@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -161,3 +165,69 @@ def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
     demo_summary = json.loads((demo / "runs" / "simu_graddiff" / "mask" / "mask_summary.json").read_text())
     assert summary["per_layer_selected"] == demo_summary["per_layer_selected"]  # same config -> same mask
     assert summary["num_selected"] > 0
+
+
+def test_early_stop_and_keep_best(demo, tmp_path):
+    out = tmp_path / "best"
+    args = _unlearn_args(demo, out, "steps=6", "eval.every=1", "eval.keep_best=true", "eval.stop_forget_loss=3.0")
+    assert main(args) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in rows if "eval/forget_loss" in r and r["step"] > 0]
+    reached = [r["step"] for r in curve if r["eval/forget_loss"] >= 3.0]
+    last = curve[-1]["step"]
+    assert reached == ([last] if reached else [])  # stopped at the first step that reached the target
+    assert reached or last == 6
+    scores = {r["step"]: r["eval/forget_loss"] - r["eval/retain_loss"] for r in curve}
+    best = json.loads((out / "result.json").read_text())["best_step"]
+    assert best == max(scores, key=scores.get)
+    # the written model is the best step's: equal to a plain run of exactly that many steps
+    plain = tmp_path / "plain"
+    assert main(_unlearn_args(demo, plain, f"steps={best}")) == 0
+    for a, b in zip(jax.tree.leaves(_params(out)), jax.tree.leaves(_params(plain))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _cli(args, env_extra=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return [sys.executable, "-m", "simu_jax.cli", *args], env
+
+
+def _last_loss(run):
+    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l][-1]
+
+
+def test_mesh_run_matches_single_device(demo, tmp_path):
+    """`simu-jax unlearn --mesh fsdp=2,tensor=4` on 8 host devices == the single-device run."""
+    single, meshed = tmp_path / "single", tmp_path / "meshed"
+    assert main(_unlearn_args(demo, single)) == 0
+    cmd, env = _cli(_unlearn_args(demo, meshed) + ["--mesh", "fsdp=2,tensor=4"],
+                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((meshed / "run.json").read_text())["mesh"] == "fsdp=2,tensor=4"
+    assert abs(_last_loss(meshed) - _last_loss(single)) <= 1e-5 * max(1.0, abs(_last_loss(single)))
+    for a, b in zip(jax.tree.leaves(_params(single)), jax.tree.leaves(_params(meshed))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(demo, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    steps = ["steps=8"]
+    assert main(_unlearn_args(demo, full, *steps)) == 0
+    cmd, env = _cli(_unlearn_args(demo, killed, *steps, "debug.sleep_per_step=1.0"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = killed / "checkpoints"
+        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+        if any(step >= 4 for step in done):  # a finished checkpoint (orbax renames it into place)
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()  # SIGKILL: no handler runs, no final checkpoint
+    proc.wait()
+    assert not (killed / "COMPLETE").exists()
+    resume = _unlearn_args(demo, killed, *steps)
+    assert main(resume[:1] + ["--resume"] + resume[1:]) == 0
+    for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(killed))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -96,18 +96,9 @@ def _is_number(v: Any) -> bool:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from simu_jax.runio import write_bytes_atomic
+
+    write_bytes_atomic(path, data)
 
 
 def _atomic_savefig(fig, path: Path) -> None:
