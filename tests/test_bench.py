@@ -1,0 +1,184 @@
+"""`simu-jax bench --quick`: the JSON is complete and sane. Never checks speed.
+
+The quick benchmark runs once, in a subprocess (a fresh JAX, so its thread pool and XLA flags
+are its own), and the tests below read its JSON: every headline key present and a positive
+finite number, every ratio equal to the raw medians it is made of, the machine block filled in,
+the torch peer at the same thread count and on the same weights (same first loss), and the
+markdown / plot generator working on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simu_jax.bench import SUMMARY_KEYS, TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = ("hvp_over_grad", "simu_over_so_step", "jax_over_torch_so_step", "jax_over_torch_hvp",
+            "compile_s_4_layers", "compile_s_16_layers", "simu_state_bytes_over_so", "trainable_fraction_simu")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "simu_jax.bench", "--quick", "--quiet", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    headline = json.loads(proc.stdout)  # stdout is the headline as JSON
+    data = json.loads(out.read_text())
+    assert headline["headline"] == {k: data[k] for k in SUMMARY_KEYS}
+    return data
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _timings(tree, path=""):
+    """Every timing dict (one with median_s and runs_s) in the result."""
+    if isinstance(tree, dict):
+        if "median_s" in tree and "runs_s" in tree:
+            yield path, tree
+        for k, v in tree.items():
+            yield from _timings(v, f"{path}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _timings(v, f"{path}/{i}")
+
+
+def test_headline_keys_complete(result):
+    for key in REQUIRED + SUMMARY_KEYS:
+        assert key in result, key
+        assert _positive_finite(result[key]), (key, result[key])
+    assert 0 < result["trainable_fraction_simu"] < 1
+    assert 0 < result["simu_state_bytes_over_so"] < 1
+
+
+def test_machine_block(result):
+    m = result["machine"]
+    for key in ("cpu_model", "cores_available", "jax", "jaxlib", "torch", "transformers", "backend",
+                "jax_threads", "torch_threads", "torch_interop_threads"):
+        assert m.get(key) not in (None, ""), key
+    assert m["backend"] == "cpu" or m["backend"] in ("gpu", "tpu")
+    assert m["torch_threads"] == m["jax_threads"]  # the peer runs at XLA's thread count
+    assert result["peer"]["machine"]["torch_threads"] == m["jax_threads"]
+
+
+def test_peer_pairs_run_the_same_jax_programs(result):
+    calls = result["peer"]["calls"]
+    assert {"so_step", "sophia_h_step", "hvp"} <= set(calls)
+    steps = result["steps"]["methods"]
+    assert calls["so_step"]["jax_program"] == "steps/so_graddiff"
+    assert calls["sophia_h_step"]["jax_program"] == "steps/so_graddiff_hutchinson"
+    for name, c in calls.items():
+        assert c["jax"]["median_s"] > 0 and c["torch"]["median_s"] > 0, name
+    assert set(result["peer"]["so_step_phases"]) == {"forward_s", "backward_s", "optimizer_s"}
+    assert steps["so_graddiff"]["num_trainable"] == result["peer"]["num_params"]  # SOUL trains every parameter
+
+
+def test_ratios_match_raw_medians(result):
+    so2 = result["second_order"]["sizes"]
+    big = so2[-1]["times"]
+    steps, calls, comp = result["steps"]["methods"], result["peer"]["calls"], result["compile"]["layers"]
+
+    def jt(name):
+        return calls[name]["jax"]["median_s"] / calls[name]["torch"]["median_s"]
+
+    expected = {
+        "hvp_over_grad": big["hvp"]["median_s"] / big["grad"]["median_s"],
+        "simu_over_so_step": steps["simu_graddiff"]["median_s"] / steps["so_graddiff"]["median_s"],
+        "jax_over_torch_so_step": jt("so_step"),
+        "torch_over_jax_so_step": 1 / jt("so_step"),
+        "jax_over_torch_hvp": jt("sophia_h_step"),
+        "torch_over_jax_hvp": 1 / jt("sophia_h_step"),
+        "jax_over_torch_hvp_raw": jt("hvp"),
+        "compile_s_4_layers": comp["4"]["median_s"],
+        "compile_s_8_layers": comp["8"]["median_s"],
+        "compile_s_16_layers": comp["16"]["median_s"],
+        "compile_16_over_4": comp["16"]["median_s"] / comp["4"]["median_s"],
+        "simu_state_bytes_over_so": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
+        "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
+        "newton_per_cg_iter_s": steps["simu_newton"]["median_s"] / max(steps["simu_newton"]["cg_iterations"], 1),
+    }
+    assert set(expected) == set(SUMMARY_KEYS)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-9), key
+    assert result["jax_over_torch_so_step"] * result["torch_over_jax_so_step"] == pytest.approx(1.0)
+    for size in so2:
+        g = size["times"]["grad"]["median_s"]
+        for op, r in size["ratios_to_grad"].items():
+            assert r == pytest.approx(size["times"][op]["median_s"] / g, rel=1e-9)
+
+
+def test_timings_are_medians_of_their_runs(result):
+    repeats = result["profile"]["repeats"]
+    found = list(_timings(result))
+    assert len(found) >= 2 + 4 + 1 + 2 * 4  # second-order ops, steps (+ gradient in turns), peer JAX / torch pairs
+    for path, t in found:
+        assert len(t["runs_s"]) == repeats, path
+        assert all(_positive_finite(r) for r in t["runs_s"]), path
+        assert t["median_s"] == pytest.approx(statistics.median(t["runs_s"])), path
+        assert t["min_s"] <= t["median_s"] <= t["max_s"], path
+    for n, row in result["compile"]["layers"].items():
+        assert _positive_finite(row["median_s"]) and row["xla_compile_s"] > 0, n
+        assert row["median_s"] == pytest.approx(statistics.median(r["total_s"] for r in row["runs"]))
+
+
+def test_targets_block(result):
+    assert set(result["targets"]) == {key for key, *_ in TARGETS}
+    for key, bound, _ in TARGETS:
+        t = result["targets"][key]
+        assert t["value"] == result[key]
+        assert t["bound"] == (result[bound] if isinstance(bound, str) else bound)
+        assert t["met"] == (t["value"] <= t["bound"])
+
+
+def test_state_bytes_and_trainable_counts(result):
+    steps = result["steps"]["methods"]
+    assert steps["simu_newton"]["state_bytes"] == 0  # Newton-CG keeps no optimizer state
+    assert 0 < steps["simu_graddiff"]["state_bytes"] < steps["so_graddiff"]["state_bytes"]
+    assert steps["simu_graddiff"]["num_trainable"] < steps["so_graddiff"]["num_trainable"]
+    assert steps["so_graddiff"]["num_trainable"] == result["steps"]["config"]["num_params"]
+    # Sophia: momentum + curvature in float32 on every trainable coordinate (+ a step counter)
+    for label in ("so_graddiff", "simu_graddiff"):
+        per = steps[label]["state_bytes"] / steps[label]["num_trainable"]
+        assert 8.0 <= per < 8.01, (label, per)
+
+
+def test_same_weights_and_batch_as_the_peer(result):
+    """The torch peer loaded the JAX weights: its first GradDiff loss is the JAX one."""
+    parity = result["parity"]
+    assert math.isfinite(parity["jax_so_first_loss"])
+    assert parity["abs_diff"] < 1e-4
+    for label, row in result["steps"]["methods"].items():
+        assert math.isfinite(row["last_loss"]), label
+
+
+def test_markdown_and_plot_from_json(result, tmp_path):
+    spec = importlib.util.spec_from_file_location("make_benchmarks_md", ROOT / "tools" / "make_benchmarks_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(result))
+    md, png = tmp_path / "b.md", tmp_path / "b.png"
+    assert mod.main(["--json", str(src), "--md", str(md), "--png", str(png)]) == 0
+    text = md.read_text()
+    assert result["machine"]["cpu_model"] in text
+    for key, *_ in TARGETS:
+        assert f"`{key}`" in text
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_repeats_is_a_usage_error():
+    from simu_jax.bench import cli_main
+
+    with pytest.raises((SystemExit, ValueError)):
+        cli_main(["--repeats", "0"])

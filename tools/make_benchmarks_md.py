@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""Regenerate docs/benchmarks.md (tables) and docs/benchmarks.png (plot) from `simu-jax bench` JSON.
+
+    simu-jax bench --json docs/benchmarks.json
+    python tools/make_benchmarks_md.py [--json docs/benchmarks.json] [--md docs/benchmarks.md]
+                                       [--png docs/benchmarks.png]
+
+Everything on the page, the "what limits it" notes included, is computed from the JSON, so the
+page always describes the run it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ms(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x * 1e3:.1f}" if x * 1e3 < 1000 else f"{x * 1e3:,.0f}"
+
+
+def num(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def mib(b) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def _t(d, *path):
+    for k in path:
+        if d is None or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    peer = r.get("peer", {}).get("machine", {})
+    load = ""
+    if m.get("loadavg_start"):
+        busy = max(m["loadavg_start"][0], (m.get("loadavg_end") or [0])[0]) > m["cores_available"]
+        load = (f" Load average (1/5/15 min) {m['loadavg_start']} at the start, {m.get('loadavg_end')} at the end"
+                + (" — **the machine was shared with other jobs during the run: absolute times are inflated and "
+                   "ratios are noisier than on an idle machine.**" if busy else "."))
+    return (f"**Machine.** {m['cpu_model']}, {m['cores_available']} cores available ({m['cpu_count']} logical CPUs), "
+            f"{m.get('memory_gib')} GiB RAM; {m['platform']}; Python {m['python']}. JAX {m['jax']} / jaxlib "
+            f"{m['jaxlib']} (backend `{m['backend']}`, device `{m['device']}`), Flax {m['flax']}, Optax {m['optax']}; "
+            f"PyTorch {m['torch']}, transformers {m['transformers']}. Threads: XLA CPU pool {m['jax_threads']}, "
+            f"`torch.set_num_threads({m.get('torch_threads')})` (inter-op {m.get('torch_interop_threads')}, "
+            f"`OMP_WAIT_POLICY={peer.get('omp_wait_policy', '?')}`). XLA_FLAGS: `{m['xla_flags'] or '(none)'}`."
+            + load)
+
+
+def targets_table(r: dict) -> list[str]:
+    rows = ["| figure | value | target | met |", "|---|---|---|---|"]
+    for key, t in r["targets"].items():
+        bound = f"<= {num(t['bound'], 4)}" + (f" (`{t['bound_from']}`)" if t.get("bound_from") else "")
+        rows.append(f"| `{key}`: {t['what']} | {num(t['value'], 4)} | {bound} | {'yes' if t['met'] else '**no**'} |")
+    return rows
+
+
+def second_order_table(r: dict) -> list[str]:
+    so = r["second_order"]
+    ops = [op for op in ("forward", "grad", "hvp", "ggn_vp", "hutchinson", "grad_simu", "hvp_simu")
+           if op in so["sizes"][0]["times"]]
+    names = {"forward": "forward (loss)", "grad": "gradient", "hvp": "exact HVP", "ggn_vp": "GN product",
+             "hutchinson": "Hutchinson diag (1 probe)", "grad_simu": "gradient, SIMU subset",
+             "hvp_simu": "HVP, SIMU subset"}
+    head = "| model (hidden / intermediate, params) | " + " | ".join(names[o] for o in ops) + " |"
+    rows = [head, "|---" * (len(ops) + 1) + "|"]
+    for s in so["sizes"]:
+        g = s["times"]["grad"]["median_s"]
+        cells = [f"{ms(s['times'][o]['median_s'])} ms ({s['times'][o]['median_s'] / g:.2f}x)" for o in ops]
+        rows.append(f"| {s['hidden']} / {s['intermediate']}, {s['num_params'] / 1e6:.2f} M "
+                    f"(SIMU {s['num_params_simu'] / 1e6:.2f} M) | " + " | ".join(cells) + " |")
+    return rows
+
+
+METHOD_NAMES = {
+    "fo_graddiff": "`fo_graddiff` (AdamW, all params)",
+    "so_graddiff": "`so_graddiff` (Sophia, g*g, all params; SOUL)",
+    "so_graddiff_hutchinson": "`so_graddiff` + Hutchinson (Sophia-H, one exact HVP)",
+    "simu_graddiff": "`simu_graddiff` (Sophia on the SIMU subset)",
+    "simu_newton": "`simu_newton` (exact Newton-CG on the SIMU subset)",
+}
+
+
+def steps_table(r: dict) -> list[str]:
+    rows = ["| method | step (ms) | tokens/s | loss + gradient (ms) | rest of the step (ms) | trainable params | "
+            "optimizer + curvature state (MiB) | state bytes / trainable param |", "|---|---|---|---|---|---|---|---|"]
+    for label, m in r["steps"]["methods"].items():
+        per = m["state_bytes"] / m["num_trainable"] if m["num_trainable"] else 0
+        rows.append(f"| {METHOD_NAMES.get(label, label)} | {ms(m['median_s'])} | {m['tokens_per_s']:,.0f} | "
+                    f"{ms(m.get('grad_s'))} | {ms(m.get('rest_of_step_s'))} | {m['num_trainable']:,} | "
+                    f"{mib(m['state_bytes'])} | {per:.4f} |")
+    return rows
+
+
+PEER_NAMES = {
+    "so_step": "SO-GradDiff step (Sophia, g*g every step; SOUL)",
+    "sophia_h_step": "Sophia-H step (one Hutchinson HVP)",
+    "forward": "forward (GradDiff loss, no grad)",
+    "grad": "gradient (forward + backward)",
+    "hvp": "exact HVP (gradient + HVP; torch: double backward)",
+}
+
+
+def peer_table(r: dict) -> list[str]:
+    rows = ["| per call, same config / batch / threads, run in turns | JAX (ms) | PyTorch (ms) | JAX / PyTorch | "
+            "PyTorch / JAX |", "|---|---|---|---|---|"]
+    for name, c in r["peer"]["calls"].items():
+        j, t = c["jax"]["median_s"], c["torch"]["median_s"]
+        rows.append(f"| {PEER_NAMES.get(name, name)} | {ms(j)} | {ms(t)} | {j / t:.3f} | {t / j:.2f} |")
+    return rows
+
+
+def compile_table(r: dict) -> list[str]:
+    rows = ["| layers | trace + lower + compile (s) | trace (s) | lower to StableHLO (s) | XLA compile (s) |",
+            "|---|---|---|---|---|"]
+    for n, c in r["compile"]["layers"].items():
+        rows.append(f"| {n} | {c['median_s']:.2f} | {c['trace_s']:.2f} | {c['lower_s']:.2f} | {c['xla_compile_s']:.2f} |")
+    return rows
+
+
+CATS = (("matmul", "matmul"),
+        ("elementwise with a layout change (copy_*/transpose_* fusions)", "elementwise + layout change"),
+        ("copies", "copies"),
+        ("slices / updates (scan stacking)", "slices / updates"),
+        ("other fusions (elementwise, reductions, scatter)", "other fusions"),
+        ("loops / sync", "loops / sync"))
+
+
+def profile_section(r: dict) -> list[str]:
+    pr = r.get("profile_run")
+    if not pr:
+        return ["No profile in this JSON (`simu-jax bench --profile-only --json docs/benchmarks.json` adds one)."]
+    rows = [f"`simu-jax bench --profile-only` on {pr['config']}: `jax.profiler` traces with XLA:CPU per-op "
+            "events (`--xla_cpu_enable_xprof_traceme=true`), op time summed over XLA's CPU threads per call, by "
+            "kind of XLA op; and `torch.profiler` on the peer's SO step (self CPU time per step).", "",
+            "| program | traced wall (ms/call) | op time (ms) | " + " | ".join(short for _, short in CATS) + " |",
+            "|---" * (3 + len(CATS)) + "|"]
+    for name, d in pr["jax"].items():
+        share = d.get("by_category_share", {})
+        rows.append(f"| JAX `{name}` | {d['wall_ms']:.0f} | {d['op_ms_total']:.0f} | "
+                    + " | ".join(f"{share.get(c, 0):.0%}" for c, _ in CATS) + " |")
+    t = pr.get("torch_so_step")
+    if t:
+        top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(t["self_cpu_ms_per_step"].items())[:5])
+        rows += ["", f"PyTorch SO step: {t['total_self_cpu_ms_per_step']:.0f} ms self CPU per step, "
+                     f"{t['matmul_share']:.0%} in matmuls (top ops: {top})."]
+    return rows
+
+
+def _share(r, prog, cat):
+    return _t(r, "profile_run", "jax", prog, "by_category_share", cat)
+
+
+def _profile_ratio_note(r: dict) -> str:
+    g, h = _t(r, "profile_run", "jax", "grad"), _t(r, "profile_run", "jax", "hvp")
+    if not g or not h:
+        return ""
+    parts = []
+    for cat, short in CATS[:3]:
+        a, b = g["by_category_ms"].get(cat, 0), h["by_category_ms"].get(cat, 0)
+        if a > 0:
+            parts.append(f"{short} {b / a:.1f}x")
+    return (f" Profile at the steps' config: HVP op time {h['op_ms_total']:.0f} ms vs gradient "
+            f"{g['op_ms_total']:.0f} ms; by kind, HVP / gradient: " + ", ".join(parts) + ".")
+
+
+def _profile_grad_note(r: dict) -> str:
+    g, f, t = (_t(r, "profile_run", "jax", "grad"), _t(r, "profile_run", "jax", "forward"),
+               _t(r, "profile_run", "torch_so_step"))
+    if not g:
+        return ""
+    sh = g["by_category_share"]
+    note = (f" Profile of the JAX gradient: {1 - sh.get(CATS[0][0], 0):.0%} of its op time is outside matmuls: "
+            f"{sh.get(CATS[1][0], 0):.0%} in elementwise fusions that also transpose their output (the SwiGLU / "
+            f"attention backward writing [features, tokens] layouts for the weight-gradient dots; the HLO "
+            f"metadata names `transpose(jvp(...))/while/body/.../jit(silu)`), "
+            f"{sh.get(CATS[2][0], 0) + sh.get(CATS[3][0], 0):.0%} in copies and dynamic slices / updates "
+            "(stacking the layer scan's residuals)")
+    if f:
+        note += (f"; in the forward, which has none of this, only {1 - f['by_category_share'].get(CATS[0][0], 0):.0%} "
+                 "is outside matmuls")
+    if t:
+        note += (f". PyTorch's SO step spends {t['matmul_share']:.0%} of its self CPU time in MKL matmuls, its "
+                 "backward kernels work in place on the natural layouts")
+    return (note + ". Next (model code): give the backward the layouts it wants (flatten tokens to 2-D [B*T, H] "
+            "before the projections, a custom_vjp SwiGLU), try the `dots` remat policy or scan unrolling against "
+            "the residual stacking, and measure the same step on the GPU check (`tools/gpu_check.sh`, not run in "
+            "this session: no device).")
+
+
+def notes(r: dict) -> list[str]:
+    """What limits each missed target, from this run's own breakdowns."""
+    out = []
+    t = r["targets"]
+    steps = r["steps"]["methods"]
+    so2 = r["second_order"]["sizes"]
+    if not t["hvp_over_grad"]["met"]:
+        ratios = ", ".join(f"{s['hidden']}: {s['times']['hvp']['median_s'] / s['times']['grad']['median_s']:.2f}x"
+                           for s in so2)
+        out.append(f"- **`hvp_over_grad` = {t['hvp_over_grad']['value']:.2f}** (by hidden size: {ratios}). "
+                   "Forward-over-reverse pushes a tangent through the forward and the backward pass, so its "
+                   "arithmetic is about 2x the gradient's plus the primal; on CPU the extra elementwise tangent "
+                   "work is not hidden behind matmuls."
+                   + _profile_ratio_note(r)
+                   + (f" PyTorch's double-backward HVP is {_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
+                      " its gradient at the steps' config." if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad") else "")
+                   + " Next: `jax.linearize` once and reuse it for several products (Newton-CG already does: see "
+                   "its per-iteration cost below), and the layout fixes listed under `jax_over_torch_so_step`.")
+    if not t["simu_over_so_step"]["met"]:
+        s, m = steps["so_graddiff"], steps["simu_graddiff"]
+        out.append(
+            f"- **`simu_over_so_step` = {t['simu_over_so_step']['value']:.2f}**. Loss + gradient: SIMU "
+            f"{ms(m.get('grad_s'))} ms vs SO {ms(s.get('grad_s'))} ms "
+            f"({(m.get('grad_s') or 0) / max(s.get('grad_s') or 1e-12, 1e-12):.2f}x); the rest of the step "
+            f"(Sophia update, curvature, masking): SIMU {ms(m.get('rest_of_step_s'))} ms vs SO "
+            f"{ms(s.get('rest_of_step_s'))} ms. The masked step still runs the full forward and the full "
+            "activation backward through every layer (attention is trained in all layers, so the backward "
+            "reaches layer 0); it only skips the weight gradients of gate/up/down, the embeddings and "
+            "lm_head, about a third of the backward matmul work on those matrices. Next: freeze the "
+            "attention of the first layers (the backward then stops early), fuse the mlp_rows gather into "
+            "the down projection, and compare at a larger hidden size where matmuls dominate.")
+    if not t["jax_over_torch_so_step"]["met"]:
+        p = r["peer"]
+        ph = p.get("so_step_phases", {})
+        c = p["calls"]
+
+        def pair(name):
+            return (_t(c, name, "jax", "median_s"), _t(c, name, "torch", "median_s"))
+
+        (js, ts), (jg, tg), (jf, tf) = pair("so_step"), pair("grad"), pair("forward")
+        text = (f"- **`jax_over_torch_so_step` = {t['jax_over_torch_so_step']['value']:.2f}**. In turns with "
+                f"PyTorch: SO step JAX {ms(js)} ms vs {ms(ts)} ms; gradient alone {ms(jg)} vs {ms(tg)} ms")
+        if jf and tf:
+            text += (f"; forward alone {ms(jf)} vs {ms(tf)} ms. The forward is not behind; the backward is "
+                     f"(gradient minus forward: JAX {ms(jg - jf)} ms, PyTorch {ms(tg - tf)} ms)")
+        so = steps["so_graddiff"]
+        text += (f". The optimizer is not it: PyTorch's SophiaG phase takes {ms(ph.get('optimizer_s'))} ms of its "
+                 f"{ms(ts)} ms step, and JAX's Sophia update + g*g is the step minus the gradient in the steps "
+                 f"section ({ms(so.get('rest_of_step_s'))} ms).")
+        out.append(text + _profile_grad_note(r))
+    if not t["compile_16_over_4"]["met"]:
+        c = r["compile"]["layers"]
+        out.append(f"- **`compile_16_over_4` = {t['compile_16_over_4']['value']:.2f}**: XLA compile "
+                   f"{c['4']['xla_compile_s']:.2f} s -> {c['16']['xla_compile_s']:.2f} s, trace "
+                   f"{c['4']['trace_s']:.2f} s -> {c['16']['trace_s']:.2f} s.")
+    if not t["simu_state_bytes_over_so"]["met"]:
+        s, m = steps["so_graddiff"], steps["simu_graddiff"]
+        out.append(
+            f"- **`simu_state_bytes_over_so` = {t['simu_state_bytes_over_so']['value']:.8f}** against a "
+            f"trainable fraction of {t['simu_state_bytes_over_so']['bound']:.8f}: both methods keep exactly "
+            f"{m['state_bytes'] / m['num_trainable']:.5f} and {s['state_bytes'] / s['num_trainable']:.5f} bytes "
+            "per trainable parameter (float32 momentum + curvature, nothing for frozen parameters); the "
+            "difference is Sophia's 4-byte step counter, which both states carry whatever their size. With "
+            "a mask whose per-layer neuron counts differ, the compact [L, K, H] rows add padding up to the "
+            "largest layer's K (this benchmark's random mask has equal counts, so none).")
+    if not out:
+        out.append("- Every target was met in this run.")
+    return out
+
+
+def extra_notes(r: dict) -> list[str]:
+    out = []
+    par = r.get("parity")
+    if par:
+        out.append(f"- Same weights and batch on both sides: first GradDiff loss JAX {par['jax_so_first_loss']:.7f}, "
+                   f"PyTorch {par['torch_so_first_loss']:.7f} (|diff| {par['abs_diff']:.1e}).")
+    pd = r.get("peer_default_env")
+    if pd:
+        out.append(f"- The peer with torch's default OpenMP environment (idle threads spin): SO step "
+                   f"{ms(pd['so_step']['torch']['median_s'])} ms against JAX {ms(pd['so_step']['jax']['median_s'])} ms "
+                   f"in turns (JAX / PyTorch {pd['jax_over_torch_so_step']:.3f}). The headline peer sets "
+                   "`OMP_WAIT_POLICY=PASSIVE`, which changes nothing on an idle machine and keeps spinning "
+                   "threads from fighting other processes on a shared one.")
+    n = r["steps"]["methods"].get("simu_newton")
+    if n and "cg_iterations" in n:
+        out.append(f"- `simu_newton`: {n['cg_iterations']} CG iterations done (cap "
+                   f"{r['steps']['config']['settings']['cg_iters']}, damping "
+                   f"{r['steps']['config']['settings']['damping']}, chosen so that CG runs to its cap: with a small "
+                   f"damping it stops at the first negative-curvature direction of the GradDiff Hessian), "
+                   f"{ms(n['per_cg_iter_s'])} ms per iteration = step / iterations"
+                   + (f" = {n['per_cg_iter_over_grad']:.2f}x the SIMU-subset gradient" if "per_cg_iter_over_grad" in n
+                      else "")
+                   + (f"; one full HVP on the SIMU subset alone: {ms(n['hvp_simu_s'])} ms (a CG iteration reuses "
+                      "one linearization, so it costs less)" if "hvp_simu_s" in n else "")
+                   + ".")
+    so2 = r["second_order"]["sizes"]
+    if "grad_simu" in so2[0]["times"]:
+        out.append("- Masked savings in the products themselves (SIMU subset / all parameters): gradient "
+                   + ", ".join(f"{s['hidden']}: {s['times']['grad_simu']['median_s'] / s['times']['grad']['median_s']:.2f}x"
+                               for s in so2)
+                   + ("; HVP " + ", ".join(
+                       f"{s['hidden']}: {s['times']['hvp_simu']['median_s'] / s['times']['hvp']['median_s']:.2f}x"
+                       for s in so2) if "hvp_simu" in so2[0]["times"] else "") + ".")
+    return out
+
+
+def render(r: dict, png_name: str) -> str:
+    p, cfg = r["profile"], r["steps"]["config"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Regenerated by `python tools/make_benchmarks_md.py` from `docs/benchmarks.json`, which "
+        f"`simu-jax bench{' --quick' if p['name'] == 'quick' else ''} --json docs/benchmarks.json` wrote "
+        f"({p['name']} profile, {r.get('timestamp_utc', '?')}, {r['wall_s'] / 60:.1f} min). Do not edit by hand.",
+        "",
+        machine_line(r),
+        "",
+        f"**How.** Every time is the median of {p['repeats']} timed runs after {p['warmup']} warm-up run(s), "
+        "each blocked on its outputs; first (compiling) calls are kept apart. Same config, batch and thread "
+        f"count on both sides: LLaMA-style models, {p['layers']} layers, head dim {p['head_dim']}, vocab "
+        f"{p['vocab']}, {p['batch']} forget + {p['batch']} retain sequences of {p['seq']} tokens (loss on the "
+        f"second half), float32; SIMU trains attention + {p['neuron_fraction']:.0%} of the down_proj rows "
+        "(a random mask with equal per-layer counts). The PyTorch peer is transformers `LlamaForCausalLM` "
+        "(eager attention) with the same weights, in its own process (`tools/torch_peer.py`). The programs of "
+        "one table run in turns (A B C, C B A, ...), so ratios within a table compare runs under the same load; "
+        "the sections ran minutes apart, so on a shared machine compare across tables with care (load average "
+        "per section: " + ", ".join(f"{k} {v['loadavg_before'][0]:.1f}→{v['loadavg_after'][0]:.1f}"
+                                    for k, v in r.get("phases", {}).items() if k not in ("setup",)) + ").",
+        "",
+        "## Targets (issue 7)",
+        "",
+        *targets_table(r),
+        "",
+        "## Second-order cost (GradDiff loss, all parameters; time and ratio to the gradient)",
+        "",
+        *second_order_table(r),
+        "",
+        f"## Unlearning steps ({cfg['hidden']} hidden, {cfg['intermediate']} intermediate, {cfg['layers']} layers, "
+        f"{cfg['num_params'] / 1e6:.2f} M params)",
+        "",
+        "Loss + gradient: the gradient program of the same config on the method's trainable set (all "
+        "parameters, or the SIMU subset), timed in the same turns as the steps; the rest is the optimizer, "
+        "the curvature estimate and the masking (and, for Newton, the CG solve). The two are separate "
+        "programs timed in turns, so a small negative rest is noise.",
+        "",
+        *steps_table(r),
+        "",
+        "## JAX against the PyTorch peer (same config as the steps)",
+        "",
+        *peer_table(r),
+        "",
+        "## Compile time of the SIMU step "
+        f"({r['compile']['hidden']} hidden, {r['compile']['intermediate']} intermediate)",
+        "",
+        f"Measured: {r['compile']['measure']}.",
+        "",
+        *compile_table(r),
+        "",
+        "## Profile",
+        "",
+        *profile_section(r),
+        "",
+        "## What limits each missed target",
+        "",
+        *notes(r),
+        "",
+        "## Other observations",
+        "",
+        *extra_notes(r),
+        "",
+        f"![benchmarks]({png_name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    m = r["machine"]
+    fig.suptitle(f"simu-jax bench ({r['profile']['name']}) — {m['cpu_model']}, {m['cores_available']} cores, "
+                 f"JAX {m['jax']} / torch {m['torch']}, {m['jax_threads']} threads", fontsize=11)
+
+    ax = axes[0, 0]
+    sizes = r["second_order"]["sizes"]
+    ops = [o for o in ("forward", "hvp", "ggn_vp", "hutchinson", "grad_simu", "hvp_simu") if o in sizes[0]["times"]]
+    x = np.arange(len(sizes))
+    w = 0.8 / max(len(ops), 1)
+    for i, o in enumerate(ops):
+        ax.bar(x + i * w, [s["times"][o]["median_s"] / s["times"]["grad"]["median_s"] for s in sizes], w, label=o)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(2.0, color="r", ls="--", lw=0.8, label="HVP target 2x")
+    ax.set_xticks(x + w * (len(ops) - 1) / 2, [f"h={s['hidden']}" for s in sizes])
+    ax.set_ylabel("time / gradient time")
+    ax.set_title("second-order cost, ratio to the gradient")
+    ax.legend(fontsize=8)
+
+    ax = axes[0, 1]
+    st = r["steps"]["methods"]
+    calls = r["peer"]["calls"]
+    names = list(calls)
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, [calls[n]["jax"]["median_s"] * 1e3 for n in names], 0.4, label="JAX", color="tab:blue")
+    ax.barh(y + 0.2, [calls[n]["torch"]["median_s"] * 1e3 for n in names], 0.4, label="PyTorch", color="tab:orange")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per call (median, JAX and PyTorch in turns)")
+    ax.set_title("JAX vs the PyTorch peer, same config / batch / threads")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 0]
+    comp = r["compile"]["layers"]
+    ls = list(comp)
+    bottom = np.zeros(len(ls))
+    for part in ("trace_s", "lower_s", "xla_compile_s"):
+        v = np.array([comp[n][part] for n in ls])
+        ax.bar(ls, v, bottom=bottom, label=part.replace("_s", ""))
+        bottom += v
+    ax.set_xlabel("layers")
+    ax.set_ylabel("seconds")
+    ax.set_title("compile time of the SIMU step")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    ax.bar(list(st), [st[k]["state_bytes"] / 2**20 for k in st], color="tab:green")
+    ax.set_ylabel("MiB")
+    ax.set_title("optimizer + curvature state")
+    ax.tick_params(axis="x", rotation=20, labelsize=8)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks.json")
+    ap.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "benchmarks.png")
+    args = ap.parse_args(argv)
+    r = json.loads(args.json.read_text())
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    plot(r, args.png)
+    args.md.write_text(render(r, args.png.name))
+    print(f"wrote {args.md} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
