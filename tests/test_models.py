@@ -278,3 +278,13 @@ def test_sharded_save_roundtrip(tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(torch_model, ids), atol=TOL, rtol=0)
     with pytest.raises(FileExistsError):
         save_pretrained(model, out)
+
+
+def test_top_level_api_is_the_converter():
+    import simu_jax
+    from simu_jax.models import convert
+
+    assert simu_jax.load_pretrained is convert.load_pretrained
+    assert simu_jax.save_pretrained is convert.save_pretrained
+    with pytest.raises(AttributeError):
+        simu_jax.no_such_thing  # noqa: B018
