@@ -1,7 +1,5 @@
 """Tests for simu_jax.curvature: every estimator against an exact dense reference."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,28 +8,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from simu_jax import curvature as C
-
-
-@contextlib.contextmanager
-def _x64():
-    """float64 on, restored afterwards (``jax.enable_x64`` where it exists)."""
-    ctx = getattr(jax, "enable_x64", None)
-    if ctx is not None:
-        with ctx(True):
-            yield
-    else:  # pragma: no cover - older/newer jax without the context manager
-        prev = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-        try:
-            yield
-        finally:
-            jax.config.update("jax_enable_x64", prev)
-
-
-@pytest.fixture
-def x64():
-    with _x64():
-        yield
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """Tests for simu_jax.optim: Sophia vs a numpy reference, bit-exact masking, Newton-CG."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,27 +9,6 @@ from jax.flatten_util import ravel_pytree
 
 from simu_jax import curvature as C
 from simu_jax import optim as O
-
-
-@contextlib.contextmanager
-def _x64():
-    ctx = getattr(jax, "enable_x64", None)
-    if ctx is not None:
-        with ctx(True):
-            yield
-    else:  # pragma: no cover
-        prev = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-        try:
-            yield
-        finally:
-            jax.config.update("jax_enable_x64", prev)
-
-
-@pytest.fixture
-def x64():
-    with _x64():
-        yield
 
 
 def _bits(x):
