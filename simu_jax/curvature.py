@@ -137,19 +137,33 @@ def ggn_vp(
 # ----------------------------------------------------------------------------
 
 
-def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
+def rademacher_like(key: jax.Array, tree: PyTree, shardings: Optional[PyTree] = None) -> PyTree:
     """Rademacher (+-1) probes with each leaf's shape and dtype.
 
     One key per leaf (``optax.tree_utils.tree_random_like``, which also passes
-    the leaf's sharding as ``out_sharding`` where the sampler accepts it). Under
-    ``jit`` with automatic sharding the compiler lays the probes out like the
-    parameters they are combined with.
+    the leaf's sharding as ``out_sharding`` where the sampler accepts it; that only
+    helps under Explicit mesh axes, where the sharding is part of the type).
+    ``shardings`` (a tree like ``tree`` of ``jax.sharding.Sharding``, or None leaves):
+    inside ``jit`` on an Auto-axes mesh the probes are pinned to them with
+    ``with_sharding_constraint``, so they are generated sharded (with
+    ``jax_threefry_partitionable``, on by default, each device computes only its own
+    random bits and they do not depend on the layout) rather than left to propagation.
     """
-    return otu.tree_random_like(key, tree, sampler=jax.random.rademacher)
+    u = otu.tree_random_like(key, tree, sampler=jax.random.rademacher)
+    return constrain(u, shardings)
+
+
+def constrain(tree: PyTree, shardings: Optional[PyTree]) -> PyTree:
+    """``with_sharding_constraint`` leaf by leaf (None: no constraint, for the tree or a leaf)."""
+    if shardings is None:
+        return tree
+    return jax.tree.map(lambda s, x: x if s is None else jax.lax.with_sharding_constraint(x, s), shardings, tree,
+                        is_leaf=lambda s: s is None)
 
 
 def hutchinson_diagonal(
-    f: Callable[..., jax.Array], params: PyTree, key: jax.Array, num_probes: int = 1, *args
+    f: Callable[..., jax.Array], params: PyTree, key: jax.Array, num_probes: int = 1, *args,
+    shardings: Optional[PyTree] = None,
 ) -> PyTree:
     """Hutchinson estimate of ``diag(H)``: mean over probes of ``u * (H u)`` (Sophia-H).
 
@@ -159,16 +173,21 @@ def hutchinson_diagonal(
     costs one linear HVP; probes are summed sequentially (``lax.scan``), so memory
     does not grow with ``num_probes``. Returns float32 (float64 for f64 params).
     The estimate may be negative: Sophia's ``max(rho*h, eps)`` handles that.
+
+    ``shardings``: the params' shardings (a tree like ``params``; see
+    :func:`rademacher_like`). The probe ``u`` (the HVP's tangent), ``H u`` and the
+    running sum are constrained to them, so on a mesh nothing probe-sized is replicated.
     """
     dtype = _tree_acc_dtype(params)
     _, hvp_lin = jax.linearize(lambda p: jax.grad(f)(p, *args), params)
 
     def body(total, k):
-        u = rademacher_like(k, params)
-        hu = hvp_lin(u)
-        return jax.tree.map(lambda t, a, b: t + a.astype(dtype) * b.astype(dtype), total, u, hu), None
+        u = rademacher_like(k, params, shardings)
+        hu = constrain(hvp_lin(u), shardings)
+        total = jax.tree.map(lambda t, a, b: t + a.astype(dtype) * b.astype(dtype), total, u, hu)
+        return constrain(total, shardings), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params), shardings)
     total, _ = jax.lax.scan(body, zeros, jax.random.split(key, num_probes))
     return jax.tree.map(lambda t: t / num_probes, total)
 

@@ -26,7 +26,8 @@ from simu_jax import optim
 from simu_jax.curvature import tree_norm
 from simu_jax.losses import token_mean_nll, unlearning_loss
 from simu_jax.models import apply
-from simu_jax.selection import ALL_PARAMS, SIMU, Partition, TrainableSpec, count_trainable
+from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, _get, count_trainable,
+                                gather_rows, scatter_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,26 +94,109 @@ def build_optimizer(method: Method, s: StepSettings, mask) -> optax.GradientTran
     return None  # newton: stateless
 
 
+def _init_split(partition: Partition, leaves: dict, down, rows):
+    """The only new arrays of the split: a private copy of the trainable leaves (the step
+    donates it, and the caller's params / the reference model may alias them) with the
+    compact SIMU rows gathered, and down_proj with those rows zeroed (the frozen side)."""
+    trainable = {k: jnp.copy(v) for k, v in leaves.items()}  # copy_p: never forwarded as an input buffer
+    if rows is not None:
+        index, valid = rows
+        trainable["down_rows"] = gather_rows(down, index, valid)
+        down = partition.zero_rows(down, rows)
+    return trainable, down
+
+
+_init_split_jit = jax.jit(_init_split, static_argnums=0)
+
+
 class Unlearner:
-    """Holds the partitioned params, the optimizer state and the compiled step."""
+    """Holds the partitioned params, the optimizer state and the compiled step.
+
+    Memory: the Unlearner keeps the frozen tree (aliases of ``params``' non-trainable leaves,
+    plus one new down_proj with the trained rows zeroed when SIMU trains neuron rows), its
+    own copy of the trainable leaves, the optimizer state and ``ref`` (only for NPO / KL
+    retain, where it is the reference model). It keeps no other reference to ``params``:
+    :meth:`params` writes the trained values into the frozen tree.
+
+    ``mesh`` (a ``sharding.make_mesh`` mesh): build directly on the mesh. ``params`` (and
+    ``ref_params``) are placed with ``sharding.param_shardings`` first (free when they already
+    are, e.g. from ``sharding.shard_params``); the trainable copy, the zeroed down_proj and the
+    optimizer state are then created by ``jax.jit`` with ``out_shardings``, so nothing new is
+    ever created unsharded; the neuron-row masks are sharded like the rows they gate;
+    the step is a jit whose ``out_shardings`` keep that layout, batches are split with
+    ``sharding.shard_batch`` and Hutchinson probes are constrained to the params' shardings.
+    ``rules`` / ``model_config`` as in ``sharding.param_shardings``.
+    """
 
     def __init__(self, graphdef, params: dict, method: Method, settings: StepSettings,
-                 selected: np.ndarray | None = None, ref_params: dict | None = None):
+                 selected: np.ndarray | None = None, ref_params: dict | None = None, *, mesh=None,
+                 rules=None, model_config=None):
         self.graphdef, self.method, self.settings = graphdef, method, settings
-        self.original = params
-        self.partition = Partition(params, method.trainable, selected)
-        trainable, self.frozen = self.partition.split(params)
-        # a private copy: the step donates it, and it may alias the original / reference params
-        self.trainable = jax.tree.map(jnp.copy, trainable)
-        self.mask = self.partition.optimizer_mask(self.trainable)
+        self.mesh = None
+        self.partition = part = Partition(params, method.trainable, selected)
         needs_ref = method.objective == "npo" or settings.retain_loss == "kl"
+        if mesh is not None:
+            from simu_jax import sharding as S
+
+            rules = S.DEFAULT_RULES if rules is None else rules
+            cache: dict = {}  # one placement per distinct array: ref_params aliasing params stays an alias
+            params = S._put(params, S.param_shardings(params, mesh, rules, model_config), cache)
+            if needs_ref and ref_params is not None:
+                ref_params = S._put(ref_params, S.param_shardings(ref_params, mesh, rules, model_config), cache)
+            if part.row_index is not None:
+                part.row_index = S.shard_mask(part.row_index, mesh, rules)
+                part.row_valid = S.shard_mask(part.row_valid, mesh, rules)
         self.ref = (ref_params if ref_params is not None else params) if needs_ref else None
+
+        # trainable copy + zeroed down_proj, created in place (on a mesh: already sharded)
+        leaves = {part._key(p): _get(params, p) for p in part.paths}
+        down = _get(params, DOWN) if part.row_index is not None else None
+        split = functools.partial(_init_split_jit, part)  # one device: compiled once per partition structure
+        tr_sh = None
+        if mesh is not None:
+            tr_sh = S.param_shardings(jax.eval_shape(functools.partial(_init_split, part), leaves, down, part.rows)[0],
+                                      mesh, rules, model_config)
+            split = jax.jit(functools.partial(_init_split, part),
+                            out_shardings=(tr_sh, None if down is None else down.sharding))
+        self.trainable, zeroed = split(leaves, down, part.rows)
+        self.frozen = part.frozen_from(params, zeroed)
+        del params, leaves, down, zeroed
+
+        self.mask = part.optimizer_mask(self.trainable)
+        if mesh is not None and self.mask is not None:
+            self.mask = S.shard_mask(self.mask, mesh, rules)
         self.tx = build_optimizer(method, settings, self.mask)
-        self.opt_state = self.tx.init(self.trainable) if self.tx is not None else ()
+        self.opt_state = ()
+        opt_sh = ()
+        if self.tx is not None:
+            if mesh is not None:
+                # zeros created sharded: full Sophia / AdamW state never exists on one device
+                opt_sh = S.opt_state_shardings(jax.eval_shape(self.tx.init, self.trainable), tr_sh, mesh, tx=self.tx)
+                self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
+            else:
+                self.opt_state = jax.jit(self.tx.init)(self.trainable)
         self.step_count = 0
-        # the compiled step with its static configuration bound; `sharding.shard_unlearner`
-        # replaces it with a version pinned to a device mesh
-        self._step_fn = functools.partial(compiled_step, graphdef, self.partition, method, settings)
+        self._step_fn = functools.partial(compiled_step, graphdef, part, method, settings)
+        self._scatter = None  # params(): the default jitted scatter
+        if mesh is not None:
+            self._bind_mesh(mesh, rules, tr_sh, opt_sh)
+
+    def _bind_mesh(self, mesh, rules, tr_sh, opt_sh):
+        """Compile the step (and the row scatter of `params()`) for `mesh`, with `out_shardings`
+        pinning the new trainable params and optimizer state to `tr_sh` / `opt_sh`."""
+        from simu_jax import sharding as S
+
+        compiled = _mesh_step(self.graphdef, self.partition, self.method, self.settings, mesh,
+                              *_hashable(tr_sh), *_hashable(opt_sh))
+
+        def sharded_step(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
+            return compiled(trainable, opt_state, frozen, ref, rows, S.shard_batch(batch, mesh, rules), key, step_count)
+
+        sharded_step.compiled = compiled  # for inspection (lower / cost analysis)
+        self._step_fn = sharded_step
+        if self.partition.row_index is not None:
+            self._scatter = jax.jit(scatter_rows, out_shardings=_get(self.frozen, DOWN).sharding)
+        self.mesh = mesh
 
     @property
     def num_trainable(self) -> int:
@@ -130,8 +214,29 @@ class Unlearner:
         return metrics
 
     def params(self) -> dict:
-        """The full parameter tree with the unlearned values written in."""
-        return self.partition.merge_back(self.trainable, self.original)
+        """The full parameter tree with the unlearned values written in (into the frozen tree:
+        trainable leaves set, the compact SIMU rows scattered back into down_proj)."""
+        return self.partition.merge_back(self.trainable, self.frozen, scatter=self._scatter)
+
+
+def _hashable(tree):
+    """A tree of shardings as a hashable (treedef, leaves) pair (a cache key)."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _mesh_step(graphdef, partition, method, settings, mesh, tr_def, tr_leaves, opt_def, opt_leaves):
+    """`step_impl` jitted for a mesh; cached, so Unlearners of one configuration (e.g. one built
+    on the mesh and one moved there by `sharding.shard_unlearner`) share one executable."""
+    tr_sh = jax.tree.unflatten(tr_def, tr_leaves)
+    opt_sh = jax.tree.unflatten(opt_def, opt_leaves)
+    from simu_jax.sharding import replicated
+
+    # the Hutchinson probes (HVP tangents) are constrained to the trainable params' shardings
+    step = functools.partial(step_impl, graphdef, partition, method, settings, probe_shardings=tr_sh)
+    donate = (0, 1) if jax.default_backend() != "cpu" else ()
+    return jax.jit(step, out_shardings=(tr_sh, opt_sh, replicated(mesh)), donate_argnums=donate)
 
 
 def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows, trainable, frozen, ref, batch, step):
@@ -149,8 +254,10 @@ def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows,
     return loss, terms
 
 
-def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref, rows, batch, key, step):
-    """One unlearning step (see `compiled_step`)."""
+def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref, rows, batch, key, step,
+              probe_shardings=None):
+    """One unlearning step (see `compiled_step`). `probe_shardings`: the trainable params'
+    shardings on a mesh (Hutchinson probes are constrained to them), else None."""
     mask = partition.optimizer_mask(trainable, rows)
     tx = build_optimizer(method, s, mask)
     loss_fn = functools.partial(_loss, graphdef, partition, method, s, rows)
@@ -167,7 +274,7 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, ref, batch, step)
     extra = {}
     if method.optimizer == "sophia":
-        estimate = _estimator(graphdef, partition, s, rows, loss_fn)
+        estimate = _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings)
         extra["hessian_estimate"] = optim.curvature_on_schedule(
             estimate, step, s.update_interval, trainable, key, grads, frozen, ref, batch, step)
     updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
@@ -182,12 +289,13 @@ compiled_step = jax.jit(step_impl, static_argnums=(0, 1, 2, 3),
                         donate_argnums=(4, 5) if jax.default_backend() != "cpu" else ())
 
 
-def _estimator(graphdef, partition, s, rows, loss_fn):
+def _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings=None):
     if s.estimator == "fisher":
         return optim.make_curvature_estimator("fisher")
     if s.estimator == "hutchinson":
         scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
-        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.num_probes)
+        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.num_probes,
+                                               shardings=probe_shardings)
     if s.estimator == "gnb":
         # Gauss-Newton-Bartlett of the model's own next-token distribution on the forget and
         # retain inputs (answer tokens): curvature of the output, independent of the

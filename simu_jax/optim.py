@@ -78,6 +78,7 @@ __all__ = [
     "masked",
     "masked_apply",
     "adamw",
+    "state_in_fp32",
     "make_curvature_estimator",
     "curvature_on_schedule",
     "sophia_count",
@@ -285,6 +286,7 @@ def make_curvature_estimator(
     loss_fn: Optional[Callable[..., jax.Array]] = None,
     logits_fn: Optional[Callable[..., Any]] = None,
     num_probes: int = 1,
+    shardings: Optional[PyTree] = None,
 ) -> Callable[..., PyTree]:
     """Return ``estimate(params, key, grads, *args) -> h_hat`` for Sophia.
 
@@ -295,6 +297,10 @@ def make_curvature_estimator(
       (``weights`` the token mask or None); returns ``B * g_sampled**2`` (Sophia-G,
       use ``batch_scale=1``).
 
+    ``shardings`` (hutchinson only): a tree like the params of ``jax.sharding.Sharding``s
+    (``sharding.param_shardings``); the Rademacher probes and their HVPs are constrained to
+    them, so on a mesh each device draws and holds only its shard of every probe.
+
     All return float32 pytrees like the params.
     """
     if kind == "fisher":
@@ -302,7 +308,10 @@ def make_curvature_estimator(
     if kind == "hutchinson":
         if loss_fn is None:
             raise ValueError("hutchinson needs loss_fn(params, *args)")
-        return lambda params, key, grads, *args: C.hutchinson_diagonal(loss_fn, params, key, num_probes, *args)
+        def hutchinson(params, key, grads, *args):
+            return C.hutchinson_diagonal(loss_fn, params, key, num_probes, *args, shardings=shardings)
+
+        return hutchinson
     if kind == "gnb":
         if logits_fn is None:
             raise ValueError("gnb needs logits_fn(params, *args) -> (logits, weights)")
@@ -341,6 +350,33 @@ def curvature_on_schedule(
 # ----------------------------------------------------------------------------
 
 
+def _to_state_dtype(tree: PyTree) -> PyTree:
+    """Every leaf cast to its state dtype (float32; float64 stays float64). A tree with no array
+    leaves (e.g. optax's params placeholder in ``tree_map_params``) passes through unchanged."""
+    return jax.tree.map(lambda x: x.astype(_state_dtype(jnp.result_type(x))), tree)
+
+
+def state_in_fp32(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Run ``inner`` in the state dtype: float32 state and arithmetic under bf16 params.
+
+    ``init`` sees the params cast to float32, so every params-shaped state leaf (Adam's
+    ``mu`` *and* ``nu``; optax's ``mu_dtype`` covers only ``mu``) is created float32; ``update``
+    sees float32 gradients (so ``g**2`` is not rounded to bf16 before it enters ``nu``) and
+    returns the updates in the gradients' own dtype, as Sophia does. Under ``jax.jit`` the
+    cast in ``init`` is dead code (only shapes and dtypes are used).
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return inner.init(_to_state_dtype(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new, state = inner.update(_to_state_dtype(updates), state, params, **extra_args)
+        return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), new, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -353,10 +389,13 @@ def adamw(
     """``optax.adamw`` with Sophia's element-wise trainable ``mask`` (see :func:`masked`).
 
     ``weight_decay_mask`` is optax.adamw's own ``mask`` (per-leaf booleans: which
-    leaves get decay). Outside ``mask``: zero update, ``mu``/``nu`` unchanged.
+    leaves get decay). Outside ``mask``: zero update, ``mu``/``nu`` unchanged. ``mu`` and
+    ``nu`` are float32 whatever the param dtype (float64 for float64 params; see
+    :func:`state_in_fp32`); updates come back in the param dtype.
     """
-    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
-    return masked(tx, mask) if mask is not None else optax.with_extra_args_support(tx)
+    tx = state_in_fp32(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                                   mask=weight_decay_mask))
+    return masked(tx, mask) if mask is not None else tx
 
 
 # ----------------------------------------------------------------------------

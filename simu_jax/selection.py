@@ -75,6 +75,26 @@ def _get(tree: dict, path: tuple[str, ...]):
 DOWN = ("model", "layers", "mlp", "down_proj", "kernel")
 
 
+def gather_rows(down, index, valid):
+    """down [L, I, H] -> the rows `index` [L, K] as [L, K, H]; padding slots (not `valid`) are 0."""
+    rows = jnp.take_along_axis(down, index[..., None], axis=1)
+    return jnp.where(valid[..., None], rows, 0).astype(down.dtype)
+
+
+def scatter_rows(down, index, valid, rows):
+    """down [L, I, H] with rows [L, K, H] written at rows `index` [L, K] where `valid`.
+
+    Padding slots are redirected to the out-of-bounds row I and dropped (`mode="drop"`), so
+    they write nothing: their index (0) may repeat a real selected row, and a scatter with
+    duplicate indices keeps an unspecified one of the values.
+    """
+    safe = jnp.where(valid, index, down.shape[1])
+    return jax.vmap(lambda k, i, r: k.at[i].set(r, mode="drop"))(down, safe, rows.astype(down.dtype))
+
+
+_scatter_rows_jit = jax.jit(scatter_rows)
+
+
 class Partition:
     """Split params into a trainable subset and the frozen rest, and put them back together."""
 
@@ -120,20 +140,32 @@ class Partition:
         """(row_index [L, K], row_valid [L, K]) of the trained neuron rows, or None."""
         return None if self.row_index is None else (self.row_index, self.row_valid)
 
-    def split(self, params: dict) -> tuple[dict, dict]:
-        """(trainable, frozen). Trainable is a flat dict {'a/b/kernel': array, 'down_rows': [L,K,H]}."""
+    def take(self, params: dict, rows=None) -> dict:
+        """The trainable flat dict {'a/b/kernel': array, 'down_rows': [L, K, H]} read from `params`
+        (the leaves themselves, not copies; `down_rows` gathered, zero in padding slots)."""
         trainable = {self._key(p): _get(params, p) for p in self.paths}
-        frozen = params
         if self.row_index is not None:
-            down = _get(params, DOWN)
-            rows = jnp.take_along_axis(down, self.row_index[..., None], axis=1)
-            trainable["down_rows"] = jnp.where(self.row_valid[..., None], rows, 0).astype(down.dtype)
-            zeroed = jax.vmap(lambda k, i, v: k.at[i].set(jnp.where(v[:, None], 0, k[i])))(down, self.row_index,
-                                                                                            self.row_valid)
-            frozen = _set(frozen, DOWN, zeroed)
+            index, valid = rows if rows is not None else self.rows
+            trainable["down_rows"] = gather_rows(_get(params, DOWN), index, valid)
+        return trainable
+
+    def frozen_from(self, params: dict, down=None) -> dict:
+        """`params` with the trainable leaves set to None and, if given, down_proj replaced by `down`
+        (down_proj with the trained rows zeroed). Everything else aliases `params`."""
+        frozen = params if down is None else _set(params, DOWN, down)
         for p in self.paths:  # drop trainable leaves from the frozen tree (they are replaced anyway)
             frozen = _set(frozen, p, None)
-        return trainable, frozen
+        return frozen
+
+    def zero_rows(self, down, rows=None):
+        """down_proj [L, I, H] with the trained rows set to 0 (their values live in `down_rows`)."""
+        index, valid = rows if rows is not None else self.rows
+        return scatter_rows(down, index, valid, jnp.zeros(index.shape + down.shape[2:], down.dtype))
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen). Trainable is a flat dict {'a/b/kernel': array, 'down_rows': [L,K,H]}."""
+        down = self.zero_rows(_get(params, DOWN)) if self.row_index is not None else None
+        return self.take(params), self.frozen_from(params, down)
 
     def combine(self, trainable: dict, frozen: dict, rows=None) -> tuple[dict, dict]:
         """(full params for `apply`, extra `apply` kwargs) from the two halves.
@@ -151,16 +183,21 @@ class Partition:
             kwargs["mlp_rows"] = (index, values)
         return params, kwargs
 
-    def merge_back(self, trainable: dict, original: dict) -> dict:
-        """Full params with the trained values written in (selected down_proj rows scattered back)."""
-        params = original
+    def merge_back(self, trainable: dict, base: dict, rows=None, scatter=None) -> dict:
+        """Full params: `base` (the frozen tree, or any full tree) with the trained values written in.
+
+        The selected down_proj rows are scattered back into `base`'s down_proj (which may have
+        them zeroed, as the frozen tree does), so no copy of the original params is needed.
+        `scatter` defaults to a jitted :func:`scatter_rows`; an engine on a mesh passes one
+        with `out_shardings` so the merged down_proj keeps its layout.
+        """
+        params = base
         for p in self.paths:
             params = _set(params, p, trainable[self._key(p)])
         if self.row_index is not None:
-            down = _get(original, DOWN)
-            new = jax.vmap(lambda k, i, v, r: k.at[i].set(jnp.where(v[:, None], r, k[i])))(
-                down, self.row_index, self.row_valid, trainable["down_rows"].astype(down.dtype))
-            params = _set(params, DOWN, new)
+            index, valid = rows if rows is not None else self.rows
+            scatter = scatter if scatter is not None else _scatter_rows_jit
+            params = _set(params, DOWN, scatter(_get(base, DOWN), index, valid, trainable["down_rows"]))
         return params
 
     def optimizer_mask(self, trainable: dict, rows=None) -> dict | None:

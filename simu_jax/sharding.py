@@ -43,7 +43,6 @@ replicated and only H is sharded over ``fsdp``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -73,6 +72,7 @@ __all__ = [
     "logical_constraint",
     "constrain_like",
     "replicated",
+    "build_unlearner",
     "shard_unlearner",
     "initialize_distributed",
     "is_main_process",
@@ -451,34 +451,39 @@ def constrain_like(tree, shardings):
 # ----------------------------------------------------------------------------
 
 
-def shard_unlearner(unlearner, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None):
-    """Put an ``engine.Unlearner`` on ``mesh`` (in place; returns it).
+def build_unlearner(graphdef, params, method, settings, mesh: jax.sharding.Mesh, selected=None, ref_params=None,
+                    rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None):
+    """An ``engine.Unlearner`` built directly on ``mesh``: ``Unlearner(..., mesh=mesh)``.
 
-    Places ``trainable``, ``frozen``, ``original``, ``ref`` (each distinct array once, so
-    aliases stay aliases), ``opt_state`` (like the params it mirrors, dtypes unchanged), the
-    neuron-row masks (like the rows they gate), and replaces the compiled step with a
-    ``jax.jit`` of the same ``engine.step_impl`` whose ``out_shardings`` pin the new trainable
-    params and optimizer state to the input layout (metrics replicated). Batches passed to
-    ``unlearner.step`` are placed with :func:`shard_batch` (B over data x fsdp).
-
-    Memory note: arrays are copied from wherever they are; for a model that does not fit
-    one device, load the params with :func:`shard_params` *before* building the Unlearner
-    (its split then runs on sharded arrays) -- re-placing an array that already has its
-    target sharding is free. ``Unlearner.__init__`` still creates the optimizer state with
-    an eager ``tx.init`` on the default device (see docs/scaling.md).
+    ``params`` are placed with :func:`param_shardings` first (free if :func:`shard_params`
+    already did), then the trainable copy, the zeroed down_proj and the optimizer state are
+    created by ``jax.jit`` with ``out_shardings``: nothing new is created unsharded.
     """
-    from simu_jax import engine
+    from simu_jax.engine import Unlearner
 
+    return Unlearner(graphdef, params, method, settings, selected=selected, ref_params=ref_params, mesh=mesh,
+                     rules=rules, model_config=model_config)
+
+
+def shard_unlearner(unlearner, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None):
+    """Move an already built ``engine.Unlearner`` onto ``mesh`` (in place; returns it).
+
+    Places ``trainable``, ``frozen`` and ``ref`` (each distinct array once, so aliases stay
+    aliases), ``opt_state`` (like the params it mirrors, dtypes unchanged) and the neuron-row
+    masks (like the rows they gate), then binds the same mesh step as
+    :func:`build_unlearner` (``jax.jit`` of ``engine.step_impl`` with ``out_shardings``; batches
+    split by :func:`shard_batch`; one executable shared with a mesh-built Unlearner of the same
+    configuration).
+
+    Arrays are copied from wherever they are: the Unlearner was built on one device, so this
+    only suits models whose params and state fit one device. Otherwise build on the mesh
+    (:func:`build_unlearner`).
+    """
     cache: dict = {}
     tr_sh = param_shardings(unlearner.trainable, mesh, rules, model_config)
     unlearner.trainable = _put(unlearner.trainable, tr_sh, cache)
     unlearner.frozen = _put(unlearner.frozen, param_shardings(unlearner.frozen, mesh, rules, model_config), cache)
-    ref_is_original = unlearner.ref is unlearner.original
-    unlearner.original = _put(unlearner.original, param_shardings(unlearner.original, mesh, rules, model_config),
-                              cache)
-    if ref_is_original:
-        unlearner.ref = unlearner.original
-    elif unlearner.ref is not None:
+    if unlearner.ref is not None:
         unlearner.ref = _put(unlearner.ref, param_shardings(unlearner.ref, mesh, rules, model_config), cache)
 
     # neuron-row index / validity and the optimizer's element mask, sharded like the rows
@@ -487,6 +492,8 @@ def shard_unlearner(unlearner, mesh: jax.sharding.Mesh, rules: Mapping[str, Any]
         part.row_index = shard_mask(part.row_index, mesh, rules)
         part.row_valid = shard_mask(part.row_valid, mesh, rules)
     if unlearner.mask is not None:
+        from simu_jax import engine
+
         unlearner.mask = shard_mask(unlearner.mask, mesh, rules)
         unlearner.tx = engine.build_optimizer(unlearner.method, unlearner.settings, unlearner.mask)
 
@@ -494,17 +501,7 @@ def shard_unlearner(unlearner, mesh: jax.sharding.Mesh, rules: Mapping[str, Any]
     if unlearner.tx is not None:
         opt_sh = opt_state_shardings(unlearner.opt_state, tr_sh, mesh, tx=unlearner.tx)
         unlearner.opt_state = _put(unlearner.opt_state, opt_sh, cache)
-
-    step = functools.partial(engine.step_impl, unlearner.graphdef, part, unlearner.method, unlearner.settings)
-    donate = (0, 1) if jax.default_backend() != "cpu" else ()
-    compiled = jax.jit(step, out_shardings=(tr_sh, opt_sh, replicated(mesh)), donate_argnums=donate)
-
-    def sharded_step(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
-        return compiled(trainable, opt_state, frozen, ref, rows, shard_batch(batch, mesh, rules), key, step_count)
-
-    sharded_step.compiled = compiled  # for inspection (lower / cost analysis)
-    unlearner._step_fn = sharded_step
-    unlearner.mesh = mesh
+    unlearner._bind_mesh(mesh, rules, tr_sh, opt_sh)
     return unlearner
 
 

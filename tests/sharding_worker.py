@@ -3,8 +3,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python tests/sharding_worker.py OUT.json TMPDIR
 
 A SIMU unlearning step (simu_graddiff, Sophia) on a tiny random LLaMA, once on one device
-and once on each mesh; the shards each device holds; a checkpoint saved on one mesh and
-restored onto another. Writes its measurements as JSON; the assertions live in the test.
+and once on each mesh with the Unlearner built directly on the mesh (and once moved there
+by `shard_unlearner`); the shards each device holds, at construction and after the steps;
+a Sophia-H (Hutchinson) step on a mesh, with the sharding the compiler gave the probes; a
+checkpoint saved on one mesh and restored onto another. Writes its measurements as JSON;
+the assertions live in the test.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from simu_jax import curvature as C
 from simu_jax import sharding as S
 from simu_jax.checkpoint import Checkpointer, abstract_like
 from simu_jax.engine import StepSettings, Unlearner, get_method
@@ -79,6 +84,55 @@ def shard_report(tree, mesh):
     return out
 
 
+def max_diff(a, b) -> float:
+    """Max abs difference over all leaves of two trees of the same structure."""
+    a, b = jax.device_get(a), jax.device_get(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return max([float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))] or [0.0])
+
+
+def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unlearner) -> dict:
+    """One Sophia-H step on one device and on `mesh` (built there); the shardings XLA chose for
+    the Rademacher probes, seen with `jax.debug.inspect_array_sharding` at compile time."""
+    settings = StepSettings(learning_rate=1e-3, estimator="hutchinson")
+    ref = Unlearner(graphdef, params, method, settings, selected=sel)
+    init = jax.device_get(ref.trainable)
+    ref_losses = run(ref, batches[:1])
+
+    seen: dict = {}
+    original = C.rademacher_like
+
+    def spy(key, tree, shardings=None):
+        u = original(key, tree, shardings)
+        if shardings is not None:  # the mesh step (the single-device step has none)
+            for k, x in u.items():
+                jax.debug.inspect_array_sharding(x, callback=lambda s_, k=k: seen.__setitem__(k, s_))
+        return u
+
+    C.rademacher_like = spy
+    try:
+        u = S.build_unlearner(graphdef, params, method, settings, mesh, selected=sel, model_config=CFG)
+        losses = run(u, batches[:1])
+    finally:
+        C.rademacher_like = original
+    tr_sh = {k: x.sharding for k, x in u.trainable.items()}
+    probes = {k: {"spec": str(tr_sh[k].spec), "seen": str(seen.get(k)),
+                  "equal": k in seen and seen[k].is_equivalent_to(tr_sh[k], u.trainable[k].ndim)} for k in tr_sh}
+
+    def constraints(unlearner) -> int:  # sharding constraints in the lowered step (StableHLO / Shardy)
+        args = (unlearner.trainable, unlearner.opt_state, unlearner.frozen, unlearner.ref, unlearner.partition.rows,
+                S.shard_batch(batches[0], mesh), jax.random.key(0), jnp.int32(0))
+        return unlearner._step_fn.compiled.lower(*args).as_text().count("sharding_constraint")
+
+    return {"max_abs_diff": max_diff(u.trainable, ref.trainable),
+            "opt_max_abs_diff": max_diff(u.opt_state, ref.opt_state),
+            "moved": max_diff(ref.trainable, init), "loss_diff": abs(losses[0] - ref_losses[0]), "probes": probes,
+            "sharded_leaves": sum(any(e is not None for e in sh.spec) for sh in tr_sh.values()),
+            "n_trainable": len(tr_sh), "constraints": constraints(u),
+            "fisher_constraints": constraints(fisher_unlearner)}
+
+
 def main(out_path: str, tmp: str) -> None:
     t0 = time.perf_counter()
     res: dict = {"device_count": jax.device_count(), "meshes": {}}
@@ -89,19 +143,28 @@ def main(out_path: str, tmp: str) -> None:
     batches = [{"forget": make_batch(2 * i), "retain": make_batch(2 * i + 1)} for i in range(STEPS)]
 
     ref = Unlearner(graphdef, params, method, settings, selected=sel)
+    init_tr, init_opt = jax.device_get(ref.trainable), jax.device_get(ref.opt_state)
     t = time.perf_counter()
     ref_losses = run(ref, batches)
     res["single_device_s"] = time.perf_counter() - t
     ref_tr = jax.device_get(ref.trainable)
-    init_tr = jax.device_get(Unlearner(graphdef, params, method, settings, selected=sel).trainable)
-    res["moved"] = max(float(np.max(np.abs(ref_tr[k] - init_tr[k]))) for k in ref_tr)
+    res["moved"] = max_diff(ref_tr, init_tr)
     res["ref_losses"] = ref_losses
 
     sharded = {}
     for spec in MESHES:
         t = time.perf_counter()
         mesh = S.make_mesh(spec)
-        u = S.shard_unlearner(Unlearner(graphdef, params, method, settings, selected=sel), mesh, model_config=CFG)
+        # built directly on the mesh; on one mesh from params the caller already sharded
+        given = S.shard_params(params, mesh, model_config=CFG) if spec == "fsdp=8" else params
+        u = S.build_unlearner(graphdef, given, method, settings, mesh, selected=sel, model_config=CFG)
+        built = {"trainable_max_abs_diff": max_diff(u.trainable, init_tr),
+                 "opt_max_abs_diff": max_diff(u.opt_state, init_opt),
+                 "opt_structure_equal": jax.tree.structure(u.opt_state) == jax.tree.structure(ref.opt_state),
+                 "no_original": not hasattr(u, "original")}
+        if given is not params:  # the frozen tree aliases the caller's sharded arrays: no copies
+            built["frozen_aliases"] = (u.frozen["model"]["embed_tokens"]["embedding"] is
+                                       given["model"]["embed_tokens"]["embedding"])
         before = {"trainable": shard_report(u.trainable, mesh), "frozen": shard_report(u.frozen, mesh),
                   "opt_state": shard_report(u.opt_state, mesh),
                   "batch": shard_report(S.shard_batch(batches[0], mesh), mesh),
@@ -109,22 +172,36 @@ def main(out_path: str, tmp: str) -> None:
                                          "opt_mask": u.mask}, mesh)}
         losses = run(u, batches)
         after = {"trainable": shard_report(u.trainable, mesh), "opt_state": shard_report(u.opt_state, mesh)}
-        tr = jax.device_get(u.trainable)
-        ref_opt = jax.device_get(ref.opt_state)
-        opt = jax.device_get(u.opt_state)
+        merged = u.params()
         res["meshes"][spec] = {
             "axis_types": [str(t_) for t_ in mesh.axis_types],
             "losses": losses,
-            "max_abs_diff": max(float(np.max(np.abs(tr[k] - ref_tr[k]))) for k in ref_tr),
-            "opt_max_abs_diff": max(float(np.max(np.abs(a - b)))
-                                    for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(ref_opt))),
-            "merged_max_abs_diff": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
-                                             zip(jax.tree.leaves(u.params()), jax.tree.leaves(ref.params())))),
+            "built": built,
+            "max_abs_diff": max_diff(u.trainable, ref_tr),
+            "opt_max_abs_diff": max_diff(u.opt_state, ref.opt_state),
+            "merged_max_abs_diff": max_diff(merged, ref.params()),
+            "merged_down_proj_spec_kept": (merged["model"]["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec ==
+                                           u.frozen["model"]["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec),
             "before": before,
             "after": after,
             "seconds": time.perf_counter() - t,
         }
         sharded[spec] = (mesh, u)
+
+    # an Unlearner built on one device and moved by shard_unlearner: same step, same executable
+    t = time.perf_counter()
+    mesh, u = sharded["fsdp=8"]
+    v = S.shard_unlearner(Unlearner(graphdef, params, method, settings, selected=sel), mesh, model_config=CFG)
+    res["shard_unlearner"] = {"losses": run(v, batches), "max_abs_diff": max_diff(v.trainable, ref_tr),
+                              "opt_max_abs_diff": max_diff(v.opt_state, ref.opt_state),
+                              "same_executable": v._step_fn.compiled is u._step_fn.compiled,
+                              "after": shard_report({"trainable": v.trainable, "opt_state": v.opt_state}, mesh),
+                              "seconds": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    mesh, u = sharded["fsdp=2,tensor=4"]
+    res["hutchinson"] = hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, u)
+    res["hutchinson"]["seconds"] = time.perf_counter() - t
 
     # checkpoint saved from one mesh, restored onto another
     t = time.perf_counter()

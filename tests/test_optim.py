@@ -132,6 +132,48 @@ def test_sophia_state_float32_for_bf16_params_and_requires_estimate():
         tx.update(p, s, p)
 
 
+def _float_leaves(state):
+    return [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sophia"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_state_float32_for_bf16_params(kind, use_mask):
+    """Every float leaf of the optimizer state (AdamW's mu *and* nu, Sophia's m and h) is float32
+    under bf16 params, after init (also under jit, as the engine builds it) and after updates;
+    the updates come back in bf16."""
+    p = {"a": jnp.linspace(-1, 1, 6, dtype=jnp.bfloat16).reshape(2, 3), "b": jnp.ones((4,), jnp.bfloat16)}
+    mask = {"a": jnp.asarray([[True], [False]]), "b": True} if use_mask else None
+    tx = (O.adamw(1e-2, weight_decay=0.1, mask=mask) if kind == "adamw"
+          else O.sophia(1e-2, weight_decay=0.1, mask=mask, update_interval=1))
+    for s in (tx.init(p), jax.jit(tx.init)(p)):
+        assert len(_float_leaves(s)) == 4  # two params-shaped moments x two leaves
+        assert all(x.dtype == jnp.float32 for x in _float_leaves(s))
+    extra = {"hessian_estimate": C.fisher_diagonal(p)} if kind == "sophia" else {}
+    g = jax.tree.map(lambda x: (0.3 * x + 0.01).astype(jnp.bfloat16), p)
+    for _ in range(2):
+        upd, s = tx.update(g, s, p, **extra)
+        assert all(x.dtype == jnp.float32 for x in _float_leaves(s))
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(upd))
+
+
+def test_adamw_bf16_computes_in_fp32():
+    """AdamW on bf16 params/grads equals optax.adamw on the same values in fp32, with the update
+    rounded to bf16 once at the end (bit for bit): nothing is rounded to bf16 in between
+    (plain optax would keep nu, hence g**2, in bf16)."""
+    p = {"a": jnp.asarray([0.5, -1.25, 3.0, 1e-3], jnp.bfloat16)}
+    g = {"a": jnp.asarray([1e-3, -2.0, 0.07, 5.0], jnp.bfloat16)}
+    tx = O.adamw(1e-2, weight_decay=0.1)
+    ref = optax.adamw(1e-2, weight_decay=0.1)
+    p32, g32 = jax.tree.map(lambda x: x.astype(jnp.float32), (p, g))
+    s, r = tx.init(p), ref.init(p32)
+    for _ in range(3):
+        upd, s = tx.update(g, s, p)
+        want, r = ref.update(g32, r, p32)
+        assert _bit_equal(upd["a"], want["a"].astype(jnp.bfloat16))
+    assert _bit_equal(s[0].mu["a"], r[0].mu["a"]) and _bit_equal(s[0].nu["a"], r[0].nu["a"])
+
+
 def test_sophia_in_chain_receives_hessian_estimate():
     tx = optax.chain(optax.clip_by_global_norm(1.0), O.sophia(0.1, update_interval=1))
     p = {"a": jnp.asarray([1.0, 2.0])}

@@ -275,6 +275,51 @@ def test_sharded_simu_step_equals_single_device(worker, spec):
 
 
 @pytest.mark.parametrize("spec", MESHES)
+def test_unlearner_built_on_mesh(worker, spec):
+    """`build_unlearner` (Unlearner(..., mesh=)): the trainable copy and the optimizer state are
+    created sharded (jit with out_shardings) and equal the single-device ones; Sophia's m and h
+    are split, 1/N of each sharded axis per device; no copy of the whole params is kept."""
+    m = worker["meshes"][spec]
+    b = m["built"]
+    assert b["trainable_max_abs_diff"] == 0.0 and b["opt_max_abs_diff"] == 0.0 and b["opt_structure_equal"]
+    assert b["no_original"]
+    if spec == "fsdp=8":  # params the caller sharded are used as they are: frozen leaves alias them
+        assert b["frozen_aliases"]
+    state = m["before"]["opt_state"]
+    assert sum(".mu[" in k or ".hessian[" in k for k in state) == 10  # 5 trainable leaves x (m, h)
+    for name, x in state.items():
+        if ".mu[" in name or ".hessian[" in name:
+            assert x["dtype"] == "float32"
+            assert any(x["spec"]), (spec, name)  # really sharded ...
+            assert [list(s) for s in x["shard_shapes"]] == [x["expected"]] and x["n_shards"] == 8  # ... 1/N each
+            assert x["expected"] != x["shape"], (spec, name)
+    assert m["merged_down_proj_spec_kept"]  # params(): the row scatter keeps down_proj's layout
+
+
+def test_shard_unlearner_still_works(worker):
+    """An Unlearner built on one device and moved by `shard_unlearner`: same result, same executable."""
+    r = worker["shard_unlearner"]
+    assert r["max_abs_diff"] <= TOL and r["opt_max_abs_diff"] <= TOL
+    np.testing.assert_allclose(r["losses"], worker["ref_losses"], rtol=0, atol=TOL)
+    assert r["same_executable"]
+    for name, x in r["after"].items():
+        assert [list(s) for s in x["shard_shapes"]] == [x["expected"]], name
+
+
+def test_hutchinson_step_on_mesh(worker):
+    """Sophia-H on fsdp=2,tensor=4 equals one device; the Rademacher probes are constrained to the
+    trainable params' shardings (XLA's chosen sharding for every probe, read at compile time)."""
+    h = worker["hutchinson"]
+    assert h["moved"] > 100 * TOL
+    assert h["max_abs_diff"] <= TOL and h["opt_max_abs_diff"] <= TOL and h["loss_diff"] <= TOL
+    assert h["sharded_leaves"] == h["n_trainable"] == 5
+    for name, p in h["probes"].items():
+        assert p["equal"], (name, p)
+    # per probe leaf: the probe, H u, the running sum (+ the zeros): none in the fisher step
+    assert h["constraints"] >= 3 * h["n_trainable"] and h["fisher_constraints"] == 0
+
+
+@pytest.mark.parametrize("spec", MESHES)
 def test_every_device_holds_one_nth(worker, spec):
     """Each of the 8 devices holds exactly its 1/N slice along each sharded axis, before and after steps."""
     m = worker["meshes"][spec]

@@ -188,6 +188,62 @@ def test_outside_mask_bit_identical(model, mask, method):
             assert not np.array_equal(np.asarray(before)[valid], np.asarray(after)[valid])
 
 
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+DOWN_PATH = ("model", "layers", "mlp", "down_proj", "kernel")
+
+
+def test_unlearner_keeps_no_copy_of_params(model, mask):
+    """The Unlearner holds the frozen tree (aliases of the caller's arrays, down_proj with the
+    trained rows zeroed), a private trainable copy and the state; params() writes the trained
+    values into the frozen tree and equals writing them into the original params."""
+    graphdef, params = model
+    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(learning_rate=1e-2),
+                  selected=mask.selected)
+    assert not hasattr(u, "original") and u.ref is None
+    for path in (("model", "embed_tokens", "embedding"), ("lm_head", "kernel"),
+                 ("model", "layers", "mlp", "gate_proj", "kernel")):
+        assert _leaf(u.frozen, path) is _leaf(params, path), path  # aliases, not copies
+    assert _leaf(u.frozen, ("model", "layers", "self_attn", "q_proj", "kernel")) is None
+    q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert u.trainable["model/layers/self_attn/q_proj/kernel"].unsafe_buffer_pointer() != q.unsafe_buffer_pointer()
+    zeroed = np.asarray(_leaf(u.frozen, DOWN_PATH))
+    assert np.all(zeroed[mask.selected] == 0) and np.array_equal(zeroed[~mask.selected],
+                                                                 np.asarray(_leaf(params, DOWN_PATH))[~mask.selected])
+    for a, b in zip(jax.tree.leaves(u.params()), jax.tree.leaves(params)):  # before any step: the original
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for i in range(2):
+        u.step(pair(i), jax.random.key(i))
+    merged, into_original = u.params(), u.partition.merge_back(u.trainable, params)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(into_original)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_padding_slots_do_not_undo_row_zeroing(model):
+    """Neuron 0 selected in a layer with fewer than K neurons: the padding slots (index 0) must
+    not write the original row back into the frozen down_proj, or the model would count that
+    row twice (frozen kernel + compact row)."""
+    graphdef, params = model
+    sel = np.zeros((CFG.num_hidden_layers, CFG.intermediate_size), bool)
+    sel[0, [3, 7, 11, 20]] = True
+    sel[1, [0, 5]] = True  # K = 4: layer 1 has two padding slots, pointing at row 0
+    part = Partition(params, SIMU, sel)
+    trainable, frozen = part.split(params)
+    assert np.all(np.asarray(_leaf(frozen, DOWN_PATH))[1, 0] == 0)
+    full, kw = part.combine(trainable, frozen)
+    batch = make_batch(4)
+    want = apply(graphdef, params, batch["input_ids"], batch["attention_mask"])
+    got = apply(graphdef, full, batch["input_ids"], batch["attention_mask"], **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(part.merge_back(trainable, frozen)), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_simu_state_is_a_fraction_of_so(model, mask):
     graphdef, params = model
     so = Unlearner(graphdef, params, get_method("so_graddiff"), StepSettings())
