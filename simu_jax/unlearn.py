@@ -168,8 +168,11 @@ class Prepared:
     arrays: dict  # forget / retain / forget_idk -> numpy arrays, common length
 
 
-def prepare(cfg: UnlearnConfig) -> Prepared:
-    """Load the target model, its tokenizer, the benchmark, and tokenize forget/retain."""
+def prepare(cfg: UnlearnConfig, bench=None) -> Prepared:
+    """Load the target model, its tokenizer, the benchmark, and tokenize forget/retain.
+
+    `bench`: a `config.Benchmark` to use instead of loading `cfg.data`'s (experiments on custom
+    splits, e.g. sequential forget requests); it is tokenized the same way."""
     from flax import nnx
 
     from simu_jax.config import _jnp_dtype, load_benchmark, qa_template
@@ -193,7 +196,7 @@ def prepare(cfg: UnlearnConfig) -> Prepared:
         raise FileNotFoundError(f"no tokenizer in {path}: {' '.join(str(e).split())[:160]}") from None
     if len(tok) > loaded.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {loaded.config.vocab_size}")
-    bench = load_benchmark(cfg.data)
+    bench = load_benchmark(cfg.data) if bench is None else bench
     for name in ("forget", "retain"):
         if not getattr(bench, name):
             raise ValueError(f"the {name} set of benchmark {bench.name} is empty")
@@ -250,8 +253,9 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
 
 
 def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bool = False,
-                quiet: bool = False) -> dict[str, Any]:
-    """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}."""
+                quiet: bool = False, bench=None) -> dict[str, Any]:
+    """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}.
+    `bench`: see `prepare` (default: the benchmark `cfg.data` names)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -279,7 +283,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
     primary = jax.process_index() == 0
-    prep = prepare(cfg)
+    prep = prepare(cfg, bench)
     method = resolved_method(cfg)
     mask = None
     if method.trainable.mlp == "masked":
@@ -295,13 +299,12 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     if mesh is not None:
         from simu_jax.sharding import shard_params
 
+        # sharded once here and shared: the Unlearner's frozen tree aliases these arrays
         prep.params = shard_params(prep.params, mesh, model_config=prep.model.config)
+    # with a mesh, built directly on it: trainable copy and optimizer state created sharded
     unlearner = Unlearner(prep.graphdef, prep.params, method, settings,
-                          selected=None if mask is None else mask.selected)
-    if mesh is not None:
-        from simu_jax.sharding import shard_unlearner
-
-        shard_unlearner(unlearner, mesh, model_config=prep.model.config)
+                          selected=None if mask is None else mask.selected, mesh=mesh,
+                          model_config=prep.model.config if mesh is not None else None)
 
     iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
              for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
@@ -437,7 +440,13 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size)
     bench = prep.bench
     if bench.name == "lume":
-        summary, per_sample = evaluate_lume(scorer, subset(bench.forget), subset(bench.retain),
+        from simu_jax.data.lume import load_mia_documents
+
+        try:  # SemEval's document-level MIA (members = LUME forget documents); absent = no MIA keys
+            member, nonmember = load_mia_documents("member"), load_mia_documents("nonmember")
+        except FileNotFoundError:
+            member = nonmember = None
+        summary, per_sample = evaluate_lume(scorer, subset(bench.forget), subset(bench.retain), member, nonmember,
                                             max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate)
     else:
         ref_tr = None
