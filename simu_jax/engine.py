@@ -285,8 +285,16 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
 
 # Compiled once per (model, partition structure, method, settings, shapes): Unlearners that differ
 # only in the mask's values (same row count) share one executable.
-compiled_step = jax.jit(step_impl, static_argnums=(0, 1, 2, 3),
-                        donate_argnums=(4, 5) if jax.default_backend() != "cpu" else ())
+# Built on first use, not at import: asking for the backend starts XLA, and a multi-process run
+# must call jax.distributed.initialize() before that (the CLI imports this module first).
+@functools.cache
+def _jitted_step():
+    return jax.jit(step_impl, static_argnums=(0, 1, 2, 3),
+                   donate_argnums=(4, 5) if jax.default_backend() != "cpu" else ())
+
+
+def compiled_step(*args):
+    return _jitted_step()(*args)
 
 
 def _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings=None):

@@ -69,6 +69,9 @@ __all__ = [
     "shard_mask",
     "batch_shardings",
     "shard_batch",
+    "global_batch",
+    "batch_process_slice",
+    "process_index_slice",
     "logical_constraint",
     "constrain_like",
     "replicated",
@@ -77,6 +80,9 @@ __all__ = [
     "initialize_distributed",
     "is_main_process",
     "process_slice",
+    "to_host",
+    "place_like",
+    "any_process",
     "param_counts",
     "memory_estimate",
     "per_device",
@@ -407,26 +413,99 @@ def batch_shardings(batch, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = D
     return jax.tree.map(one, batch)
 
 
-def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
-    """Place a batch on ``mesh``.
+def _is_global(x) -> bool:
+    """A ``jax.Array`` spanning devices of other processes (built by ``make_array_from_process_local_data``)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
 
-    Single process: ``batch`` is the global batch, ``device_put`` splits it. Several
-    processes: ``batch`` is this process's rows (its share of the global batch, e.g. from
-    :func:`process_slice`), assembled into one global array per leaf with
-    ``jax.make_array_from_process_local_data``; the global batch is the concatenation of the
-    processes' rows in process order.
+
+def process_index_slice(sharding: jax.sharding.Sharding, global_shape: Sequence[int], axis: int = 0) -> slice:
+    """The range of ``axis`` that this process's devices hold of an array of ``global_shape``
+    laid out by ``sharding``: the rows a process must supply to
+    ``jax.make_array_from_process_local_data`` (``slice(0, n)`` when the axis is replicated).
+
+    Read from the sharding itself (``addressable_devices_indices_map``), so it is right
+    whatever order the mesh puts the processes' devices in; in the usual layout (each
+    process's devices adjacent along the batch axes) it equals
+    ``process_slice(n, drop_remainder=True)``. Raises ``ValueError`` if the process's part is
+    not one contiguous range.
     """
+    global_shape = tuple(int(d) for d in global_shape)
+    n = global_shape[axis]
+    blocks = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        s = index[axis] if index is not None and axis < len(index) else slice(None)
+        start, stop, _ = s.indices(n)
+        blocks.add((start, stop))
+    if not blocks:
+        raise ValueError("this process holds no device of the sharding")
+    blocks = sorted(blocks)
+    start, stop = blocks[0]
+    for a, b in blocks[1:]:
+        if a > stop:
+            raise ValueError(f"this process's part of axis {axis} is not contiguous: {blocks}")
+        stop = max(stop, b)
+    return slice(start, stop)
+
+
+def batch_process_slice(global_rows: int, mesh: jax.sharding.Mesh,
+                        rules: Mapping[str, Any] = DEFAULT_RULES) -> slice:
+    """The rows of a global batch of ``global_rows`` this process feeds (:func:`shard_batch`
+    with ``global_rows``): its share under the batch rule (``batch`` over ``(data, fsdp)``,
+    the longest prefix whose size divides ``global_rows``); every row when the batch is
+    replicated (then every process feeds the same whole batch). Single process: everything."""
     if jax.process_count() == 1:
+        return slice(0, int(global_rows))
+    spec = logical_to_spec(("batch",), (int(global_rows),), mesh, rules)
+    return process_index_slice(NamedSharding(mesh, spec), (int(global_rows),))
+
+
+def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES, *,
+                global_rows: int | None = None):
+    """Place a batch (leaves ``[B, T, ...]``) on ``mesh`` by :func:`batch_shardings`.
+
+    * Single process: ``batch`` is the global batch; ``device_put`` splits it.
+    * Global ``jax.Array`` leaves (e.g. the output of an earlier ``shard_batch`` on several
+      processes) are only resharded to the batch layout if they are not in it already.
+    * Several processes, host arrays: ``batch`` is this process's rows of the global batch,
+      ``rows[batch_process_slice(global_rows, mesh)]``, and each leaf is assembled into one
+      global array with ``jax.make_array_from_process_local_data``. ``global_rows`` (the
+      global batch size) defaults to the local rows x the process count (an even split in
+      process order). A wrong number of local rows is a ``ValueError``.
+    """
+    leaves = jax.tree.leaves(batch)
+    if jax.process_count() == 1 or (leaves and all(_is_global(x) for x in leaves)):
+        if global_rows is not None and jax.process_count() == 1:
+            for x in leaves:
+                if np.shape(x)[0] != global_rows:
+                    raise ValueError(f"shard_batch: {np.shape(x)[0]} rows given, global_rows={global_rows}")
         return jax.device_put(batch, batch_shardings(batch, mesh, rules))
 
     def one(x):
         x = np.asarray(x)
-        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        n = int(global_rows) if global_rows is not None else x.shape[0] * jax.process_count()
+        global_shape = (n,) + x.shape[1:]
         names = ("batch", "length") + (None,) * max(0, x.ndim - 2)
-        spec = logical_to_spec(names[: x.ndim], global_shape, mesh, rules)
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+        sharding = NamedSharding(mesh, logical_to_spec(names[: x.ndim], global_shape, mesh, rules))
+        rows = process_index_slice(sharding, global_shape)
+        if x.shape[0] != rows.stop - rows.start:
+            raise ValueError(f"shard_batch: process {jax.process_index()} gave {x.shape[0]} rows; a global batch "
+                             f"of {n} rows on mesh {mesh_description(mesh)} needs its rows {rows.start}:{rows.stop} "
+                             f"({rows.stop - rows.start} rows)")
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, batch)
+
+
+def global_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
+    """A host batch every process holds whole (e.g. a fixed evaluation set) as global arrays:
+    each process contributes only its rows (:func:`batch_process_slice`) to
+    :func:`shard_batch`."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        return batch
+    n = int(np.shape(leaves[0])[0])
+    rows = batch_process_slice(n, mesh, rules)
+    return shard_batch(jax.tree.map(lambda x: np.asarray(x)[rows], batch), mesh, rules, global_rows=n)
 
 
 def logical_constraint(x: jax.Array, names: Sequence[str | None], mesh: jax.sharding.Mesh,
@@ -587,6 +666,44 @@ def process_slice(n_items: int, *, process_index: int | None = None, process_cou
         return slice(p * base, (p + 1) * base)
     start = p * base + min(p, extra)
     return slice(start, start + base + (1 if p < extra else 0))
+
+
+def to_host(tree):
+    """numpy copies of the leaves of ``tree`` (arrays sharded over a mesh included). With
+    several processes this is an all-gather every process must call (each gets the whole
+    arrays: fine for what is written at the end of a run, not for a model larger than a
+    host's memory)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, tree)
+
+
+def place_like(host_tree, like):
+    """Host arrays back onto the devices and shardings of ``like`` (same tree): each process
+    places only the shards its devices hold (``jax.make_array_from_callback``), so it works
+    with several processes as long as every process has the same host arrays."""
+
+    def one(h, ref):
+        sharding = getattr(ref, "sharding", None)
+        if sharding is None:
+            return h
+        h = np.asarray(h)
+        return jax.make_array_from_callback(h.shape, sharding, lambda index: h[index])
+
+    return jax.tree.map(one, host_tree, like)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true on any process (an all-gather of one int with several
+    processes; every process must call it). Used to agree on stopping after a signal, which
+    may reach the processes at different steps."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 # ----------------------------------------------------------------------------

@@ -258,7 +258,6 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     `bench`: see `prepare` (default: the benchmark `cfg.data` names)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.config import dump_yaml
@@ -266,8 +265,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.models.convert import save_pretrained
     from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays,
-                                is_complete, mark_complete, prepare_output_dir, progress, run_metadata,
-                                write_json_atomic)
+                                is_complete, mark_complete, progress, run_metadata, write_json_atomic)
+    from simu_jax.sharding import any_process, place_like, to_host
 
     t_start = time.time()
     out = Path(out_dir)
@@ -279,10 +278,12 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     if cfg.mesh:
         from simu_jax.sharding import initialize_distributed, make_mesh
 
-        initialize_distributed()
+        initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ..., or a cluster launcher)
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
-    out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    multi = jax.process_count() > 1
     primary = jax.process_index() == 0
+    quiet = quiet or not primary  # progress and messages from process 0 only
+    out = _prepare_output_dir(out, overwrite, resume, multi)
     prep = prepare(cfg, bench)
     method = resolved_method(cfg)
     mask = None
@@ -306,11 +307,32 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                           selected=None if mask is None else mask.selected, mesh=mesh,
                           model_config=prep.model.config if mesh is not None else None)
 
+    # Every process runs the same deterministic iterators (same seeds, same positions, so a
+    # checkpoint's data position is one for all) and feeds only its rows of each global batch;
+    # the global batch is assembled from the processes' rows (make_array_from_process_local_data).
     iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
              for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
+    if mesh is not None:
+        from simu_jax.sharding import batch_process_slice, global_batch, shard_batch
+
+        my_rows = batch_process_slice(cfg.batch_size, mesh)  # == process_slice(batch, drop_remainder) usually
+
+        def feed(host_batch):
+            local = {a: v[my_rows] for a, v in host_batch.items()}
+            return shard_batch(local, mesh, global_rows=cfg.batch_size)
+
+        def fixed_set(arrays):
+            return global_batch(arrays, mesh)
+    else:
+        def feed(host_batch):
+            return {a: jnp.asarray(v) for a, v in host_batch.items()}
+
+        fixed_set = feed
     if (cfg.eval.stop_forget_loss is not None or cfg.eval.keep_best) and not cfg.eval.every:
         raise ValueError("eval.stop_forget_loss and eval.keep_best need eval.every > 0 (curve steps)")
-    curve_sets = {k: {a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()} for k in ("forget", "retain")}
+    # fixed curve sets, placed once (on a mesh: global arrays, split over the batch axes)
+    curve_sets = {k: fixed_set({a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()})
+                  for k in ("forget", "retain")}
     best = {"score": -float("inf"), "step": None, "trainable": None}
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     step = 0
@@ -347,8 +369,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     base_key = jax.random.key(cfg.seed)
 
     def curves(current):
-        return {f"eval/{k}_loss": float(eval_losses(prep.graphdef, current, {a: jnp.asarray(v) for a, v in s.items()}))
-                for k, s in curve_sets.items()}
+        return {f"eval/{k}_loss": float(eval_losses(prep.graphdef, current, s)) for k, s in curve_sets.items()}
 
     status = "complete"
     t_loop = time.time()
@@ -357,7 +378,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
             logger.log(step=0, **curves(prep.params))
         with GracefulSignals() as sig, progress(cfg.steps, f"unlearn {cfg.method}", quiet, initial=step) as bar:
             while step < cfg.steps:
-                batch = {k: {a: jnp.asarray(v) for a, v in next(it).items()} for k, it in iters.items()}
+                batch = {k: feed(next(it)) for k, it in iters.items()}
                 m = host_metrics(unlearner.step(batch, jax.random.fold_in(base_key, step)))
                 last = ckpt.latest_step()
                 guard.hint = (f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last is not None
@@ -373,7 +394,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                     record.update(curves(unlearner.params()))
                     score = record["eval/forget_loss"] - record["eval/retain_loss"]
                     if cfg.eval.keep_best and score > best["score"]:
-                        best.update(score=score, step=step, trainable=jax.tree.map(np.asarray, unlearner.trainable))
+                        best.update(score=score, step=step, trainable=to_host(unlearner.trainable))
                     limit = cfg.eval.stop_forget_loss
                     reached = limit is not None and record["eval/forget_loss"] >= limit
                 logger.log(record)
@@ -387,11 +408,15 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                     ckpt.maybe_save(step, state())
                 if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < cfg.steps:
                     sig.request_stop("debug.stop_after_step")
-                if sig.stop and step < cfg.steps:
+                # a signal may reach the processes at different steps: stop together, or the
+                # others would wait forever in the next step's collectives
+                stop = any_process(sig.stop) if multi else sig.stop
+                if stop and step < cfg.steps:
                     ckpt.save(step, state())
                     ckpt.wait_until_finished()
                     status = "interrupted"
-                    bar.write(f"{sig.signal_name}: checkpoint at step {step} written; rerun with --resume")
+                    bar.write(f"{sig.signal_name or 'another process was signalled'}: checkpoint at step {step} "
+                              f"written; rerun with --resume")
                     break
     except NonFiniteLossError as e:
         if primary:
@@ -410,8 +435,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
 
     unlearn_time = time.time() - t_loop
     if best["trainable"] is not None:
-        unlearner.trainable = best["trainable"]
-    final_params = jax.tree.map(np.asarray, unlearner.params())
+        unlearner.trainable = best["trainable"] if mesh is None else place_like(best["trainable"], unlearner.trainable)
+    final_params = to_host(unlearner.params())  # several processes: an all-gather, every process takes part
     result: dict[str, Any] = {"status": "complete", "step": step, "method": cfg.method,
                               "unlearn_time_s": round(unlearn_time, 2), "resumed_from": resumed_from,
                               "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
@@ -427,6 +452,32 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         write_json_atomic(out / "run.json", meta)
         mark_complete(out, {"step": step})
     return result
+
+
+def _prepare_output_dir(out: Path, overwrite: bool, resume: bool, multi: bool) -> Path:
+    """`runio.prepare_output_dir` by process 0 only (with several processes the others would
+    find the directory it just created and refuse it, or delete it under `--overwrite`);
+    the others wait for its verdict and raise too if it failed."""
+    from simu_jax.runio import prepare_output_dir
+
+    if not multi:
+        return prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            prepare_output_dir(out, overwrite=overwrite, resume=resume)
+        except Exception as e:  # reported to every process below, raised here after
+            error = e
+    ok = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(error is None))))
+    if error is not None:
+        raise error
+    if not ok:
+        raise FileExistsError(f"process 0 could not prepare the output directory {out} (see its error)")
+    return Path(out)
 
 
 def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True) -> dict[str, float]:

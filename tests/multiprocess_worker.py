@@ -1,0 +1,116 @@
+"""Run by tests/test_multiprocess.py: one of several JAX processes running `simu-jax unlearn`.
+
+    JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo \\
+    python tests/multiprocess_worker.py REPORT.json unlearn --mesh fsdp=4 --out RUN ...
+
+The arguments after REPORT.json are a `simu-jax` command line, run through `simu_jax.cli.main`
+(which calls `initialize_distributed()` from the environment above, then builds the mesh over
+all processes' devices). Afterwards the process writes what it saw to REPORT.json (its index,
+the device counts, the CPU collectives in use, which rows of a global batch it fed, and every
+file or directory it created, wrote, renamed or removed under the run directory, recorded by
+a `sys.addaudithook` hook); the assertions live in the test. Exits with the command's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _record_writes(root: str) -> list[list[str]]:
+    """[event, path relative to root] for every write-like file operation under `root`
+    done from Python (C++ writers such as tensorstore are not seen: orbax's array shards)."""
+    root = os.path.abspath(root)
+    seen: list[list[str]] = []
+
+    def rel(path) -> str | None:
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        path = os.fspath(path)
+        if not os.path.isabs(path):
+            return None
+        path = os.path.abspath(path)
+        return os.path.relpath(path, root) if path == root or path.startswith(root + os.sep) else None
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None, None))[:3]
+            writes = (any(c in mode for c in "wax+") if isinstance(mode, str)
+                      else isinstance(flags, int) and bool(flags & _WRITE_FLAGS))
+            paths = [path] if writes else []
+        elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"):
+            paths = [args[0]]
+        elif event == "os.rename":
+            paths = list(args[:2])
+        else:
+            return
+        for p in paths:
+            r = rel(p)
+            if r is not None:
+                seen.append([event, r])
+
+    sys.addaudithook(hook)
+    return seen
+
+
+def main() -> int:
+    report_path, argv = sys.argv[1], sys.argv[2:]
+    writes = _record_writes(_arg(argv, "--out"))
+    import jax
+
+    # Cross-process collectives on CPU (gloo; the env var sets the same option, which is
+    # also JAX's default now): set explicitly so a JAX with another default still runs them.
+    jax.config.update("jax_cpu_collectives_implementation",
+                      os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo"))
+
+    # No launcher: the CLI itself must reach jax.distributed.initialize (in run_unlearn) before
+    # anything starts the XLA backend (importing simu_jax.engine does not).
+    from simu_jax.cli import main as cli_main
+
+    t0 = time.time()
+    code = cli_main(argv)
+    seconds = time.time() - t0
+
+    report = {"exit": code, "seconds": round(seconds, 2), "writes": list(writes),
+              "collectives": jax.config.jax_cpu_collectives_implementation}
+    if jax.distributed.is_initialized():
+        from simu_jax import sharding as S
+
+        sets = [a.split("=", 1) for a in argv if "=" in a and not a.startswith("-")]
+        batch = int(dict(sets).get("batch_size", 8))
+        mesh = S.make_mesh(_arg(argv, "--mesh"))
+        rows = S.batch_process_slice(batch, mesh)
+        even = S.process_slice(batch, drop_remainder=True)
+        report.update(process_index=jax.process_index(), process_count=jax.process_count(),
+                      device_count=jax.device_count(), local_device_count=jax.local_device_count(),
+                      local_devices=[d.id for d in jax.local_devices()],
+                      mesh_devices=[d.id for d in mesh.devices.flat],
+                      batch_rows=[rows.start, rows.stop], process_slice=[even.start, even.stop])
+        # the host <-> global array helpers run_unlearn uses (keep_best, the final gather, stop)
+        import numpy as np
+
+        x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # the same on every process
+        g = S.global_batch({"x": x}, mesh)["x"]
+        host = S.to_host(g)
+        back = S.to_host(S.place_like(host, g))
+        report.update(global_batch_fully_addressable=bool(g.is_fully_addressable),
+                      roundtrip_ok=bool(np.array_equal(host, x) and np.array_equal(back, x)),
+                      any_process_one=S.any_process(jax.process_index() == 1), any_process_none=S.any_process(False))
+    with open(report_path, "w") as f:
+        json.dump(report, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
