@@ -7,7 +7,18 @@
   ``[grad_accum, batch_size, T]`` batch, scans over the micro-batches summing per-token
   gradients and divides by the total number of answer tokens, so ``grad_accum=4,
   batch_size=4`` computes the same update as ``batch_size=16``.
-* All sequences (train and eval) are padded to one length bucket, so the step compiles once.
+* Padding: by default all sequences (train and eval) are padded to one length, so the step
+  compiles once. ``group_by_length: true`` (like HF Trainer's ``group_by_length``) groups
+  rows of similar length into batches (seeded, per epoch: sorted within chunks of
+  ``GROUP_CHUNK`` batches, then the batch order shuffled) and trims each batch to the
+  smallest of ``length_buckets`` (default :data:`GROUP_BUCKETS`) holding its longest row:
+  a few compiled shapes, far fewer padded tokens. Evaluation batches are sorted by length
+  and trimmed the same way. Trimming padding does not change the loss (right padding,
+  causal attention).
+* ``--mesh data=2,fsdp=4`` (or ``mesh:``): parameters and AdamW state placed with
+  NamedShardings (:mod:`simu_jax.sharding` rules), the jitted step pinned to that layout
+  with ``out_shardings``, batches sharded over the data axes (several processes: each
+  process feeds its :func:`simu_jax.sharding.process_slice` of the rows).
 * Periodic evaluation: answer-token loss and teacher-forced accuracy on forget and retain.
 * NaN/Inf guard on every step; orbax checkpoints every ``checkpoint_every`` steps; exact
   ``--resume`` (parameters, optimizer state, step and data position); SIGINT/SIGTERM save
@@ -42,6 +53,11 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkp
 POS = (1, None)  # range metadata: >= 1
 # Padded lengths: multiples of 16 up to 512 (less padding than powers of two), then powers of two.
 TRAIN_BUCKETS = tuple(range(16, 513, 16)) + (1024, 2048, 4096, 8192)
+# Per-batch lengths with group_by_length: few shapes (each one is a compile of the step):
+# multiples of 32 up to 256, of 64 up to 512, of 128 up to 1024, then powers of two.
+GROUP_BUCKETS = (tuple(range(32, 257, 32)) + tuple(range(320, 513, 64)) + tuple(range(640, 1025, 128))
+                 + (2048, 4096, 8192))
+GROUP_CHUNK = 50  # group_by_length sorts within chunks of this many batches
 
 
 @dataclass
@@ -68,6 +84,9 @@ class FinetuneConfig:
     trained on the benchmark's texts and saved with the model.
     ``epochs`` is used unless ``max_steps`` is set. ``eval_every: 0`` evaluates only at the
     end. ``eval_limit`` caps the records evaluated per split (``None`` = all).
+    ``group_by_length``: length-grouped batches trimmed to ``length_buckets`` (``None`` =
+    :data:`GROUP_BUCKETS`); ``false`` pads everything to one length (the old behaviour).
+    ``mesh``: a device mesh spec (``data=2,fsdp=4``; ``--mesh`` on the command line).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -95,12 +114,16 @@ class FinetuneConfig:
     checkpoint_every: int = field(default=200, metadata={"range": POS})
     keep_checkpoints: int = field(default=2, metadata={"range": POS})
     async_checkpoint: bool = True
+    group_by_length: bool = False
+    length_buckets: list[int] | None = None
+    mesh: str | None = None
     debug: DebugSpec = field(default_factory=DebugSpec)
 
 
 # Keys that may differ between a run and its --resume (they do not change the trajectory).
+# (`mesh`: a checkpoint restores onto another mesh; results then differ only by float rounding.)
 _RESUME_FREE_KEYS = ("debug", "eval_every", "eval_batch_size", "eval_limit", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "async_checkpoint")
+                     "keep_checkpoints", "async_checkpoint", "mesh")
 
 
 # =========================================================================== preparation
@@ -228,6 +251,41 @@ def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
     return _Prepared(cfg, bench, tok, tok_dir, mcfg, train, evals, counts, length)
 
 
+def _length_buckets(cfg: FinetuneConfig) -> tuple[int, ...] | None:
+    """The per-batch trim buckets (``None``: no trimming, one padded length)."""
+    if not cfg.group_by_length:
+        return None
+    buckets = tuple(cfg.length_buckets) if cfg.length_buckets else GROUP_BUCKETS
+    if any(b < 1 for b in buckets):
+        raise ConfigError(f"must be positive lengths, got {list(buckets)}", "length_buckets")
+    return buckets
+
+
+def _train_iterator(cfg: FinetuneConfig, train: dict, pad_id: int):
+    from simu_jax.data import batch_iterator
+
+    return batch_iterator(train, cfg.batch_size * cfg.grad_accum, seed=cfg.seed, shuffle=True, pad_id=pad_id,
+                          group_by_length=cfg.group_by_length, group_chunk=GROUP_CHUNK,
+                          trim_buckets=_length_buckets(cfg))
+
+
+def _eval_iterator(arrays: dict, batch_size: int, pad_id: int, buckets):
+    """One pass over ``arrays``; with ``buckets`` sorted by length and each batch trimmed."""
+    from simu_jax.data import batch_iterator
+
+    n_batches = -(-len(arrays["input_ids"]) // batch_size)
+    return batch_iterator(arrays, batch_size, shuffle=False, epochs=1, pad_id=pad_id,
+                          group_by_length=buckets is not None, group_chunk=max(n_batches, 1), trim_buckets=buckets)
+
+
+def _step_widths(it, total: int, steps_per_epoch: int):
+    """The sequence length of each of the run's ``total`` steps (the batches it will see)."""
+    import numpy as np
+
+    widths = [it.epoch_widths(e) for e in range(-(-total // steps_per_epoch))]
+    return np.concatenate(widths)[:total]
+
+
 def _schedule_steps(cfg: FinetuneConfig, num_examples: int) -> tuple[int, int, int]:
     """(steps per epoch, total steps, warmup steps)."""
     per_step = cfg.batch_size * cfg.grad_accum
@@ -257,13 +315,19 @@ def plan_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     steps_per_epoch, total, warmup = _schedule_steps(cfg, len(prep.train["input_ids"]))
     per_step = cfg.batch_size * cfg.grad_accum
     answer_tokens = int((prep.train["labels"] != -100).sum())
+    pad = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else prep.tokenizer.eos_token_id
+    widths = _step_widths(_train_iterator(cfg, prep.train, pad), total, steps_per_epoch)
+    buckets = _length_buckets(cfg)
+    eval_widths = sorted({int(w) for v in prep.evals.values()
+                          for w in _eval_iterator(v, cfg.eval_batch_size, pad, buckets).epoch_widths(0)})
+    real_tokens = int(prep.train["attention_mask"].sum())
     pbytes = np.dtype(jax.numpy.dtype(cfg.model.dtype)).itemsize
     act_dtype = np.dtype(jax.numpy.dtype(cfg.model.compute_dtype or cfg.model.dtype)).itemsize
     # Rough activation estimate for one micro-batch: ~16 hidden-sized tensors per layer kept for
     # backward (fewer with remat), plus the [B, T, V] logits in fp32.
     per_layer = 16 * mcfg.hidden_size + 3 * mcfg.intermediate_size
     layers_kept = mcfg.num_hidden_layers if cfg.model.remat == "none" else 1
-    act = cfg.batch_size * prep.length * (per_layer * layers_kept * act_dtype + 2 * mcfg.vocab_size * 4)
+    act = cfg.batch_size * int(widths.max()) * (per_layer * layers_kept * act_dtype + 2 * mcfg.vocab_size * 4)
     memory = {
         "params": n_params * pbytes,
         "gradients": n_params * 4,
@@ -283,11 +347,18 @@ def plan_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "trainable": n_params,
         "data": {"benchmark": cfg.data.benchmark, "split": cfg.split, "examples": len(prep.train["input_ids"]),
                  "by_set": prep.counts, "padded_length": prep.length, "answer_tokens": answer_tokens,
+                 "real_tokens": real_tokens, "mean_length": real_tokens / len(prep.train["input_ids"]),
+                 "group_by_length": cfg.group_by_length,
                  "eval": {k: len(v["input_ids"]) for k, v in prep.evals.items()}},
+        "lengths": {"mean_padded": float(widths.mean()), "max_padded": int(widths.max()),
+                    "train_shapes": sorted({int(w) for w in widths}), "eval_shapes": eval_widths},
         "steps": {"per_epoch": steps_per_epoch, "total": total, "warmup": warmup,
                   "epochs": total / steps_per_epoch, "examples_per_step": per_step,
                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
-        "tokens": {"padded_per_step": per_step * prep.length, "padded_total": per_step * prep.length * total,
+        "mesh": cfg.mesh,
+        "tokens": {"padded_per_step": per_step * float(widths.mean()), "padded_total": per_step * int(widths.sum()),
+                   "padding_fraction": 1.0 - real_tokens * total / steps_per_epoch
+                   / max(per_step * int(widths.sum()), 1),
                    "answer_tokens_total": int(answer_tokens * total / steps_per_epoch)},
         "memory_bytes": memory,
         "tokenizer": cfg.tokenizer or cfg.model.path or f"BPE trained on the benchmark ({len(prep.tokenizer)} tokens)",
@@ -308,6 +379,14 @@ def _mib(b: float) -> str:
 
 def format_plan(plan: dict[str, Any]) -> str:
     m, d, s, t, mem = plan["model"], plan["data"], plan["steps"], plan["tokens"], plan["memory_bytes"]
+    ln = plan["lengths"]
+    if d["group_by_length"]:
+        lengths = (f"grouped by length: mean padded length {ln['mean_padded']:.1f} "
+                   f"(real {d['mean_length']:.1f}), {len(ln['train_shapes'])} train shapes "
+                   f"{ln['train_shapes']}, eval shapes {ln['eval_shapes']}")
+    else:
+        lengths = (f"all padded to {ln['max_padded']} (real mean {d['mean_length']:.1f}; "
+                   f"group_by_length: true trims per batch)")
     lines = [
         "finetune plan",
         f"  model:      {m['model_type']} from {m['source']}: {m['layers']} layers, hidden {m['hidden']}, "
@@ -320,12 +399,15 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{d['answer_tokens']:,} answer tokens",
         f"  steps:      {s['total']} ({s['per_epoch']}/epoch, {s['epochs']:.3g} epochs, warmup {s['warmup']}), "
         f"{s['examples_per_step']} examples/step (batch {s['batch_size']} x accum {s['grad_accum']})",
-        f"  tokens:     {t['padded_per_step']:,} padded/step, {_human(t['padded_total'])} padded in total, "
-        f"~{_human(t['answer_tokens_total'])} answer tokens trained on",
+        f"  lengths:    {lengths}",
+        f"  tokens:     {t['padded_per_step']:,.0f} padded/step, {_human(t['padded_total'])} padded in total "
+        f"({100 * t['padding_fraction']:.0f}% padding), ~{_human(t['answer_tokens_total'])} answer tokens trained on",
         f"  memory:     ~{_mib(mem['total'])} (params {_mib(mem['params'])}, grads {_mib(mem['gradients'])}, "
         f"adam {_mib(mem['adam_state'])}, activations {_mib(mem['activations'])})",
         f"  eval:       {', '.join(f'{k} {v}' for k, v in d['eval'].items())} examples",
     ]
+    if plan.get("mesh"):
+        lines.append(f"  mesh:       {plan['mesh']}")
     return "\n".join(lines)
 
 
@@ -377,7 +459,7 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(sums, optimizer, schedule, donate: bool = False):
+def make_train_step(sums, optimizer, schedule, donate: bool = False, out_shardings=None):
     """A jit-compiled optimizer step with exact gradient accumulation.
 
     ``sums(params, batch) -> (loss_sum, (token_count, hits))`` on one micro-batch ([B, T]
@@ -386,6 +468,8 @@ def make_train_step(sums, optimizer, schedule, donate: bool = False):
     A == 1) and divided by the total token count, which is exactly the gradient of the
     token-mean loss over all A*B rows. ``loss_scale`` multiplies the loss (1.0; NaN
     injection in tests); ``step`` (0-based) only feeds the logged learning rate.
+    ``out_shardings`` (``(params, opt_state, metrics)`` shardings) pins a sharded step's
+    outputs to its inputs' layout.
     """
     import jax
     import jax.numpy as jnp
@@ -415,10 +499,11 @@ def make_train_step(sums, optimizer, schedule, donate: bool = False):
                    "accuracy": hits / denom, "tokens": cnt, "lr": schedule(step)}
         return params, opt_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(train_step, donate_argnums=(0, 1) if donate else (), **kw)
 
 
-def _make_steps(graphdef, optimizer, schedule, donate: bool):
+def _make_steps(graphdef, optimizer, schedule, donate: bool, out_shardings=None):
     """(train_step, eval_step) for the causal LM ``graphdef`` (answer-token NLL)."""
     import jax
     import jax.numpy as jnp
@@ -436,16 +521,19 @@ def _make_steps(graphdef, optimizer, schedule, donate: bool):
         total, (count, hits) = sums(params, batch)
         return total, count, hits
 
-    return make_train_step(sums, optimizer, schedule, donate), jax.jit(eval_step)
+    return make_train_step(sums, optimizer, schedule, donate, out_shardings), jax.jit(eval_step)
 
 
-def _evaluate(eval_step, params, sets: dict, batch_size: int, pad_id: int) -> dict[str, dict[str, float]]:
-    from simu_jax.data import batch_iterator
-
+def _evaluate(eval_step, params, sets: dict, batch_size: int, pad_id: int, buckets=None,
+              place=None) -> dict[str, dict[str, float]]:
+    """Answer-token loss/accuracy per set; ``buckets``: length-sorted batches trimmed per batch;
+    ``place``: puts a [B, T] batch on the devices (mesh runs)."""
     out = {}
     for name, arrays in sets.items():
         nll = count = hits = 0.0
-        for batch in batch_iterator(arrays, batch_size, shuffle=False, epochs=1, pad_id=pad_id):
+        for batch in _eval_iterator(arrays, batch_size, pad_id, buckets):
+            if place is not None:
+                batch = place(batch)
             t, c, h = eval_step(params, batch)
             nll, count, hits = nll + float(t), count + int(c), hits + int(h)
         out[name] = {"loss": nll / max(count, 1), "accuracy": hits / max(count, 1), "tokens": int(count),
@@ -479,12 +567,79 @@ def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
         return items
 
     a, b = flat(saved), flat(now)
+    defaults = flat(to_dict(FinetuneConfig()))  # keys added since the run started have their defaults there
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in _RESUME_FREE_KEYS:
             continue
-        if a.get(key) != b.get(key):
+        if a.get(key, defaults.get(key)) != b.get(key):
             raise ConfigError(f"differs from the run being resumed in {out} ({a.get(key)!r} there, {b.get(key)!r} "
                               f"here); resume with the same config or start a new run", key)
+
+
+class _MeshPlacement:
+    """Shardings of a finetune run on ``mesh`` (helpers kept here, on top of :mod:`simu_jax.sharding`).
+
+    Params by the sharding rules, the AdamW state like the params it mirrors (counts
+    replicated), train batches ``[A, B, T]`` with ``B`` over the batch axes (``data``,
+    ``fsdp``; the longest prefix whose size divides ``B``), eval batches ``[B, T]`` likewise.
+    With several processes each one holds ``process_slice`` of the batch rows and the global
+    batch is assembled with ``jax.make_array_from_process_local_data``.
+    """
+
+    def __init__(self, mesh, params, model_config, optimizer):
+        import jax
+
+        from simu_jax import sharding as S
+
+        self.mesh = mesh
+        self.params = S.param_shardings(params, mesh, model_config=model_config)
+        abstract_opt = jax.eval_shape(optimizer.init, params)
+        try:
+            self.opt_state = S.opt_state_shardings(abstract_opt, self.params, mesh, tx=optimizer)
+        except Exception:  # optax cannot map this state's params: match by path and shape
+            self.opt_state = S.opt_state_shardings(abstract_opt, self.params, mesh, params=params)
+        self.replicated = S.replicated(mesh)
+
+    def _rows(self, n: int, axis: int, ndim: int):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from simu_jax.sharding import logical_to_spec
+
+        spec = logical_to_spec(("batch",), (n,), self.mesh)
+        entries = [None] * ndim
+        entries[axis] = tuple(spec)[0] if len(tuple(spec)) else None
+        return NamedSharding(self.mesh, PartitionSpec(*entries))
+
+    def batch(self, batch: dict, axis: int):
+        """Place a host batch whose rows are along ``axis`` (1 for [A, B, T], 0 for [B, T])."""
+        import jax
+        import numpy as np
+
+        from simu_jax.sharding import process_slice
+
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            sh = self._rows(v.shape[axis], axis, v.ndim)
+            if jax.process_count() == 1:
+                out[k] = jax.device_put(v, sh)
+            else:
+                idx = [slice(None)] * v.ndim
+                idx[axis] = process_slice(v.shape[axis], drop_remainder=True)
+                out[k] = jax.make_array_from_process_local_data(sh, v[tuple(idx)], v.shape)
+        return out
+
+
+def _host(tree):
+    """Host numpy copies of (possibly sharded, possibly multi-process) arrays."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, tree)
 
 
 def run_finetune(
@@ -510,7 +665,6 @@ def run_finetune(
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.config import _jnp_dtype, dump_yaml
-    from simu_jax.data import batch_iterator
     from simu_jax.models import abstract_model, count_params, init_model, split_params
     from simu_jax.models.convert import load_pretrained, save_pretrained
     from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays, is_complete,
@@ -526,6 +680,12 @@ def run_finetune(
         return final
     if resume and out.is_dir():
         _check_resume_config(cfg, out)
+    mesh = None
+    if cfg.mesh:
+        from simu_jax.sharding import initialize_distributed, make_mesh
+
+        initialize_distributed()
+        mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
     primary = jax.process_index() == 0
 
@@ -553,15 +713,27 @@ def run_finetune(
                                   cfg.model.seed)
         if params is None:
             params = jax.jit(lambda: split_params(init_model(prep.model_config, seed=cfg.model.seed, **dtype_kw))[1])()
-    # Commit the state to one device explicitly: restored checkpoints come back committed, and
-    # committed vs uncommitted arguments are different jit cache entries (a resume would recompile).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = jax.device_put(params, device)
     donate = jax.default_backend() != "cpu"  # on CPU async checkpoint copies may alias donated buffers
-    optimizer, schedule, train_step, eval_step = _compiled(graphdef, _optimizer_key(cfg, total, warmup), donate)
-    opt_state = jax.device_put(jax.jit(optimizer.init)(params), device)
+    placement = None
+    if mesh is None:
+        # Commit the state to one device explicitly: restored checkpoints come back committed, and
+        # committed vs uncommitted arguments are different jit cache entries (a resume would recompile).
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = jax.device_put(params, device)
+        optimizer, schedule, train_step, eval_step = _compiled(graphdef, _optimizer_key(cfg, total, warmup), donate)
+        opt_state = jax.device_put(jax.jit(optimizer.init)(params), device)
+    else:
+        optimizer, schedule = _make_optimizer(_optimizer_key(cfg, total, warmup))
+        placement = _MeshPlacement(mesh, params, model.config, optimizer)
+        params = jax.device_put(params, placement.params)
+        opt_state = jax.jit(optimizer.init, out_shardings=placement.opt_state)(params)
+        train_step, eval_step = _make_steps(graphdef, optimizer, schedule, donate,
+                                            out_shardings=(placement.params, placement.opt_state,
+                                                           placement.replicated))
+    buckets = _length_buckets(cfg)
+    place_eval = None if placement is None else functools.partial(placement.batch, axis=0)
 
-    it = batch_iterator(prep.train, cfg.batch_size * cfg.grad_accum, seed=cfg.seed, shuffle=True, pad_id=pad_id)
+    it = _train_iterator(cfg, prep.train, pad_id)
     rng = np.asarray([0, cfg.seed % 2**32], np.uint32)  # raw threefry key data; finetune draws no randomness
     step = 0
 
@@ -587,7 +759,9 @@ def run_finetune(
             "command_name": "finetune", "data_hash": data_hash,
             "eval_hashes": {k: hash_arrays(v) for k, v in prep.evals.items()},
             "parameters": count_params(params), "steps_total": total, "steps_per_epoch": steps_per_epoch,
-            "padded_length": prep.length, "train_examples": prep.counts, "resumed_from": resumed_from,
+            "padded_length": prep.length, "group_by_length": cfg.group_by_length,
+            "length_buckets": list(buckets) if buckets else None, "mesh": cfg.mesh,
+            "devices": jax.device_count(), "train_examples": prep.counts, "resumed_from": resumed_from,
             "status": "running",
         })
         write_json_atomic(out / "run.json", meta)
@@ -606,6 +780,8 @@ def run_finetune(
             while step < total:
                 batch = next(it)
                 batch = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
+                if placement is not None:
+                    batch = placement.batch(batch, axis=1)
                 scale = np.float32(np.nan if inject is not None and step + 1 == inject else 1.0)
                 new_params, new_opt, m = train_step(params, opt_state, batch, scale, np.int32(step))
                 terms = guard.check(step + 1, {"nll": m["nll"], "grad_norm": m["grad_norm"]})
@@ -621,7 +797,7 @@ def run_finetune(
                 if cfg.debug.sleep_per_step:
                     time.sleep(cfg.debug.sleep_per_step)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id)
+                    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
                     logger.log(event="eval", step=step, **_flat_eval(ev))
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _flat_eval(ev).items()))
                 if step < total:
@@ -655,7 +831,7 @@ def run_finetune(
         return result
 
     # ---------------------------------------------------------------- final outputs
-    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id)
+    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
     wall = time.time() - t_start
     final = {
         "status": "complete",
@@ -667,11 +843,11 @@ def run_finetune(
         "train_time_s": round(time.time() - t_loop, 2),
         "resumed_from": resumed_from,
     }
+    params_host = _host(params)  # (a collective with several processes: every process joins)
     if primary:
         logger = MetricsLogger(out / "metrics.jsonl")
         logger.log(event="final", step=step, **_flat_eval(ev))
         logger.close()
-        params_host = jax.tree.map(np.asarray, params)
         save_pretrained(model, out / "model", params=params_host, tokenizer_dir=prep.tokenizer_dir, overwrite=True)
         write_json_atomic(out / "final_metrics.json", final)
         meta.update(status="complete", wall_time_s=round(wall, 2), final=_flat_eval(ev))
@@ -703,9 +879,14 @@ def cli_main(argv: list[str]) -> int:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (-1 = the rest); default one device")
     args = p.parse_args(argv)
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.mesh:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, mesh=args.mesh)
     if args.dry_run:
         print(format_plan(plan_finetune(cfg)))
         if args.out:

@@ -27,6 +27,7 @@ from simu_jax.data import (
     make_synthetic,
     parse_lume_id,
     read_json_records,
+    sequence_lengths,
     tokenize_prompts,
     tokenize_qa,
     tokenize_texts,
@@ -484,6 +485,102 @@ def test_batch_iterator_resume():
         batch_iterator(_arrays(), 3, seed=5, start=(0, 4))
     with pytest.raises(ValueError):
         batch_iterator({"a": np.zeros(3), "b": np.zeros(4)}, 2)
+
+
+def _ragged(n=203, t=96, seed=0):
+    """Right-padded rows of random lengths 1..t: ids 1..=token position, pad 0."""
+    lengths = np.random.default_rng(seed).integers(1, t + 1, n)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, np.arange(1, t + 1)[None], 0).astype(np.int32)
+    return {"idx": np.arange(n, dtype=np.int32), "input_ids": ids, "attention_mask": mask,
+            "labels": np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int32)}, lengths
+
+
+def test_sequence_lengths():
+    m = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
+    assert sequence_lengths(m).tolist() == [2, 4, 0, 3]  # left padding is never trimmed
+
+
+GROUP_KW = dict(group_by_length=True, group_chunk=4, trim_buckets=(32, 64, 96))
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_grouped_batches_cover_each_row_once_and_trim_to_bucket(drop_remainder):
+    arrays, lengths = _ragged()
+    it = batch_iterator(arrays, 8, seed=3, epochs=2, drop_remainder=drop_remainder, **GROUP_KW)
+    assert it.steps_per_epoch == (203 // 8 if drop_remainder else 26)
+    widths = set()
+    for epoch in range(2):
+        batches = [next(it) for _ in range(it.steps_per_epoch)]
+        assert it.position == (epoch + 1, 0)
+        rows = []
+        for b in batches:
+            real = b["attention_mask"].any(axis=1)
+            rows.extend(b["idx"][real].tolist())
+            longest = int(lengths[b["idx"][real]].max())
+            # the batch's width is the bucket of its longest member, and no real token is cut
+            assert b["input_ids"].shape == (8, bucket_length(longest, (32, 64, 96)))
+            assert {v.shape[1] for k, v in b.items() if k != "idx"} == {b["input_ids"].shape[1]}
+            for i in np.flatnonzero(real):
+                n = lengths[b["idx"][i]]
+                assert b["attention_mask"][i].sum() == n and b["input_ids"][i, :n].tolist() == list(range(1, n + 1))
+                assert (b["labels"][i, n:] == IGNORE_INDEX).all()
+            assert (b["labels"][~real] == IGNORE_INDEX).all() and (b["attention_mask"][~real] == 0).all()
+            widths.add(b["input_ids"].shape[1])
+        if drop_remainder:
+            assert len(rows) == 203 // 8 * 8 and len(set(rows)) == len(rows)
+        else:
+            assert sorted(rows) == list(range(203))  # every example exactly once per epoch
+        assert sum(not b["attention_mask"].any(axis=1).all() for b in batches) == (0 if drop_remainder else 1)
+        # the plan's helper predicts the widths without building the batches
+        assert it.epoch_widths(epoch).tolist() == [b["input_ids"].shape[1] for b in batches]
+    assert widths == {32, 64, 96}
+
+
+def test_grouped_batches_hold_similar_lengths_and_shuffle():
+    arrays, lengths = _ragged()
+    grouped = batch_iterator(arrays, 8, seed=3, epochs=1, **GROUP_KW)
+    plain = batch_iterator(arrays, 8, seed=3, epochs=1, trim_buckets=(32, 64, 96))
+    g_widths, p_widths = grouped.epoch_widths(0), plain.epoch_widths(0)
+    assert g_widths.sum() < 0.8 * p_widths.sum()  # far less padding than random batches
+    assert [b.shape[1] for b in (next(plain)["input_ids"],)] == [p_widths[0]]
+    # within a chunk the rows are sorted longest first; the batch order is shuffled
+    batches = grouped.epoch_batches(0)
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima != sorted(maxima, reverse=True)
+    assert all(np.all(np.diff(lengths[b]) <= 0) for b in batches)
+    # the epoch's rows (before sorting) are exactly the ungrouped permutation: seeds agree
+    order = plain._epoch_order(0)
+    first_chunk = set(order[: 4 * 8].tolist())
+    assert first_chunk == set(np.concatenate([b for b in batches if set(b.tolist()) <= first_chunk]).tolist())
+    # without shuffle: input order, sorted per chunk, batches not shuffled
+    ordered = batch_iterator(arrays, 8, shuffle=False, epochs=1, group_by_length=True, group_chunk=1000)
+    got = np.concatenate([b["idx"][b["attention_mask"].any(axis=1)] for b in ordered])
+    assert np.all(np.diff(lengths[got]) <= 0) and sorted(got.tolist()) == list(range(203))
+
+
+def test_grouped_batches_deterministic_and_resume_exactly():
+    arrays, _ = _ragged()
+
+    def take(it, k):
+        return [(b["idx"].tolist(), b["input_ids"].shape) for _, b in zip(range(k), it)]
+
+    expected = take(batch_iterator(arrays, 8, seed=7, **GROUP_KW), 70)  # 26 batches/epoch: 2.7 epochs
+    assert expected == take(batch_iterator(arrays, 8, seed=7, **GROUP_KW), 70)
+    assert expected != take(batch_iterator(arrays, 8, seed=8, **GROUP_KW), 70)
+    assert expected[:26] != expected[26:52]  # a new grouping each epoch
+    first = batch_iterator(arrays, 8, seed=7, **GROUP_KW)
+    take(first, 33)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert (state["epoch"], state["index"]) == (1, 7)
+    resumed = batch_iterator(arrays, 8, seed=7, **GROUP_KW)
+    resumed.load_state_dict(state)
+    assert take(resumed, 37) == expected[33:]
+    assert take(batch_iterator(arrays, 8, seed=7, start=(1, 7), **GROUP_KW), 37) == expected[33:]
+    with pytest.raises(ValueError, match="lengths"):
+        batch_iterator({"input_ids": arrays["input_ids"]}, 8, group_by_length=True)
+    with pytest.raises(ValueError, match="group_chunk"):
+        batch_iterator(arrays, 8, group_by_length=True, group_chunk=0)
 
 
 @needs_data

@@ -306,3 +306,149 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- group_by_length, --mesh
+
+
+def test_trimming_padding_does_not_change_loss(tmp_path):
+    import optax
+    from flax import nnx
+
+    from simu_jax.config import host_init_params
+    from simu_jax.data import batch_iterator, bucket_length
+    from simu_jax.finetune import GROUP_BUCKETS, _make_steps, _pad_arrays, _prepare
+    from simu_jax.models import abstract_model
+
+    prep = _prepare(tiny(), tmp_path)
+    model = abstract_model(prep.model_config)
+    params = host_init_params(nnx.to_pure_dict(nnx.state(model)), prep.model_config.initializer_range, 0)
+    pad = prep.tokenizer.pad_token_id
+    full = _pad_arrays(prep.train, 128, pad)  # the old behaviour: everything padded to one long length
+    it = batch_iterator(full, 8, seed=0, group_by_length=True, trim_buckets=GROUP_BUCKETS)
+    trimmed = next(it)
+    rows = it.epoch_batches(0)[0]
+    padded = {k: v[rows] for k, v in full.items()}
+    longest = int(padded["attention_mask"].sum(1).max())
+    width = trimmed["input_ids"].shape[1]
+    assert width == bucket_length(longest, GROUP_BUCKETS) < 128
+    for k in padded:
+        np.testing.assert_array_equal(padded[k][:, :width], trimmed[k])
+        assert (padded[k][:, width:] == (-100 if k == "labels" else 0 if k == "attention_mask" else pad)).all()
+
+    # sgd(1.0): the new params are params - gradient, so this compares the gradients too
+    train_step, eval_step = _make_steps(nnx.graphdef(model), optax.sgd(1.0), lambda s: jnp.float32(1.0), False)
+    results = []
+    for batch in (padded, trimmed):
+        ev = eval_step(params, batch)
+        two = {k: v.reshape(2, 4, *v.shape[1:]) for k, v in batch.items()}  # grad_accum=2 as well
+        new, _, m = train_step(params, optax.sgd(1.0).init(params), two, np.float32(1.0), np.int32(0))
+        results.append((ev, m, new))
+    (ev_a, m_a, new_a), (ev_b, m_b, new_b) = results
+    assert int(ev_a[1]) == int(ev_b[1]) > 0 and int(ev_a[2]) == int(ev_b[2])  # tokens, hits
+    assert float(ev_a[0]) == pytest.approx(float(ev_b[0]), rel=1e-6, abs=0)
+    assert float(m_a["nll"]) == pytest.approx(float(m_b["nll"]), rel=1e-6, abs=0)
+    assert int(m_a["tokens"]) == int(m_b["tokens"])
+    for path, a in jax.tree_util.tree_flatten_with_path(new_a)[0]:
+        b = dict(jax.tree_util.tree_flatten_with_path(new_b)[0])[path]
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_group_by_length_plan_and_stop_resume_bit_identical(tmp_path):
+    from simu_jax.finetune import GROUP_BUCKETS, format_plan, plan_finetune
+
+    grouped = ("group_by_length=true", "max_steps=30", "checkpoint_every=10")
+    plan = plan_finetune(tiny(*grouped))
+    flat = plan_finetune(tiny("max_steps=30"))
+    lengths = plan["lengths"]
+    full = plan["data"]["padded_length"]  # a bucket is never wider than the arrays
+    assert set(lengths["train_shapes"]) <= {b for b in GROUP_BUCKETS if b < full} | {full}
+    assert len(lengths["train_shapes"]) > 1
+    assert plan["data"]["mean_length"] <= lengths["mean_padded"] < flat["lengths"]["mean_padded"]
+    assert flat["lengths"]["train_shapes"] == [flat["data"]["padded_length"]]
+    assert plan["tokens"]["padded_per_step"] == pytest.approx(8 * lengths["mean_padded"])
+    assert plan["tokens"]["padded_total"] < flat["tokens"]["padded_total"]
+    text = format_plan(plan)
+    assert "grouped by length: mean padded length" in text and "padded/step" in text
+
+    ref = run_finetune(tiny(*grouped), tmp_path / "ref", quiet=True)
+    assert ref["status"] == "complete" and ref["step"] == 30
+    assert json.loads((tmp_path / "ref" / "run.json").read_text())["group_by_length"] is True
+    out = tmp_path / "run"
+    first = run_finetune(tiny(*grouped, "debug.stop_after_step=14"), out, quiet=True)
+    assert first["status"] == "interrupted" and first["step"] == 14
+    with Checkpointer(out / "checkpoints") as ck:
+        assert ck.restore()["data"]["index"] == 14 % 5
+    with pytest.raises(ValueError, match="group_by_length"):  # it changes the trajectory: not resumable
+        run_finetune(tiny("max_steps=30", "checkpoint_every=10"), out, resume=True, quiet=True)
+    second = run_finetune(tiny(*grouped), out, resume=True, quiet=True)
+    assert second["resumed_from"] == 14 and second["forget"] == ref["forget"] and second["retain"] == ref["retain"]
+    assert_same_weights(out, tmp_path / "ref")
+
+
+def test_mesh_finetune_matches_single_device(tmp_path):
+    """`simu-jax finetune --mesh fsdp=4,data=2` on 8 host CPU devices: same losses and weights
+    as one device (fp32), and the parameters / AdamW state really are split over fsdp."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        import jax, numpy as np
+        from safetensors.numpy import load_file
+        from simu_jax.cli import main
+        assert jax.device_count() == 8, jax.devices()
+        tiny = {TINY!r} + ["max_steps=3", "log_every=1", "learning_rate=1e-3", "group_by_length=true",
+                           "grad_accum=2", "batch_size=8", "eval_limit=8"]
+        out = {str(tmp_path)!r}
+        for name, extra in (("single", []), ("mesh", ["--mesh", "fsdp=4,data=2"])):
+            assert main(["finetune", "--out", f"{{out}}/{{name}}", "--quiet", *extra, "--set", *tiny]) == 0
+
+        # the placement a mesh run uses (the same helper run_finetune calls)
+        from flax import nnx
+        from simu_jax.config import host_init_params, load_config
+        from simu_jax.finetune import FinetuneConfig, _MeshPlacement, _make_optimizer, _optimizer_key
+        from simu_jax.models import ModelConfig, abstract_model
+        from simu_jax.sharding import make_mesh
+        mcfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+        params = host_init_params(nnx.to_pure_dict(nnx.state(abstract_model(mcfg))), 0.02, 0)
+        opt, _ = _make_optimizer(_optimizer_key(load_config(FinetuneConfig, None, tiny), 3, 0))
+        pl = _MeshPlacement(make_mesh("fsdp=4,data=2"), params, mcfg, opt)
+        p = jax.device_put(params, pl.params)
+        state = jax.jit(opt.init, out_shardings=pl.opt_state)(p)
+        shards = {{jax.tree_util.keystr(k): sorted({{s.data.shape for s in x.addressable_shards}})
+                  for k, x in jax.tree_util.tree_flatten_with_path((p, state))[0] if x.ndim >= 2}}
+        batch = pl.batch({{"input_ids": np.zeros((2, 8, 32), np.int32)}}, axis=1)["input_ids"]
+        json.dump({{"shards": {{k: [list(s) for s in v] for k, v in shards.items()}},
+                   "batch_shards": sorted({{s.data.shape for s in batch.addressable_shards}})}},
+                  open(f"{{out}}/shards.json", "w"))
+        print("ok")
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+    def train_nll(run):
+        return [x["nll"] for x in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if x["event"] == "train"]
+
+    single, mesh = train_nll("single"), train_nll("mesh")
+    assert len(single) == 3
+    np.testing.assert_allclose(mesh, single, rtol=1e-5, atol=0)
+    final = [json.loads((tmp_path / r / "final_metrics.json").read_text()) for r in ("single", "mesh")]
+    for split in ("forget", "retain"):
+        assert final[1][split]["loss"] == pytest.approx(final[0][split]["loss"], rel=1e-5, abs=0)
+        assert final[1][split]["tokens"] == final[0][split]["tokens"]
+    wa, wb = weights(tmp_path / "single"), weights(tmp_path / "mesh")
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=0, atol=1e-5, err_msg=name)
+    meta = json.loads((tmp_path / "mesh" / "run.json").read_text())
+    assert meta["mesh"] == "fsdp=4,data=2" and meta["devices"] == 8
+    shards = json.loads((tmp_path / "shards.json").read_text())["shards"]
+    # hidden (64) over fsdp=4 -> 16 per device; every params-shaped Adam moment follows its param
+    emb = [k for k in shards if "embed_tokens" in k]
+    assert emb and all(shards[k] == [[512, 16]] for k in emb), {k: shards[k] for k in emb}
+    split = {k: v for k, v in shards.items() if "norm" not in k}  # norm weights stay replicated
+    assert all(v and all(16 in s for s in v) for v in split.values()), shards
+    assert sum(k.startswith("[1]") for k in split) == 2 * sum(k.startswith("[0]") for k in split)  # mu, nu
+    # a [grad_accum, B, T] batch: its B = 8 rows over data x fsdp, one per device
+    assert json.loads((tmp_path / "shards.json").read_text())["batch_shards"] == [[2, 1, 32]]

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "IGNORE_INDEX",
     "SPECIAL_TOKENS",
+    "sequence_lengths",
     "BatchIterator",
     "QATemplate",
     "batch_iterator",
@@ -256,6 +257,24 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     A short last batch is filled up with padding rows: ``labels`` = -100, other keys 0
     (``input_ids`` = ``pad_id``), in particular ``attention_mask`` = 0. Shapes never
     change. With ``drop_remainder=True`` the short batch is skipped instead.
+
+    Length grouping (``group_by_length=True``, like Hugging Face Trainer's
+    ``group_by_length``): the epoch's permutation is cut into chunks of ``group_chunk``
+    batches, each chunk is sorted by sequence length (longest first, stable), cut into
+    batches, and the order of all the epoch's batches is shuffled with the same seeded
+    generator. Every row is still visited exactly once per epoch, and batches hold rows of
+    similar length. Only the epoch's last chunk can leave a short batch (padded as above,
+    or dropped with ``drop_remainder``). Without ``shuffle`` the rows keep their order
+    before the sort and the batches are not shuffled (``group_chunk`` >= the number of
+    batches then sorts the whole set: useful for evaluation).
+
+    Trimming (``trim_buckets``, a sequence of lengths): each batch's sequence axis (axis 1
+    of the 2-D+ arrays) is cut to ``bucket_length(longest row in the batch, trim_buckets)``,
+    never beyond the arrays' width, so a batch has one of a few shapes and no real token is
+    ever cut. Row lengths come from ``lengths`` or else from ``attention_mask`` (last
+    non-zero position + 1, so left-padded rows are never trimmed). Both options change
+    only which rows form a batch and its width; the position ``(epoch, index)`` still
+    determines everything, so :meth:`state_dict` resumes exactly.
     """
 
     def __init__(
@@ -269,6 +288,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         drop_remainder: bool = False,
         start: tuple[int, int] | Mapping[str, int] | None = None,
         pad_id: int = 0,
+        group_by_length: bool = False,
+        group_chunk: int = 50,
+        trim_buckets: Sequence[int] | None = None,
+        lengths: np.ndarray | None = None,
     ):
         if not arrays:
             raise ValueError("arrays is empty")
@@ -293,8 +316,23 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             raise ValueError(
                 f"no batches: {self.num_rows} rows, batch_size {self.batch_size}, drop_remainder={drop_remainder}"
             )
+        if group_chunk < 1:
+            raise ValueError("group_chunk must be >= 1")
+        self.group_by_length = bool(group_by_length)
+        self.group_chunk = int(group_chunk)
+        self.trim_buckets = tuple(int(b) for b in trim_buckets) if trim_buckets is not None else None
+        self.lengths = None
+        if self.group_by_length or self.trim_buckets is not None:
+            if lengths is None:
+                if "attention_mask" not in self.arrays:
+                    raise ValueError("group_by_length / trim_buckets need `lengths` or an 'attention_mask' array")
+                lengths = sequence_lengths(self.arrays["attention_mask"])
+            self.lengths = np.asarray(lengths, dtype=np.int64)
+            if self.lengths.shape != (self.num_rows,):
+                raise ValueError(f"lengths has shape {self.lengths.shape}, expected ({self.num_rows},)")
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = -1, None
+        self._batches_epoch, self._batches = -1, None
         if start is not None:
             self.load_state_dict(start if isinstance(start, Mapping) else {"epoch": start[0], "index": start[1]})
 
@@ -329,15 +367,56 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     def __iter__(self) -> "BatchIterator":
         return self
 
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The row indices of every batch of ``epoch``, in order (``steps_per_epoch`` of them)."""
+        if self._batches_epoch != epoch:
+            order = self._epoch_order(epoch)
+            bs = self.batch_size
+            if not self.group_by_length:
+                batches = [order[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
+            else:
+                chunk = self.group_chunk * bs
+                batches = []
+                for s in range(0, self.num_rows, chunk):
+                    part = order[s : s + chunk]
+                    part = part[np.argsort(-self.lengths[part], kind="stable")]
+                    batches.extend(part[i : i + bs] for i in range(0, len(part), bs))
+                if self.drop_remainder:
+                    batches = [b for b in batches if len(b) == bs]
+                if self.shuffle:
+                    # a generator of its own per epoch (not the row permutation's), so the
+                    # row order above is exactly the ungrouped one
+                    perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+                    batches = [batches[i] for i in perm]
+                assert len(batches) == self.steps_per_epoch
+            self._batches_epoch, self._batches = epoch, batches
+        return self._batches
+
+    def batch_width(self, rows: np.ndarray) -> int:
+        """The sequence length a batch of ``rows`` is trimmed to (the full width without trimming)."""
+        widths = {v.shape[1] for v in self.arrays.values() if v.ndim >= 2}
+        full = max(widths) if widths else 0
+        if self.trim_buckets is None or not widths:
+            return full
+        longest = int(self.lengths[rows].max()) if len(rows) else 1
+        return min(bucket_length(max(longest, 1), self.trim_buckets), full)
+
+    def epoch_widths(self, epoch: int = 0) -> np.ndarray:
+        """The sequence length of each batch of ``epoch`` (what :meth:`__next__` returns)."""
+        return np.asarray([self.batch_width(rows) for rows in self.epoch_batches(epoch)], dtype=np.int64)
+
     def __next__(self) -> dict[str, np.ndarray]:
         if self.epochs is not None and self.epoch >= self.epochs:
             raise StopIteration
-        rows = self._epoch_order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        rows = self.epoch_batches(self.epoch)[self.index]
+        width = self.batch_width(rows) if self.trim_buckets is not None else None
         batch = {}
         for key, value in self.arrays.items():
             part = value[rows]
+            if width is not None and value.ndim >= 2:
+                part = part[:, :width]
             if len(rows) < self.batch_size:
-                filler = np.full((self.batch_size - len(rows),) + value.shape[1:], self._pad_value(key), value.dtype)
+                filler = np.full((self.batch_size - len(rows),) + part.shape[1:], self._pad_value(key), value.dtype)
                 part = np.concatenate([part, filler])
             batch[key] = part
         self.index += 1
@@ -356,12 +435,28 @@ def batch_iterator(
     drop_remainder: bool = False,
     start: tuple[int, int] | Mapping[str, int] | None = None,
     pad_id: int = 0,
+    group_by_length: bool = False,
+    group_chunk: int = 50,
+    trim_buckets: Sequence[int] | None = None,
+    lengths: np.ndarray | None = None,
 ) -> BatchIterator:
-    """A :class:`BatchIterator` (``epochs=None`` = endless; ``start=(epoch, index)`` resumes)."""
+    """A :class:`BatchIterator` (``epochs=None`` = endless; ``start=(epoch, index)`` resumes;
+    ``group_by_length`` / ``trim_buckets``: length-grouped batches trimmed to a bucket)."""
     return BatchIterator(
         arrays, batch_size, seed=seed, shuffle=shuffle, epochs=epochs,
         drop_remainder=drop_remainder, start=start, pad_id=pad_id,
+        group_by_length=group_by_length, group_chunk=group_chunk, trim_buckets=trim_buckets, lengths=lengths,
     )
+
+
+def sequence_lengths(attention_mask: np.ndarray) -> np.ndarray:
+    """Per row, the last position with a non-zero mask + 1 (0 for an all-zero row): the
+    width a right-padded row can be cut to without losing a real token."""
+    m = np.asarray(attention_mask) != 0
+    if m.ndim != 2:
+        raise ValueError(f"attention_mask must be [N, T], got shape {m.shape}")
+    t = m.shape[1]
+    return np.where(m.any(axis=1), t - np.argmax(m[:, ::-1], axis=1), 0).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- BPE tokenizer
