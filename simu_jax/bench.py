@@ -13,13 +13,23 @@ reports for it (``jax.monitoring`` compile events). Sections:
   (``curvature.hvp``, forward-over-reverse), Gauss-Newton product (``curvature.ggn_vp``) and a
   one-probe Hutchinson diagonal (``curvature.hutchinson_diagonal``), with ratios to the
   gradient; plus the gradient and HVP on the SIMU subset (attention + selected ``down_proj``
-  rows, the rest closed over) to show what the mask saves.
+  rows, the rest closed over) to show what the mask saves. At the largest size also two other
+  exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
+  gradient map reused for 4 products (``hvp_lin4``, what Newton-CG and Hutchinson do); for every
+  program, XLA's cost analysis (flops, bytes) of the compiled executable; ``hvp_analysis`` puts
+  time ratios next to flop ratios (is the HVP flop-bound?).
+* ``remat``: the gradient and HVP of the step config with models built with another remat
+  policy (``dots``), in turns with the default model's.
 * ``steps``: one ``Unlearner.step`` of ``fo_graddiff`` (AdamW), ``so_graddiff`` (Sophia, SOUL's
   g*g curvature, all params), ``so_graddiff_hutchinson`` (Sophia-H: one exact HVP per step),
   ``simu_graddiff`` and ``simu_newton`` (time per CG iteration = step time / CG iterations
   done; the HVP on the SIMU subset timed alone is in ``second_order``), with the
   optimizer + curvature state bytes of each method and a breakdown (loss + gradient on the
   method's trainable subset, taken from ``second_order`` at the same config, vs the rest).
+  State bytes are split into per-parameter leaves and scalar leaves (the step counter):
+  ``simu_state_bytes_over_so`` compares the per-parameter state (what scales with the trainable
+  set, the quantity the trainable fraction bounds); ``simu_state_bytes_over_so_raw`` is the
+  ratio of all bytes.
 * ``peer``: ``tools/torch_peer.py --serve`` in a subprocess: transformers ``LlamaForCausalLM``
   (eager attention) with the same weights (``models.convert.save_pretrained``) and batch, a
   SOUL-style SophiaG step (g*g every step), a Sophia-H step (double-backward HVP), and the
@@ -76,6 +86,7 @@ SUMMARY_KEYS = (
     "compile_s_16_layers",
     "compile_16_over_4",
     "simu_state_bytes_over_so",
+    "simu_state_bytes_over_so_raw",
     "trainable_fraction_simu",
     "newton_per_cg_iter_s",
 )
@@ -87,7 +98,8 @@ TARGETS = (
     ("jax_over_torch_so_step", 0.8, "JAX SO-GradDiff step / PyTorch SOUL SophiaG step"),
     ("compile_16_over_4", 1.5, "SIMU step compile time, 16 layers / 4 layers"),
     ("simu_state_bytes_over_so", "trainable_fraction_simu",
-     "SIMU optimizer+curvature bytes / SO's, no larger than the trainable fraction"),
+     "SIMU per-parameter optimizer+curvature bytes / SO's (scalar leaves such as the step counter "
+     "excluded), no larger than the trainable fraction"),
 )
 
 SECOND_ORDER_OPS = ("forward", "grad", "hvp", "ggn_vp", "hutchinson", "grad_simu", "hvp_simu")
@@ -121,6 +133,12 @@ class Profile:
     neuron_fraction: float = 0.1
     cg_iters: int = 8
     overlap: bool = False  # --quick: peer and compile section overlap the rest (wall time only)
+    # at the largest size only: other exact HVP formulations (reverse-over-reverse; one
+    # linearization reused for 4 products, as Newton-CG and Hutchinson do)
+    hvp_variants: tuple[str, ...] = ("hvp_revrev", "hvp_lin4")
+    # at the step size: the gradient and HVP of models built with these remat policies, in
+    # turns with the default model's (the model default is remat="none")
+    remat_compare: tuple[str, ...] = ("dots",)
 
 
 FULL = Profile(name="full", vocab=4096, sizes=((128, 384), (256, 768), (512, 1536)), head_dim=64, layers=4,
@@ -132,7 +150,7 @@ QUICK = Profile(name="quick", vocab=256, sizes=((32, 64),), head_dim=16, layers=
                 compile_dims=(32, 64), compile_layers=(4, 8, 16), repeats=2, warmup=1, compile_repeats=1,
                 ops=("grad", "hvp"),
                 methods=("so_graddiff", "so_graddiff_hutchinson", "simu_graddiff", "simu_newton"),
-                cg_iters=4, overlap=True, peer_default_env=False)
+                cg_iters=4, overlap=True, peer_default_env=False, hvp_variants=(), remat_compare=())
 # --quick in a fresh process also compiles with LLVM optimizations off (compile CPU ~40% lower;
 # its timings are not meaningful anyway). Recorded in machine.xla_flags.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -299,6 +317,28 @@ class Job:
         return time.perf_counter() - t0
 
 
+class AotCall:
+    """`jax.jit(fn)` on fixed args, lowered and compiled on the first call (the same compile
+    events as a plain first call), so that XLA's cost analysis of the very program that is
+    timed is available afterwards (`cost`: flops and bytes accessed, None if the backend has none)."""
+
+    def __init__(self, fn: Callable, *args):
+        self.jitted, self.args = jax.jit(fn), args
+        self.exe = None
+        self.cost: dict[str, float] | None = None
+
+    def __call__(self):
+        if self.exe is None:
+            self.exe = self.jitted.lower(*self.args).compile()
+            with contextlib.suppress(Exception):
+                ca = self.exe.cost_analysis()
+                ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+                if ca and "flops" in ca:
+                    self.cost = {"gflop": float(ca["flops"]) / 1e9,
+                                 "gbytes_accessed": float(ca.get("bytes accessed", float("nan"))) / 1e9}
+        return self.exe(*self.args)
+
+
 def _stats(runs: list[float], **extra) -> dict[str, Any]:
     return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs), "runs_s": runs, **extra}
 
@@ -459,6 +499,13 @@ def _second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict
         full, kwargs = part.combine(tr, fr)
         return _graddiff(graphdef, full, b, kwargs)
 
+    def hvp_revrev(prm, vv, b):  # reverse-over-reverse: grad_p <grad f(p), v>
+        return jax.grad(lambda q: C.tree_vdot(jax.grad(loss)(q, b), vv))(prm)
+
+    def hvp_lin4(prm, vs, b):  # one linearization of the gradient map, 4 products (as CG / Hutchinson use it)
+        _, h = jax.linearize(lambda q: jax.grad(loss)(q, b), prm)
+        return [h(vv) for vv in vs]
+
     programs = {
         "forward": (loss, (params, batch)),
         "grad": (jax.grad(loss), (params, batch)),
@@ -469,14 +516,91 @@ def _second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict
         "grad_simu": (jax.grad(loss_sub), (trainable, frozen, batch)),
         "hvp_simu": (lambda tr, vv, fr, b: C.hvp(loss_sub, tr, vv, fr, b), (trainable, v_sub, frozen, batch)),
     }
+    ops = list(p.ops)
+    if (hidden, inter) == tuple(p.sizes[-1]) and "grad" in ops and "hvp" in ops:
+        for op in p.hvp_variants:
+            if op == "hvp_revrev":
+                programs[op] = (hvp_revrev, (params, v, batch))
+            elif op == "hvp_lin4":
+                vs = [v] + [jax.tree.map(lambda x, i=i: jnp.asarray(np.random.default_rng(10 + i).standard_normal(
+                    x.shape, np.float32)), params) for i in range(3)]
+                programs[op] = (hvp_lin4, (params, vs, batch))
+            else:
+                raise ValueError(f"unknown HVP variant {op!r}")
+            ops.append(op)
     jobs = []
-    for op in p.ops:
+    for op in ops:
         fn, args = programs[op]
-        jobs.append(Job(f"second_order/h{hidden}/{op}", functools.partial(jax.jit(fn), *args)))
+        jobs.append(Job(f"second_order/h{hidden}/{op}", AotCall(fn, *args)))
     row = {"hidden": hidden, "intermediate": inter, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
            "heads": cfg.num_attention_heads, "num_params": _count(params), "num_params_simu": _count(trainable),
            "tokens_per_call": 2 * p.batch * p.seq}
     return row, jobs
+
+
+def remat_jobs(p: Profile) -> list[Job]:
+    """Gradient and exact HVP at the step config with models built with `p.remat_compare`'s policies."""
+    from flax import nnx
+
+    from simu_jax import curvature as C
+    from simu_jax.models import abstract_model
+
+    if not p.remat_compare:
+        return []
+    hidden, inter = p.sizes[p.step_size]
+    cfg = model_config(p, hidden, inter)
+    _, params = init_params(cfg, seed=0)
+    rng = np.random.default_rng(1)  # the second-order section's v
+    v = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32)), params)
+    batch = jax.tree.map(jnp.asarray, make_batch(p, seed=0))
+    jobs = []
+    for policy in p.remat_compare:
+        graphdef, _ = nnx.split(abstract_model(cfg, remat=policy))
+        loss = functools.partial(_graddiff, graphdef)
+        jobs.append(Job(f"remat/{policy}/grad", AotCall(jax.grad(loss), params, batch)))
+        jobs.append(Job(f"remat/{policy}/hvp", AotCall(lambda prm, vv, b, loss=loss: C.hvp(loss, prm, vv, b),
+                                                        params, v, batch)))
+    return jobs
+
+
+def _default_remat() -> str:
+    import inspect
+
+    from simu_jax.models import init_model
+
+    return inspect.signature(init_model).parameters["remat"].default
+
+
+def hvp_analysis(row: dict[str, Any]) -> dict[str, Any]:
+    """HVP cost against the gradient's, in time and in XLA's flop count, for one model size."""
+    t = {k: v["median_s"] for k, v in row["times"].items()}
+    c = {k: v["gflop"] for k, v in row.get("cost_analysis", {}).items()}
+    out: dict[str, Any] = {"time_over_grad": {}, "flops_over_grad": {}}
+    for op in ("forward", "hvp", "hvp_revrev", "ggn_vp"):
+        if op in t:
+            out["time_over_grad"][op] = t[op] / t["grad"]
+        if op in c and "grad" in c:
+            out["flops_over_grad"][op] = c[op] / c["grad"]
+    if "hvp_lin4" in t:
+        out["time_over_grad"]["hvp_lin4_per_product"] = t["hvp_lin4"] / 4 / t["grad"]
+        out["time_over_grad"]["hvp_linearized_marginal"] = (t["hvp_lin4"] - t["hvp"]) / 3 / t["grad"]
+    if "hvp_lin4" in c and "hvp" in c and "grad" in c:
+        out["flops_over_grad"]["hvp_lin4_per_product"] = c["hvp_lin4"] / 4 / c["grad"]
+        out["flops_over_grad"]["hvp_linearized_marginal"] = (c["hvp_lin4"] - c["hvp"]) / 3 / c["grad"]
+    if "hvp" in out["flops_over_grad"]:
+        # > 1: the HVP runs at a lower flop rate than the gradient (overhead); ~1: flop-bound
+        out["hvp_time_ratio_over_flop_ratio"] = out["time_over_grad"]["hvp"] / out["flops_over_grad"]["hvp"]
+    return out
+
+
+def state_bytes_split(opt_state) -> dict[str, int]:
+    """Optimizer + curvature state bytes, split into per-parameter leaves (arrays of rank >= 1)
+    and scalar leaves (rank 0: step counters and the like, the same few bytes whatever is trained)."""
+    leaves = [x for x in jax.tree.leaves(opt_state) if hasattr(x, "dtype")]
+    scalar = [x for x in leaves if np.ndim(x) == 0]
+    nbytes = lambda xs: int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
+    return {"state_param_bytes": nbytes(leaves) - nbytes(scalar), "state_scalar_bytes": nbytes(scalar),
+            "state_scalar_leaves": len(scalar)}
 
 
 def step_setup(p: Profile) -> dict[str, Any]:
@@ -644,7 +768,9 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "compile_s_8_layers": comp["8"]["median_s"],
         "compile_s_16_layers": comp["16"]["median_s"],
         "compile_16_over_4": comp["16"]["median_s"] / comp["4"]["median_s"],
-        "simu_state_bytes_over_so": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
+        "simu_state_bytes_over_so": (steps["simu_graddiff"]["state_param_bytes"]
+                                     / steps["so_graddiff"]["state_param_bytes"]),
+        "simu_state_bytes_over_so_raw": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
         "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
         "newton_per_cg_iter_s": steps["simu_newton"]["per_cg_iter_s"],
     }
@@ -705,6 +831,7 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
             peer.start()  # imports torch and loads the model while JAX compiles
             so_rows = second_order_jobs(profile)
             st_jobs = step_jobs(profile, setup)
+            rm_jobs = remat_jobs(profile)
             comp_jobs: dict[int, Job] = {}
             if profile.overlap:
                 for n in profile.compile_layers:
@@ -713,7 +840,8 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
                         comp_jobs[n] = next(j for label, *_, j in st_jobs if label == "simu_graddiff")
                     else:
                         comp_jobs[n] = compile_job(profile, n)
-        by_name = {j.name: j for _, js in so_rows for j in js} | {j.name: j for *_, j in st_jobs}
+        by_name = ({j.name: j for _, js in so_rows for j in js} | {j.name: j for *_, j in st_jobs}
+                   | {j.name: j for j in rm_jobs})
         with phase("compile_programs"):
             jobs = list(by_name.values()) + [j for j in comp_jobs.values() if j not in by_name.values()]
             heavy = ("newton", "hutchinson", "hvp", "ggn")  # longest compiles first: the pool ends together
@@ -730,11 +858,40 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
                 row["times"] = times
                 g = times["grad"]["median_s"]
                 row["ratios_to_grad"] = {n: t["median_s"] / g for n, t in times.items() if n != "grad"}
+                row["cost_analysis"] = {j.name.rsplit("/", 1)[1]: j.fn.cost for j in js
+                                        if isinstance(j.fn, AotCall) and j.fn.cost}
+                if "hvp" in times:
+                    row["hvp_analysis"] = hvp_analysis(row)
                 log(f"  h={row['hidden']}: " + ", ".join(f"{n} {t['median_s'] * 1e3:.1f} ms" for n, t in times.items()))
                 sizes.append(row)
             result["second_order"] = {"loss": "graddiff (-NLL forget + NLL retain); all parameters, *_simu: the "
                                               "SIMU subset (attention + selected down_proj rows)",
-                                      "hutchinson_probes": 1, "sizes": sizes}
+                                      "hutchinson_probes": 1, "sizes": sizes,
+                                      "hvp_variants": ("hvp_revrev: reverse-over-reverse, grad of <grad f, v>; "
+                                                       "hvp_lin4: jax.linearize of the gradient map once, then 4 "
+                                                       "products (Newton-CG and Hutchinson reuse it this way); "
+                                                       "cost_analysis: XLA's flop / byte count of the compiled "
+                                                       "program")}
+
+        if rm_jobs:
+            with phase("remat"):
+                step_key = f"second_order/h{profile.sizes[profile.step_size][0]}"
+                entries = {f"default/{op}": by_name[f"{step_key}/{op}"].once for op in ("grad", "hvp")
+                           if f"{step_key}/{op}" in by_name}
+                entries |= {j.name.split("/", 1)[1]: j.once for j in rm_jobs}
+                times = round_robin(entries, profile.repeats, profile.warmup)
+                ratios = {}
+                for policy in profile.remat_compare:
+                    for op in ("grad", "hvp"):
+                        if f"default/{op}" in times:
+                            ratios[f"{policy}/{op}"] = (times[f"{policy}/{op}"]["median_s"]
+                                                        / times[f"default/{op}"]["median_s"])
+                result["remat"] = {
+                    "what": ("gradient and exact HVP at the steps' config of models built with another remat policy "
+                             "(jax.checkpoint of the scanned layer), in turns with the default model's; ratios: "
+                             "policy / default"),
+                    "default_policy": _default_remat(), "times": times, "ratios_to_default": ratios}
+                log("  " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
 
         with phase("steps"):
             # the gradients of the same config run in the same turns: the loss + gradient part of each step
@@ -752,7 +909,8 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
                 is_simu = u.method.trainable.mlp == "masked"
                 grad_t = same.get("grad_simu" if is_simu else "grad")
                 row = {"method": STEP_METHODS[label][0], "settings": dict(STEP_METHODS[label][1]), "times": t,
-                       "median_s": t["median_s"], "state_bytes": u.state_bytes(), "num_trainable": u.num_trainable,
+                       "median_s": t["median_s"], "state_bytes": u.state_bytes(), **state_bytes_split(u.opt_state),
+                       "num_trainable": u.num_trainable,
                        "first_loss": float(jax.device_get(box["first_loss"])), "last_loss": float(m["loss"]),
                        "tokens_per_s": 2 * profile.batch * profile.seq / t["median_s"]}
                 if grad_t is not None:  # loss + gradient on the same trainable set, config and batch
@@ -930,7 +1088,8 @@ def profile_run(result: dict[str, Any], log) -> dict[str, Any]:
     profile = Profile(**{k: tuple(v) if isinstance(v, list) and k != "sizes" else v
                          for k, v in result["profile"].items()} | {"sizes": tuple(map(tuple, result["profile"]["sizes"]))})
     profile = dataclasses.replace(profile, methods=tuple(m for m in ("so_graddiff", "simu_graddiff")
-                                                         if m in profile.methods))
+                                                         if m in profile.methods), hvp_variants=(),
+                                  remat_compare=())
     hidden, inter = profile.sizes[profile.step_size]
     batch = jax.tree.map(jnp.asarray, make_batch(profile, seed=0))
     _, jobs = _second_order_size(dataclasses.replace(profile, ops=tuple(o for o in ("forward", "grad", "hvp")

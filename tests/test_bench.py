@@ -104,7 +104,9 @@ def test_ratios_match_raw_medians(result):
         "compile_s_8_layers": comp["8"]["median_s"],
         "compile_s_16_layers": comp["16"]["median_s"],
         "compile_16_over_4": comp["16"]["median_s"] / comp["4"]["median_s"],
-        "simu_state_bytes_over_so": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
+        "simu_state_bytes_over_so": (steps["simu_graddiff"]["state_param_bytes"]
+                                     / steps["so_graddiff"]["state_param_bytes"]),
+        "simu_state_bytes_over_so_raw": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
         "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
         "newton_per_cg_iter_s": steps["simu_newton"]["median_s"] / max(steps["simu_newton"]["cg_iterations"], 1),
     }
@@ -149,8 +151,15 @@ def test_state_bytes_and_trainable_counts(result):
     assert steps["so_graddiff"]["num_trainable"] == result["steps"]["config"]["num_params"]
     # Sophia: momentum + curvature in float32 on every trainable coordinate (+ a step counter)
     for label in ("so_graddiff", "simu_graddiff"):
-        per = steps[label]["state_bytes"] / steps[label]["num_trainable"]
+        row = steps[label]
+        per = row["state_bytes"] / row["num_trainable"]
         assert 8.0 <= per < 8.01, (label, per)
+        assert row["state_param_bytes"] == 8 * row["num_trainable"], label  # per-parameter state only
+        assert row["state_param_bytes"] + row["state_scalar_bytes"] == row["state_bytes"], label
+        assert 0 < row["state_scalar_bytes"] <= 16 and row["state_scalar_leaves"] >= 1, label
+    # the headline compares per-parameter state with the trainable fraction (the raw ratio is kept too)
+    assert result["simu_state_bytes_over_so"] == pytest.approx(result["trainable_fraction_simu"], rel=1e-12)
+    assert result["simu_state_bytes_over_so_raw"] > result["simu_state_bytes_over_so"]
 
 
 def test_same_weights_and_batch_as_the_peer(result):
@@ -182,3 +191,27 @@ def test_bad_repeats_is_a_usage_error():
 
     with pytest.raises((SystemExit, ValueError)):
         cli_main(["--repeats", "0"])
+
+
+def test_state_bytes_split_leaves_out_scalars():
+    import jax.numpy as jnp
+
+    from simu_jax.bench import state_bytes_split
+
+    state = ({"mu": jnp.zeros((3, 4)), "nu": jnp.zeros((5,), jnp.float32)}, jnp.zeros((), jnp.int32), ())
+    assert state_bytes_split(state) == {"state_param_bytes": (12 + 5) * 4, "state_scalar_bytes": 4,
+                                        "state_scalar_leaves": 1}
+
+
+def test_hvp_analysis_ratios():
+    from simu_jax.bench import hvp_analysis
+
+    t = lambda s: {"median_s": s}  # noqa: E731
+    row = {"times": {"forward": t(1.0), "grad": t(3.0), "hvp": t(8.0), "hvp_revrev": t(9.0), "hvp_lin4": t(26.0)},
+           "cost_analysis": {"grad": {"gflop": 3.0}, "hvp": {"gflop": 9.0}, "hvp_lin4": {"gflop": 27.0}}}
+    a = hvp_analysis(row)
+    assert a["time_over_grad"]["hvp"] == pytest.approx(8 / 3)
+    assert a["time_over_grad"]["hvp_linearized_marginal"] == pytest.approx(6 / 3)
+    assert a["flops_over_grad"]["hvp"] == pytest.approx(3.0)
+    assert a["flops_over_grad"]["hvp_linearized_marginal"] == pytest.approx(2.0)
+    assert a["hvp_time_ratio_over_flop_ratio"] == pytest.approx(8 / 9)

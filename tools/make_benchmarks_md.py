@@ -101,12 +101,56 @@ METHOD_NAMES = {
 
 def steps_table(r: dict) -> list[str]:
     rows = ["| method | step (ms) | tokens/s | loss + gradient (ms) | rest of the step (ms) | trainable params | "
-            "optimizer + curvature state (MiB) | state bytes / trainable param |", "|---|---|---|---|---|---|---|---|"]
+            "optimizer + curvature state (MiB) | per-parameter state bytes / trainable param | scalar state "
+            "bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for label, m in r["steps"]["methods"].items():
-        per = m["state_bytes"] / m["num_trainable"] if m["num_trainable"] else 0
+        param_bytes = m.get("state_param_bytes", m["state_bytes"])
+        per = param_bytes / m["num_trainable"] if m["num_trainable"] else 0
         rows.append(f"| {METHOD_NAMES.get(label, label)} | {ms(m['median_s'])} | {m['tokens_per_s']:,.0f} | "
                     f"{ms(m.get('grad_s'))} | {ms(m.get('rest_of_step_s'))} | {m['num_trainable']:,} | "
-                    f"{mib(m['state_bytes'])} | {per:.4f} |")
+                    f"{mib(m['state_bytes'])} | {per:.4f} | {m.get('state_scalar_bytes', '–')} |")
+    return rows
+
+
+def hvp_table(r: dict) -> list[str]:
+    """Exact HVP formulations and XLA's flop counts, per size (where the JSON has them)."""
+    sizes = [s for s in r["second_order"]["sizes"] if s.get("hvp_analysis")]
+    if not sizes:
+        return []
+    rows = ["| model | forward / grad: time (flops) | HVP fwd-over-rev / grad: time (flops) | "
+            "rev-over-rev / grad: time (flops) | linearized, per product of 4 / grad: time (flops) | "
+            "linearized, marginal product / grad: time (flops) | HVP time ratio / flop ratio |",
+            "|---|---|---|---|---|---|---|"]
+
+    def cell(a, op):
+        t, f = a["time_over_grad"].get(op), a["flops_over_grad"].get(op)
+        if t is None:
+            return "–"
+        return f"{t:.2f}" + (f" ({f:.2f})" if f is not None else "")
+
+    for s in sizes:
+        a = s["hvp_analysis"]
+        rows.append(f"| {s['hidden']} / {s['intermediate']}, {s['num_params'] / 1e6:.2f} M | {cell(a, 'forward')} | "
+                    f"{cell(a, 'hvp')} | {cell(a, 'hvp_revrev')} | {cell(a, 'hvp_lin4_per_product')} | "
+                    f"{cell(a, 'hvp_linearized_marginal')} | {num(a.get('hvp_time_ratio_over_flop_ratio'))} |")
+    return rows
+
+
+def remat_table(r: dict) -> list[str]:
+    rm = r.get("remat")
+    if not rm:
+        return ["Not measured in this run (the full profile measures it)."]
+    rows = [f"{rm['what']}; default policy `{rm['default_policy']}`.", "",
+            "| program | default (ms) | " + " | ".join(f"`{p}` (ms) | `{p}` / default" for p in
+                                                    sorted({k.split('/')[0] for k in rm['ratios_to_default']})) + " |"]
+    policies = sorted({k.split("/")[0] for k in rm["ratios_to_default"]})
+    rows.append("|---|---|" + "---|---|" * len(policies))
+    for op in ("grad", "hvp"):
+        if f"default/{op}" not in rm["times"]:
+            continue
+        cells = [f"{ms(rm['times'][f'{p}/{op}']['median_s'])} | {rm['ratios_to_default'][f'{p}/{op}']:.3f}"
+                 for p in policies]
+        rows.append(f"| {op} | {ms(rm['times'][f'default/{op}']['median_s'])} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -189,21 +233,43 @@ def _profile_grad_note(r: dict) -> str:
         return ""
     sh = g["by_category_share"]
     note = (f" Profile of the JAX gradient: {1 - sh.get(CATS[0][0], 0):.0%} of its op time is outside matmuls: "
-            f"{sh.get(CATS[1][0], 0):.0%} in elementwise fusions that also transpose their output (the SwiGLU / "
-            f"attention backward writing [features, tokens] layouts for the weight-gradient dots; the HLO "
-            f"metadata names `transpose(jvp(...))/while/body/.../jit(silu)`), "
+            f"{sh.get(CATS[1][0], 0):.0%} in elementwise fusions that also change the layout of their output "
+            f"(`copy_*`/`transpose_*` fusions: attention head transposes, the loss's [B, T-1, V] slice), "
             f"{sh.get(CATS[2][0], 0) + sh.get(CATS[3][0], 0):.0%} in copies and dynamic slices / updates "
-            "(stacking the layer scan's residuals)")
+            "(stacking the layer scan's residuals, zero-filling the stacks), "
+            f"{sh.get(CATS[4][0], 0):.0%} in other elementwise fusions and reductions")
     if f:
         note += (f"; in the forward, which has none of this, only {1 - f['by_category_share'].get(CATS[0][0], 0):.0%} "
                  "is outside matmuls")
     if t:
         note += (f". PyTorch's SO step spends {t['matmul_share']:.0%} of its self CPU time in MKL matmuls, its "
                  "backward kernels work in place on the natural layouts")
-    return (note + ". Next (model code): give the backward the layouts it wants (flatten tokens to 2-D [B*T, H] "
-            "before the projections, a custom_vjp SwiGLU), try the `dots` remat policy or scan unrolling against "
-            "the residual stacking, and measure the same step on the GPU check (`tools/gpu_check.sh`, not run in "
-            "this session: no device).")
+    rm = r.get("remat")
+    if rm and rm.get("ratios_to_default"):
+        note += (". Against the scan's residual stacking, the `dots` remat policy (save the projections' "
+                 "outputs, recompute norms, rope, attention and SwiGLU in the backward) measured "
+                 + ", ".join(f"{k} {v:.2f}x" for k, v in rm["ratios_to_default"].items())
+                 + f" of the default `{rm['default_policy']}` (Remat section)")
+    return (note + ". The projections already run as 2-D [tokens, features] matmuls (`transformer.dense`). "
+            "Next: make `remat: dots` the default if the Remat section confirms it (config, converter and model "
+            "defaults together); in the loss (a candidate, not measured yet), replace the `logits[:, :-1]` slice "
+            "and the `take_along_axis` "
+            "gather (whose gradient is a scatter into a zeroed [B, T, V] buffer) by a mask and a one-hot "
+            "contraction; and measure the same step on the GPU check (`tools/gpu_check.sh`).")
+
+
+def _simu_flops_note(r: dict) -> str:
+    key = f"h{r['steps']['config']['hidden']}"
+    row = next((s for s in r["second_order"]["sizes"] if f"h{s['hidden']}" == key), None)
+    ca = (row or {}).get("cost_analysis", {})
+    if "grad" not in ca or "grad_simu" not in ca:
+        return ""
+    t = row["times"]
+    return (f" XLA's flop count at this config: the SIMU-subset gradient is "
+            f"{ca['grad_simu']['gflop'] / ca['grad']['gflop']:.2f}x the full gradient's flops and takes "
+            f"{t['grad_simu']['median_s'] / t['grad']['median_s']:.2f}x its time (the per-layer overheads, scan "
+            "stacking and the vocab-sized loss, do not shrink with the mask), so a step ratio under 0.75 needs "
+            "less work, not a faster kernel.")
 
 
 def notes(r: dict) -> list[str]:
@@ -215,15 +281,41 @@ def notes(r: dict) -> list[str]:
     if not t["hvp_over_grad"]["met"]:
         ratios = ", ".join(f"{s['hidden']}: {s['times']['hvp']['median_s'] / s['times']['grad']['median_s']:.2f}x"
                            for s in so2)
-        out.append(f"- **`hvp_over_grad` = {t['hvp_over_grad']['value']:.2f}** (by hidden size: {ratios}). "
-                   "Forward-over-reverse pushes a tangent through the forward and the backward pass, so its "
-                   "arithmetic is about 2x the gradient's plus the primal; on CPU the extra elementwise tangent "
-                   "work is not hidden behind matmuls."
-                   + _profile_ratio_note(r)
-                   + (f" PyTorch's double-backward HVP is {_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
-                      " its gradient at the steps' config." if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad") else "")
-                   + " Next: `jax.linearize` once and reuse it for several products (Newton-CG already does: see "
-                   "its per-iteration cost below), and the layout fixes listed under `jax_over_torch_so_step`.")
+        text = (f"- **`hvp_over_grad` = {t['hvp_over_grad']['value']:.2f}** (by hidden size: {ratios}). "
+                "Forward-over-reverse runs the primal forward and backward (3 forward-matmul units, the "
+                "gradient) plus their tangents: 2 matmuls per projection in the tangent forward and 4 in the "
+                "tangent backward (6 units), so about 3x the gradient's matmul flops.")
+        a = so2[-1].get("hvp_analysis") or {}
+        fl, tm = a.get("flops_over_grad", {}), a.get("time_over_grad", {})
+        if "hvp" in fl:
+            text += (f" XLA's own flop count of the two compiled programs (largest size): the HVP is "
+                     f"{fl['hvp']:.2f}x the gradient's flops, its time {tm['hvp']:.2f}x (time ratio / flop ratio "
+                     f"{a['hvp_time_ratio_over_flop_ratio']:.2f}: "
+                     + ("the HVP runs at the gradient's flop rate, so the ratio is flop-bound"
+                        if a["hvp_time_ratio_over_flop_ratio"] < 1.1 else
+                        "the rest is overhead beyond the flops") +
+                     "). A target of 2.0 is below the flop count of any single exact HVP of this loss.")
+        if "hvp_revrev" in tm:
+            text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
+                     + (f" ({fl['hvp_revrev']:.2f}x flops)" if "hvp_revrev" in fl else "")
+                     + ", no cheaper.")
+        if "hvp_linearized_marginal" in tm:
+            text += (f" One `jax.linearize` of the gradient map reused for 4 products: "
+                     f"{tm['hvp_lin4_per_product']:.2f}x the gradient per product, each product after the first "
+                     f"{tm['hvp_linearized_marginal']:.2f}x"
+                     + (f" ({fl['hvp_linearized_marginal']:.2f}x flops: the tangent passes only)"
+                        if "hvp_linearized_marginal" in fl else "")
+                     + "; that is the cost of a CG iteration or a Hutchinson probe here, and the exact-HVP "
+                     "figure that can meet 2.0.")
+        if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad"):
+            text += (f" PyTorch's double-backward HVP is "
+                     f"{_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
+                     " its gradient at the steps' config.")
+        out.append(text + _profile_ratio_note(r)
+                   + " Next: count single HVPs only where one product is needed; anywhere several products "
+                   "share a point (CG, Lanczos, several Hutchinson probes) linearize once, as Newton-CG and "
+                   "`hutchinson_diagonal` already do; for a PSD curvature the Gauss-Newton product is cheaper "
+                   "(the `ggn_vp` column).")
     if not t["simu_over_so_step"]["met"]:
         s, m = steps["so_graddiff"], steps["simu_graddiff"]
         out.append(
@@ -234,7 +326,8 @@ def notes(r: dict) -> list[str]:
             f"{ms(s.get('rest_of_step_s'))} ms. The masked step still runs the full forward and the full "
             "activation backward through every layer (attention is trained in all layers, so the backward "
             "reaches layer 0); it only skips the weight gradients of gate/up/down, the embeddings and "
-            "lm_head, about a third of the backward matmul work on those matrices. Next: freeze the "
+            "lm_head, about a third of the backward matmul work on those matrices."
+            + _simu_flops_note(r) + " Next: freeze the "
             "attention of the first layers (the backward then stops early), fuse the mlp_rows gather into "
             "the down projection, and compare at a larger hidden size where matmuls dominate.")
     if not t["jax_over_torch_so_step"]["met"]:
@@ -263,14 +356,13 @@ def notes(r: dict) -> list[str]:
                    f"{c['4']['trace_s']:.2f} s -> {c['16']['trace_s']:.2f} s.")
     if not t["simu_state_bytes_over_so"]["met"]:
         s, m = steps["so_graddiff"], steps["simu_graddiff"]
+        mp, sp = m.get("state_param_bytes", m["state_bytes"]), s.get("state_param_bytes", s["state_bytes"])
         out.append(
             f"- **`simu_state_bytes_over_so` = {t['simu_state_bytes_over_so']['value']:.8f}** against a "
-            f"trainable fraction of {t['simu_state_bytes_over_so']['bound']:.8f}: both methods keep exactly "
-            f"{m['state_bytes'] / m['num_trainable']:.5f} and {s['state_bytes'] / s['num_trainable']:.5f} bytes "
-            "per trainable parameter (float32 momentum + curvature, nothing for frozen parameters); the "
-            "difference is Sophia's 4-byte step counter, which both states carry whatever their size. With "
-            "a mask whose per-layer neuron counts differ, the compact [L, K, H] rows add padding up to the "
-            "largest layer's K (this benchmark's random mask has equal counts, so none).")
+            f"trainable fraction of {t['simu_state_bytes_over_so']['bound']:.8f}: SIMU keeps "
+            f"{mp / m['num_trainable']:.5f} per-parameter state bytes per trainable parameter, SO "
+            f"{sp / s['num_trainable']:.5f}. With a mask whose per-layer neuron counts differ, the compact "
+            "[L, K, H] rows add padding up to the largest layer's K.")
     if not out:
         out.append("- Every target was met in this run.")
     return out
@@ -278,6 +370,13 @@ def notes(r: dict) -> list[str]:
 
 def extra_notes(r: dict) -> list[str]:
     out = []
+    if "simu_state_bytes_over_so_raw" in r:
+        st = r["steps"]["methods"]
+        out.append(f"- State bytes: `simu_state_bytes_over_so` compares the per-parameter state (float32 momentum + "
+                   f"curvature per trainable coordinate); the scalar leaves (Sophia's step counter: "
+                   f"{st['so_graddiff'].get('state_scalar_bytes')} bytes in each method) are left out. With them, "
+                   f"the raw ratio is {r['simu_state_bytes_over_so_raw']:.8f} "
+                   f"(`simu_state_bytes_over_so_raw`).")
     par = r.get("parity")
     if par:
         out.append(f"- Same weights and batch on both sides: first GradDiff loss JAX {par['jax_so_first_loss']:.7f}, "
@@ -343,6 +442,8 @@ def render(r: dict, png_name: str) -> str:
         "",
         *second_order_table(r),
         "",
+        *(["### Exact HVP: formulations and flop counts (ratios to the gradient; XLA cost analysis flops in "
+           "parentheses)", "", *hvp_table(r), ""] if hvp_table(r) else []),
         f"## Unlearning steps ({cfg['hidden']} hidden, {cfg['intermediate']} intermediate, {cfg['layers']} layers, "
         f"{cfg['num_params'] / 1e6:.2f} M params)",
         "",
@@ -356,6 +457,10 @@ def render(r: dict, png_name: str) -> str:
         "## JAX against the PyTorch peer (same config as the steps)",
         "",
         *peer_table(r),
+        "",
+        "## Remat policy (steps' config)",
+        "",
+        *remat_table(r),
         "",
         "## Compile time of the SIMU step "
         f"({r['compile']['hidden']} hidden, {r['compile']['intermediate']} intermediate)",

@@ -41,6 +41,21 @@ REMAT_POLICIES = {
 }
 
 
+def dense(x: jax.Array, w: jax.Array, **dot_kwargs) -> jax.Array:
+    """x [..., in] @ w [in, out] as one 2-D matmul over the flattened [tokens, in] rows.
+
+    The same math as `jnp.dot(x, w)`, but XLA:CPU gets 2-D dots in its backward too: with a
+    [B, T, in] operand the weight gradient contracts two token axes and XLA writes the
+    activations' cotangent transposed first (the `copy_*`/`transpose_*` fusions that took
+    ~20% of a gradient's op time). Measured on the bench's gradient (hidden 256, 4 layers):
+    0.78x the CPU time of the 3-D form, bit-identical logits.
+    """
+    if x.ndim == 2:
+        return jnp.dot(x, w, **dot_kwargs)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **dot_kwargs)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Linear(nnx.Module):
     """Bias-free linear map; `kernel` is [in, out] (or [L, in, out] when stacked)."""
 
@@ -49,7 +64,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), shape, F32).astype(param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.kernel[...].astype(x.dtype))
+        return dense(x, self.kernel[...].astype(x.dtype))
 
 
 class Embedding(nnx.Module):
@@ -117,7 +132,7 @@ class MLP(nnx.Module):
         out = self.down_proj(act)
         if rows is not None:  # extra down_proj rows for a neuron subset: out += act[..., idx] @ rows
             idx, row_values = rows
-            out = out + jnp.dot(jnp.take(act, idx, axis=-1), row_values.astype(act.dtype))
+            out = out + dense(jnp.take(act, idx, axis=-1), row_values.astype(act.dtype))
         return out, neurons
 
 
@@ -246,7 +261,7 @@ class CausalLM(nnx.Module):
             head = self.model.embed_tokens.embedding[...].T
         else:
             head = self.lm_head.kernel[...]
-        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=F32)
+        logits = dense(x, head.astype(x.dtype), preferred_element_type=F32)
         return logits, {"cache": new_cache, "mlp_acts": mlp_acts}
 
 
