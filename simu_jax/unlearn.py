@@ -497,7 +497,10 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
             member, nonmember = load_mia_documents("member"), load_mia_documents("nonmember")
         except FileNotFoundError:
             member = nonmember = None
-        summary, per_sample = evaluate_lume(scorer, subset(bench.forget), subset(bench.retain), member, nonmember,
+        def lume_rows(recs):  # the benchmark maps input/output to question/answer; the scorer reads the originals
+            return [{**r, "input": r["question"], "output": r["answer"]} for r in subset(recs)]
+
+        summary, per_sample = evaluate_lume(scorer, lume_rows(bench.forget), lume_rows(bench.retain), member, nonmember,
                                             max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate)
     else:
         ref_tr = None
