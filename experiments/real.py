@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MAX_STEPS = 60
 EVAL_LIMIT = 100
+ATTRIBUTION_EXAMPLES = {"tofu": None, "lume": 256}
 METHODS = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton")
 
 
@@ -53,9 +54,12 @@ def unlearn_config(bench, method, target, reference, stop):
 
     overrides = [f"{k}={v}" for k, v in METHOD_SETTINGS.get(method, {}).items()]
     cfg = load_config(UnlearnConfig, None, overrides)
+    # attribution on the first ATTRIBUTION_EXAMPLES forget / retain rows (IG over all 5,464 LUME rows
+    # takes longer than this CPU session had)
+    attribution = dataclasses.replace(cfg.attribution, max_examples=ATTRIBUTION_EXAMPLES[bench])
     return dataclasses.replace(
         cfg, model=ModelSpec(path=str(target)), reference=None if reference is None else str(reference),
-        data=_data(bench), method=method, steps=MAX_STEPS, batch_size=8,
+        data=_data(bench), method=method, steps=MAX_STEPS, batch_size=8, attribution=attribution,
         eval=dataclasses.replace(cfg.eval, every=1, stop_forget_loss=stop, limit=EVAL_LIMIT, max_new_tokens=32))
 
 
