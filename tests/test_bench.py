@@ -84,37 +84,46 @@ def test_peer_pairs_run_the_same_jax_programs(result):
     assert steps["so_graddiff"]["num_trainable"] == result["peer"]["num_params"]  # SOUL trains every parameter
 
 
-def test_ratios_match_raw_medians(result):
-    so2 = result["second_order"]["sizes"]
-    big = so2[-1]["times"]
-    steps, calls, comp = result["steps"]["methods"], result["peer"]["calls"], result["compile"]["layers"]
+def test_summary_ratios_hand_computed():
+    """`summarize` on round numbers whose ratios are known by hand (not the same formulas again)."""
+    from simu_jax.bench import summarize
 
-    def jt(name):
-        return calls[name]["jax"]["median_s"] / calls[name]["torch"]["median_s"]
-
-    expected = {
-        "hvp_over_grad": big["hvp"]["median_s"] / big["grad"]["median_s"],
-        "simu_over_so_step": steps["simu_graddiff"]["median_s"] / steps["so_graddiff"]["median_s"],
-        "jax_over_torch_so_step": jt("so_step"),
-        "torch_over_jax_so_step": 1 / jt("so_step"),
-        "jax_over_torch_hvp": jt("sophia_h_step"),
-        "torch_over_jax_hvp": 1 / jt("sophia_h_step"),
-        "jax_over_torch_hvp_raw": jt("hvp"),
-        "compile_s_4_layers": comp["4"]["median_s"],
-        "compile_s_8_layers": comp["8"]["median_s"],
-        "compile_s_16_layers": comp["16"]["median_s"],
-        "compile_16_over_4": comp["16"]["median_s"] / comp["4"]["median_s"],
-        "simu_state_bytes_over_so": (steps["simu_graddiff"]["state_param_bytes"]
-                                     / steps["so_graddiff"]["state_param_bytes"]),
-        "simu_state_bytes_over_so_raw": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
-        "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
-        "newton_per_cg_iter_s": steps["simu_newton"]["median_s"] / max(steps["simu_newton"]["cg_iterations"], 1),
+    t = lambda s: {"median_s": s}  # noqa: E731
+    result = {
+        "second_order": {"sizes": [{"times": {"grad": t(9.0), "hvp": t(1.0)}},
+                                   {"times": {"grad": t(2.0), "hvp": t(5.0)}}]},  # largest size is last
+        "steps": {"methods": {
+            "so_graddiff": {"median_s": 4.0, "state_param_bytes": 800, "state_bytes": 804, "num_trainable": 100},
+            "simu_graddiff": {"median_s": 3.0, "state_param_bytes": 200, "state_bytes": 204, "num_trainable": 25},
+            "simu_newton": {"per_cg_iter_s": 0.5}}},
+        "peer": {"calls": {"so_step": {"jax": t(3.0), "torch": t(4.0)},
+                           "sophia_h_step": {"jax": t(6.0), "torch": t(3.0)},
+                           "hvp": {"jax": t(1.0), "torch": t(2.0)}}},
+        "compile": {"layers": {"4": t(2.0), "8": t(2.5), "16": t(3.0)}},
     }
-    assert set(expected) == set(SUMMARY_KEYS)
+    summary, targets = summarize(result)
+    assert set(summary) == set(SUMMARY_KEYS)
+    expected = {"hvp_over_grad": 2.5, "simu_over_so_step": 0.75, "jax_over_torch_so_step": 0.75,
+                "torch_over_jax_so_step": 4 / 3, "jax_over_torch_hvp": 2.0, "torch_over_jax_hvp": 0.5,
+                "jax_over_torch_hvp_raw": 0.5, "compile_s_4_layers": 2.0, "compile_s_8_layers": 2.5,
+                "compile_s_16_layers": 3.0, "compile_16_over_4": 1.5, "simu_state_bytes_over_so": 0.25,
+                "simu_state_bytes_over_so_raw": 204 / 804, "trainable_fraction_simu": 0.25,
+                "newton_per_cg_iter_s": 0.5}
     for key, value in expected.items():
-        assert result[key] == pytest.approx(value, rel=1e-9), key
-    assert result["jax_over_torch_so_step"] * result["torch_over_jax_so_step"] == pytest.approx(1.0)
-    for size in so2:
+        assert summary[key] == pytest.approx(value, rel=1e-12), key
+    # 0.25 <= 0.25 (the trainable fraction): met; 2.5 > 2.0: missed
+    assert targets["simu_state_bytes_over_so"]["met"] and not targets["hvp_over_grad"]["met"]
+
+
+def test_result_summary_is_summarize_of_its_sections(result):
+    from simu_jax.bench import summarize
+
+    summary, _ = summarize(result)
+    for key in SUMMARY_KEYS:
+        assert result[key] == pytest.approx(summary[key], rel=1e-9), key
+    newton = result["steps"]["methods"]["simu_newton"]
+    assert newton["per_cg_iter_s"] == pytest.approx(newton["median_s"] / max(newton["cg_iterations"], 1))
+    for size in result["second_order"]["sizes"]:
         g = size["times"]["grad"]["median_s"]
         for op, r in size["ratios_to_grad"].items():
             assert r == pytest.approx(size["times"][op]["median_s"] / g, rel=1e-9)
