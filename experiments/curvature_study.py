@@ -53,15 +53,17 @@ def main(argv=None) -> int:
     from simu_jax import curvature as C
     from simu_jax import optim
     from simu_jax.attribution import neuron_scores
-    from simu_jax.config import ModelSpec, load_config
-    from simu_jax.demo import FULL, _data
+    from simu_jax.config import load_config
+    from simu_jax.models.spec import ModelSpec
+    from simu_jax.demo import FULL, demo_data
     from simu_jax.losses import unlearning_loss
     from simu_jax.models import apply
     from simu_jax.selection import Partition, TrainableSpec
-    from simu_jax.unlearn import OptimSpec, UnlearnConfig, prepare
+    from simu_jax.optim import OptimSpec
+    from simu_jax.unlearn import UnlearnConfig, prepare
 
     cfg = dataclasses.replace(load_config(UnlearnConfig, None, []), model=ModelSpec(path=str(root / "target" / "model")),
-                              data=_data(FULL))
+                              data=demo_data(FULL))
     prep = prepare(cfg)
     graphdef, params = prep.graphdef, prep.params
     batch = {k: {a: jnp.asarray(v[:EXAMPLES]) for a, v in prep.arrays[k].items()} for k in ("forget", "retain")}
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         flat, unravel = ravel_pytree(trainable)
         n = flat.shape[0]
         idx = np.sort(np.random.default_rng(k).choice(n, size=min(SAMPLES, n), replace=False))
-        hrows = np.asarray(jax.jit(lambda tr: C._hessian_rows(loss, tr, idx, (), 8)[0])(trainable))
+        hrows = np.asarray(jax.jit(lambda tr: C.hessian_rows(loss, tr, idx, (), 8)[0])(trainable))
         exact = hrows[np.arange(len(idx)), idx]
         diag_mass = exact ** 2 / np.maximum((hrows ** 2).sum(axis=1), 1e-30)
 

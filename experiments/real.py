@@ -48,7 +48,8 @@ def _data(bench: str):
 
 
 def unlearn_config(bench, method, target, reference, stop):
-    from simu_jax.config import ModelSpec, load_config
+    from simu_jax.config import load_config
+    from simu_jax.models.spec import ModelSpec
     from simu_jax.demo import METHOD_SETTINGS
     from simu_jax.unlearn import UnlearnConfig
 

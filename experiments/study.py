@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from simu_jax.config import ModelSpec
-from simu_jax.demo import FULL, METHOD_SETTINGS, _data, _evaluate_model, _finetune
+from simu_jax.models.spec import ModelSpec
+from simu_jax.demo import FULL, METHOD_SETTINGS, demo_data, evaluate_model, finetune_model
 
 MAX_STEPS = 40
 HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton")
@@ -35,8 +35,8 @@ BASE = "simu_graddiff"  # the method the ablations vary
 
 
 def models(root: Path) -> tuple[Path, Path]:
-    target = _finetune(root / "target", "full", FULL, None, quiet=True)
-    reference = _finetune(root / "retain", "retain", FULL, str(target), quiet=True)
+    target = finetune_model(root / "target", "full", FULL, None, quiet=True)
+    reference = finetune_model(root / "retain", "retain", FULL, str(target), quiet=True)
     return target, reference
 
 
@@ -52,7 +52,7 @@ def reference_forget_nll(root: Path, reference: Path) -> float:
     if cache.is_file():
         return json.loads(cache.read_text())["nll"]
     cfg = dataclasses.replace(load_config(UnlearnConfig, None, []), model=ModelSpec(path=str(reference)),
-                              data=_data(FULL))
+                              data=demo_data(FULL))
     prep = prepare(cfg)
     forget = {a: jnp.asarray(v[: cfg.eval.curve_limit]) for a, v in prep.arrays["forget"].items()}
     nll = float(eval_losses(prep.graphdef, prep.params, forget))
@@ -70,7 +70,7 @@ def unlearn_config(method: str, target: Path, reference: Path | None, *, overrid
     attribution = cfg.attribution if mask is None else dataclasses.replace(cfg.attribution, mask_path=str(mask))
     return dataclasses.replace(
         cfg, model=ModelSpec(path=str(target)), reference=None if reference is None else str(reference),
-        data=_data(FULL), method=method, steps=steps, batch_size=4, seed=seed, attribution=attribution,
+        data=demo_data(FULL), method=method, steps=steps, batch_size=4, seed=seed, attribution=attribution,
         eval=dataclasses.replace(cfg.eval, every=1 if stop is not None else 0, stop_forget_loss=stop,
                                  max_new_tokens=FULL.max_new_tokens, limit=FULL.eval_limit))
 
@@ -111,8 +111,8 @@ def group_compare(root, target, reference, stop):
     for method in HEADLINE:
         mask = _base_mask(root) if method.startswith("simu") else None
         run(root, f"fixed20/{method}", unlearn_config(method, target, reference, steps=20, mask=mask))
-    _evaluate_model(root / "runs" / "models" / "target", "target", target, reference, FULL)
-    _evaluate_model(root / "runs" / "models" / "retain", "retain-only", reference, reference, FULL)
+    evaluate_model(root / "runs" / "models" / "target", "target", target, reference, FULL)
+    evaluate_model(root / "runs" / "models" / "retain", "retain-only", reference, reference, FULL)
 
 
 def _base_mask(root: Path) -> Path:
@@ -177,9 +177,9 @@ def group_sequential(root, target, reference, stop):
     """Three forget requests in a row (4 people each); the retain set = people never requested.
     No reference model exists for requests 2-3, so forget quality is not reported; utility and
     per-request forgetting are."""
-    from simu_jax.config import load_benchmark
+    from simu_jax.data import load_benchmark
 
-    full = load_benchmark(_data(FULL))
+    full = load_benchmark(demo_data(FULL))
     groups = _people_groups(full, 3, len(full.forget) // 5)
     requested = {p for g in groups for p in g}
     retain = [r for r in full.retain if r.get("person") not in requested]
@@ -202,13 +202,13 @@ def group_relearn(root, target, reference, stop, steps: int = 10, lr: float = 1e
     import jax.numpy as jnp
     import optax
 
-    from simu_jax.config import load_benchmark
+    from simu_jax.data import load_benchmark
     from simu_jax.losses import token_mean_nll
     from simu_jax.models import apply
     from simu_jax.runio import is_complete, mark_complete, prepare_output_dir
     from simu_jax.unlearn import evaluate_run, prepare
 
-    full = load_benchmark(_data(FULL))
+    full = load_benchmark(demo_data(FULL))
     attack_set = full.forget[:: 10]  # 2 QA pairs, different people
     for name, model_dir in [("target", target)] + [(m, root / "runs" / "compare" / m / "model") for m in HEADLINE]:
         out = root / "runs" / "relearn" / name

@@ -1,7 +1,7 @@
 """Stage 1 of SIMU: which MLP neurons store the forget set.
 
 A neuron is unit k of layer l's MLP, the k-th input of `down_proj` (`a = silu(gate) * up`).
-Integrated-gradients attribution (DESIGN.md, "Stage 1"):
+Integrated-gradients attribution (docs/method.md#stage-1):
 
     Att(l, k) = sum_i sum_{t in ans(i)} a_{l,k,i,t} * (1/m) sum_{j=1..m} dL_i/da_{l,k,i,t} |_{a_l = (j/m) a_l}
 
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simu_jax.base import IGNORE_INDEX
 from simu_jax.losses import mean_nll_per_example
+from simu_jax.runio import write_json_atomic
 from simu_jax.models import apply, apply_with_aux
 
 SCORE_METHODS = ("ig", "grad_x_act", "grad_down")
@@ -38,7 +40,7 @@ SCORE_METHODS = ("ig", "grad_x_act", "grad_down")
 
 def _answer_positions(labels: jax.Array) -> jax.Array:
     """[B, T] mask of positions t whose next token (t+1) is an answer token."""
-    nxt = labels[:, 1:] != -100
+    nxt = labels[:, 1:] != IGNORE_INDEX
     return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
 
 
@@ -169,8 +171,6 @@ class NeuronMask:
 
     def save(self, directory: str | Path) -> Path:
         """mask.npz (arrays) + mask_summary.json (readable counts), written atomically."""
-        from simu_jax.runio import write_json_atomic
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {"selected": self.selected}
@@ -227,10 +227,3 @@ def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
     for layer, count in enumerate(mask.counts):
         selected[layer, rng.choice(selected.shape[1], size=count, replace=False)] = True
     return NeuronMask(selected=selected, meta=dict(mask.meta, random_seed=seed, method="random"))
-
-
-def cli_main(argv: list[str]) -> int:
-    """`simu-jax attribute` (implemented beside `simu-jax unlearn`, whose config it shares)."""
-    from simu_jax.unlearn import attribute_main
-
-    return attribute_main(argv)

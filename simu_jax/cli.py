@@ -18,35 +18,26 @@ Warnings are printed as ``simu-jax: warning: <message>``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import warnings
+
+from simu_jax.base import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_KEYBOARD, EXIT_OK, EXIT_USAGE, ArgumentParser,
+                           ConfigError, NonFiniteLossError, UsageError)
 
 __all__ = ["COMMANDS", "ArgumentParser", "UsageError", "main"]
 
 COMMANDS: dict[str, str] = {
     "finetune": "simu_jax.finetune:cli_main",
     "unlearn": "simu_jax.unlearn:cli_main",
-    "attribute": "simu_jax.attribution:cli_main",
+    "attribute": "simu_jax.unlearn:attribute_main",
     "evaluate": "simu_jax.evaluate.runner:cli_main",
     "report": "simu_jax.evaluate.report:cli_main",
     "demo": "simu_jax.demo:cli_main",
     "bench": "simu_jax.bench:cli_main",
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_KEYBOARD = 0, 1, 2, 75, 130
-
-
-class UsageError(ValueError):
-    """Bad command-line usage (exit code 2)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
+__all__ += ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_KEYBOARD", "EXIT_OK", "EXIT_USAGE"]
 
 
 def _one_line(message: str) -> str:
@@ -65,8 +56,6 @@ def _message(exc: BaseException) -> str:
 
 
 def _exit_code(exc: BaseException) -> int:
-    from simu_jax.config import ConfigError
-
     if isinstance(exc, (UsageError, ConfigError)):
         return EXIT_USAGE
     if isinstance(exc, KeyboardInterrupt):
@@ -76,10 +65,6 @@ def _exit_code(exc: BaseException) -> int:
 
 def _expected(exc: BaseException) -> bool:
     """Errors a user can cause and fix (one line, no traceback)."""
-    try:
-        from simu_jax.runio import NonFiniteLossError
-    except Exception:  # pragma: no cover
-        NonFiniteLossError = FloatingPointError  # type: ignore
     return isinstance(exc, (UsageError, ValueError, OSError, KeyError, NonFiniteLossError, KeyboardInterrupt,
                             NotImplementedError, MemoryError, ImportError))
 

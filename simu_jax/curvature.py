@@ -16,7 +16,7 @@ Dtypes: products (``hvp``, ``ggn_vp``) come back in the dtype of the
 parameters, as JAX's autodiff produces them. Everything that is *accumulated*
 (diagonal estimates, CG / Lanczos scalars) is computed in float32, or float64 when
 the inputs are float64. Pass float32 parameters for second-order passes of a bf16
-model (DESIGN.md: "keep losses and curvature in fp32").
+model (docs/method.md#precision: "keep losses and curvature in float32").
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ _tree_norm = getattr(otu, "tree_norm", None) or getattr(otu, "tree_l2_norm")
 _tree_add_scale = getattr(otu, "tree_add_scale", None) or getattr(otu, "tree_add_scalar_mul")
 
 __all__ = [
+    "hessian_rows",
     "acc_dtype",
     "to_acc_dtype",
     "tree_vdot",
@@ -441,8 +442,9 @@ def lanczos(
 # ----------------------------------------------------------------------------
 
 
-def _hessian_rows(f, params, indices, args, batch_size):
-    """Rows ``H[indices, :]`` (flat coordinates) from HVPs with one-hot vectors."""
+def hessian_rows(f, params, indices, args=(), batch_size=8):
+    """``(rows, indices)``: rows ``H[indices, :]`` of the Hessian of ``f(params, *args)`` (flat
+    coordinates), from HVPs with one-hot vectors, ``batch_size`` at a time."""
     flat, unravel = ravel_pytree(params)
     indices = jnp.asarray(indices, jnp.int32)
     k = indices.shape[0]
@@ -462,11 +464,11 @@ def dense_hessian(f, params: PyTree, indices, *args, batch_size: Optional[int] =
     indices]`` of shape ``[k, k]``, built from ``k`` exact HVPs with one-hot vectors
     (vmapped, or ``lax.map`` in chunks of ``batch_size`` to bound memory).
     """
-    rows, indices = _hessian_rows(f, params, indices, args, batch_size)
+    rows, indices = hessian_rows(f, params, indices, args, batch_size)
     return rows[:, indices]
 
 
 def hessian_diagonal_exact(f, params: PyTree, indices, *args, batch_size: Optional[int] = None) -> jax.Array:
     """Exact ``H_ii`` for the flat coordinates ``indices`` (shape ``[k]``)."""
-    rows, indices = _hessian_rows(f, params, indices, args, batch_size)
+    rows, indices = hessian_rows(f, params, indices, args, batch_size)
     return rows[jnp.arange(indices.shape[0]), indices]

@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from simu_jax.config import DataSpec, ModelSpec, SyntheticSpec
+from simu_jax.base import ArgumentParser
+from simu_jax.config import load_config
+from simu_jax.data import DataSpec, SyntheticConfig
+from simu_jax.models.spec import ModelSpec
+
+__all__ = ["FULL", "METHOD_SETTINGS", "QUICK", "DemoSize", "demo_data", "evaluate_model", "finetune_model",
+           "run_demo", "unlearn_method"]
 
 # Per-method step settings, from a learning-rate sweep on this benchmark (20 steps, batch 4;
 # README "Demo"): each reaches a forget NLL of roughly 6-10 nats in 20 steps. Sophia's update is
@@ -47,12 +53,12 @@ FULL = DemoSize(num_people=40, num_general=40, epochs=25, unlearn_steps=20, eval
 QUICK = DemoSize(num_people=10, num_general=10, epochs=20, unlearn_steps=4, eval_limit=8, max_new_tokens=12)
 
 
-def _data(size: DemoSize) -> DataSpec:
+def demo_data(size: DemoSize) -> DataSpec:
     return DataSpec(benchmark="synthetic", max_length=128,
-                    synthetic=SyntheticSpec(seed=0, num_people=size.num_people, num_general=size.num_general))
+                    synthetic=SyntheticConfig(seed=0, num_people=size.num_people, num_general=size.num_general))
 
 
-def _finetune(out: Path, split: str, size: DemoSize, tokenizer: str | None, quiet: bool) -> Path:
+def finetune_model(out: Path, split: str, size: DemoSize, tokenizer: str | None, quiet: bool) -> Path:
     from simu_jax.finetune import FinetuneConfig, run_finetune
     from simu_jax.runio import is_complete
 
@@ -63,7 +69,7 @@ def _finetune(out: Path, split: str, size: DemoSize, tokenizer: str | None, quie
     cfg = FinetuneConfig(
         model=ModelSpec(config=dict(model_type="llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=4)),
-        data=_data(size), split=split, tokenizer=tokenizer, batch_size=16, learning_rate=3e-3,
+        data=demo_data(size), split=split, tokenizer=tokenizer, batch_size=16, learning_rate=3e-3,
         epochs=size.epochs, checkpoint_every=10_000, eval_every=0)
     print(f"[demo] fine-tuning the {label} model", file=sys.stderr)
     result = run_finetune(cfg, out, overwrite=out.exists(), quiet=quiet)
@@ -72,9 +78,8 @@ def _finetune(out: Path, split: str, size: DemoSize, tokenizer: str | None, quie
     return out / "model"
 
 
-def _unlearn(out: Path, method: str, target: Path, reference: Path, size: DemoSize, quiet: bool,
+def unlearn_method(out: Path, method: str, target: Path, reference: Path, size: DemoSize, quiet: bool,
              mask_path: Path | None = None, evaluate_only: bool = False) -> Path:
-    from simu_jax.config import load_config
     from simu_jax.runio import is_complete
     from simu_jax.unlearn import UnlearnConfig, run_unlearn
 
@@ -84,7 +89,7 @@ def _unlearn(out: Path, method: str, target: Path, reference: Path, size: DemoSi
     overrides = [f"{k}={v}" for k, v in METHOD_SETTINGS.get(method, {}).items()]
     cfg = load_config(UnlearnConfig, None, overrides)
     cfg = dataclasses.replace(
-        cfg, model=ModelSpec(path=str(target)), reference=str(reference), data=_data(size), method=method,
+        cfg, model=ModelSpec(path=str(target)), reference=str(reference), data=demo_data(size), method=method,
         steps=size.unlearn_steps, batch_size=4,
         eval=dataclasses.replace(cfg.eval, limit=size.eval_limit, max_new_tokens=size.max_new_tokens,
                                  every=max(1, size.unlearn_steps // 5)),
@@ -95,18 +100,15 @@ def _unlearn(out: Path, method: str, target: Path, reference: Path, size: DemoSi
     return out
 
 
-def _evaluate_model(out: Path, label: str, model_dir: Path, reference: Path, size: DemoSize) -> Path:
+def evaluate_model(out: Path, label: str, model_dir: Path, reference: Path, size: DemoSize) -> Path:
     """Evaluate an existing model (the target before unlearning, the reference) as a report row."""
-    from simu_jax.config import load_config
-    from simu_jax.evaluate.runner import load_model_and_tokenizer
-    from simu_jax.models import split_params
     from simu_jax.runio import is_complete, mark_complete, prepare_output_dir
     from simu_jax.unlearn import UnlearnConfig, evaluate_run, prepare
 
     if is_complete(out):
         return out
     cfg = load_config(UnlearnConfig, None, [])
-    cfg = dataclasses.replace(cfg, model=ModelSpec(path=str(model_dir)), reference=str(reference), data=_data(size),
+    cfg = dataclasses.replace(cfg, model=ModelSpec(path=str(model_dir)), reference=str(reference), data=demo_data(size),
                               method="simu_graddiff",
                               eval=dataclasses.replace(cfg.eval, limit=size.eval_limit,
                                                        max_new_tokens=size.max_new_tokens))
@@ -124,14 +126,14 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> Path:
     size = QUICK if quick else FULL
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    target = _finetune(out / "target", "full", size, None, quiet)
-    reference = _finetune(out / "retain", "retain", size, str(target), quiet)
-    runs = [_evaluate_model(out / "runs" / "target", "target (before)", target, reference, size),
-            _evaluate_model(out / "runs" / "retain_only", "retain-only (reference)", reference, reference, size)]
-    runs.append(_unlearn(out / "runs" / "simu_graddiff", "simu_graddiff", target, reference, size, quiet))
+    target = finetune_model(out / "target", "full", size, None, quiet)
+    reference = finetune_model(out / "retain", "retain", size, str(target), quiet)
+    runs = [evaluate_model(out / "runs" / "target", "target (before)", target, reference, size),
+            evaluate_model(out / "runs" / "retain_only", "retain-only (reference)", reference, reference, size)]
+    runs.append(unlearn_method(out / "runs" / "simu_graddiff", "simu_graddiff", target, reference, size, quiet))
     mask = out / "runs" / "simu_graddiff" / "mask"
     for method in ("simu_newton", "so_graddiff", "fo_graddiff"):
-        runs.append(_unlearn(out / "runs" / method, method, target, reference, size, quiet,
+        runs.append(unlearn_method(out / "runs" / method, method, target, reference, size, quiet,
                              mask_path=mask if method.startswith("simu") else None))
     report = write_report(runs, out / "report")
     print(format_table([load_run(r) for r in runs]))
@@ -140,8 +142,6 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> Path:
 
 
 def cli_main(argv: list[str]) -> int:
-    from simu_jax.cli import ArgumentParser
-
     p = ArgumentParser(prog="simu-jax demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
     p.add_argument("--quick", action="store_true", help="a reduced benchmark and few steps (about 2 minutes)")

@@ -23,11 +23,15 @@ import numpy as np
 import optax
 
 from simu_jax import optim
+from simu_jax.base import IGNORE_INDEX
 from simu_jax.curvature import tree_norm
-from simu_jax.losses import token_mean_nll, unlearning_loss
+from simu_jax.losses import LossSpec, token_mean_nll, unlearning_loss
+from simu_jax.optim import OptimSpec
 from simu_jax.models import apply
-from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, _get, count_trainable,
+from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, count_trainable, get_path,
                                 gather_rows, scatter_rows)
+from simu_jax.sharding import (DEFAULT_RULES, device_put_tree, opt_state_shardings, param_shardings, place_batch,
+                               replicated, shard_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,42 +59,24 @@ def get_method(name: str, trainable: TrainableSpec | None = None) -> Method:
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """Hyper-parameters of the step (hashable: part of the jit cache key)."""
+    """Hyper-parameters of the step (hashable: part of the jit cache key): the run config's own
+    ``optim`` (:class:`simu_jax.optim.OptimSpec`) and ``loss`` (:class:`simu_jax.losses.LossSpec`)
+    objects, and a debugging knob: multiply the loss by NaN at this 0-based step (tests the NaN
+    guard; -1 = off)."""
 
-    learning_rate: float = 1e-4
-    gamma: float = 1.0  # retain weight
-    beta: float = 0.1  # NPO
-    retain_loss: str = "nll"
-    # Sophia (SOUL's defaults: betas (0.9, 0.95), rho 0.04, batch-scale 5120, every step g*g)
-    b1: float = 0.9
-    b2: float = 0.95
-    rho: float = 0.04
-    batch_scale: float = 5120.0
-    weight_decay: float = 0.0
-    clip_threshold: float = 1.0
-    update_interval: int = 1
-    estimator: str = "fisher"  # fisher | gnb | hutchinson
-    num_probes: int = 1
-    # AdamW
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    # Newton-CG
-    damping: float = 1e-2
-    trust_radius: float = 0.5
-    cg_iters: int = 20
-    cg_tol: float = 1e-5
-    # debugging: multiply the loss by NaN at this step (tests the NaN guard); -1 = off
+    optim: OptimSpec = OptimSpec()
+    loss: LossSpec = LossSpec()
     inject_nan_at_step: int = -1
 
 
 def build_optimizer(method: Method, s: StepSettings, mask) -> optax.GradientTransformationExtraArgs | None:
     if method.optimizer == "adamw":
-        return optim.adamw(s.learning_rate, b1=s.b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay,
+        return optim.adamw(s.optim.learning_rate, b1=s.optim.b1, b2=s.optim.adam_b2, eps=s.optim.adam_eps, weight_decay=s.optim.weight_decay,
                            mask=mask)
     if method.optimizer == "sophia":
-        return optim.sophia(s.learning_rate, b1=s.b1, b2=s.b2, rho=s.rho, batch_scale=s.batch_scale,
-                            weight_decay=s.weight_decay, clip_threshold=s.clip_threshold,
-                            update_interval=s.update_interval, mask=mask)
+        return optim.sophia(s.optim.learning_rate, b1=s.optim.b1, b2=s.optim.b2, rho=s.optim.rho, batch_scale=s.optim.batch_scale,
+                            weight_decay=s.optim.weight_decay, clip_threshold=s.optim.clip_threshold,
+                            update_interval=s.optim.update_interval, mask=mask)
     return None  # newton: stateless
 
 
@@ -123,9 +109,11 @@ class Unlearner:
     are, e.g. from ``sharding.shard_params``); the trainable copy, the zeroed down_proj and the
     optimizer state are then created by ``jax.jit`` with ``out_shardings``, so nothing new is
     ever created unsharded; the neuron-row masks are sharded like the rows they gate;
-    the step is a jit whose ``out_shardings`` keep that layout, batches are split with
-    ``sharding.shard_batch`` and Hutchinson probes are constrained to the params' shardings.
-    ``rules`` / ``model_config`` as in ``sharding.param_shardings``.
+    the step is a jit whose ``out_shardings`` keep that layout, batches are placed with
+    ``sharding.place_batch`` (a host batch is the whole global batch, the same on every
+    process; global arrays are used as they are) and Hutchinson probes are constrained to the
+    params' shardings. ``rules`` / ``model_config`` as in ``sharding.param_shardings``.
+    :func:`shard_unlearner` moves an Unlearner built on one device onto a mesh.
     """
 
     def __init__(self, graphdef, params: dict, method: Method, settings: StepSettings,
@@ -134,28 +122,27 @@ class Unlearner:
         self.graphdef, self.method, self.settings = graphdef, method, settings
         self.mesh = None
         self.partition = part = Partition(params, method.trainable, selected)
-        needs_ref = method.objective == "npo" or settings.retain_loss == "kl"
+        needs_ref = method.objective == "npo" or settings.loss.retain_loss == "kl"
         if mesh is not None:
-            from simu_jax import sharding as S
-
-            rules = S.DEFAULT_RULES if rules is None else rules
+            rules = DEFAULT_RULES if rules is None else rules
             cache: dict = {}  # one placement per distinct array: ref_params aliasing params stays an alias
-            params = S._put(params, S.param_shardings(params, mesh, rules, model_config), cache)
+            params = device_put_tree(params, param_shardings(params, mesh, rules, model_config), cache)
             if needs_ref and ref_params is not None:
-                ref_params = S._put(ref_params, S.param_shardings(ref_params, mesh, rules, model_config), cache)
+                ref_params = device_put_tree(ref_params, param_shardings(ref_params, mesh, rules, model_config),
+                                             cache)
             if part.row_index is not None:
-                part.row_index = S.shard_mask(part.row_index, mesh, rules)
-                part.row_valid = S.shard_mask(part.row_valid, mesh, rules)
+                part.row_index = shard_mask(part.row_index, mesh, rules)
+                part.row_valid = shard_mask(part.row_valid, mesh, rules)
         self.ref = (ref_params if ref_params is not None else params) if needs_ref else None
 
         # trainable copy + zeroed down_proj, created in place (on a mesh: already sharded)
-        leaves = {part._key(p): _get(params, p) for p in part.paths}
-        down = _get(params, DOWN) if part.row_index is not None else None
+        leaves = {part.leaf_key(p): get_path(params, p) for p in part.paths}
+        down = get_path(params, DOWN) if part.row_index is not None else None
         split = functools.partial(_init_split_jit, part)  # one device: compiled once per partition structure
         tr_sh = None
         if mesh is not None:
-            tr_sh = S.param_shardings(jax.eval_shape(functools.partial(_init_split, part), leaves, down, part.rows)[0],
-                                      mesh, rules, model_config)
+            tr_sh = param_shardings(jax.eval_shape(functools.partial(_init_split, part), leaves, down, part.rows)[0],
+                                    mesh, rules, model_config)
             split = jax.jit(functools.partial(_init_split, part),
                             out_shardings=(tr_sh, None if down is None else down.sharding))
         self.trainable, zeroed = split(leaves, down, part.rows)
@@ -164,14 +151,14 @@ class Unlearner:
 
         self.mask = part.optimizer_mask(self.trainable)
         if mesh is not None and self.mask is not None:
-            self.mask = S.shard_mask(self.mask, mesh, rules)
+            self.mask = shard_mask(self.mask, mesh, rules)
         self.tx = build_optimizer(method, settings, self.mask)
         self.opt_state = ()
         opt_sh = ()
         if self.tx is not None:
             if mesh is not None:
                 # zeros created sharded: full Sophia / AdamW state never exists on one device
-                opt_sh = S.opt_state_shardings(jax.eval_shape(self.tx.init, self.trainable), tr_sh, mesh, tx=self.tx)
+                opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.trainable), tr_sh, mesh, tx=self.tx)
                 self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
             else:
                 self.opt_state = jax.jit(self.tx.init)(self.trainable)
@@ -179,23 +166,24 @@ class Unlearner:
         self._step_fn = functools.partial(compiled_step, graphdef, part, method, settings)
         self._scatter = None  # params(): the default jitted scatter
         if mesh is not None:
-            self._bind_mesh(mesh, rules, tr_sh, opt_sh)
+            self.bind_mesh(mesh, rules, tr_sh, opt_sh)
 
-    def _bind_mesh(self, mesh, rules, tr_sh, opt_sh):
+    def bind_mesh(self, mesh, rules, tr_sh, opt_sh):
         """Compile the step (and the row scatter of `params()`) for `mesh`, with `out_shardings`
-        pinning the new trainable params and optimizer state to `tr_sh` / `opt_sh`."""
-        from simu_jax import sharding as S
-
+        pinning the new trainable params and optimizer state to `tr_sh` / `opt_sh` (the
+        shardings the state already has: `Unlearner(..., mesh=)` and `shard_unlearner` place
+        it first). Batches given to `step` go through `sharding.place_batch` (`rules`)."""
         compiled = _mesh_step(self.graphdef, self.partition, self.method, self.settings, mesh,
                               *_hashable(tr_sh), *_hashable(opt_sh))
 
         def sharded_step(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
-            return compiled(trainable, opt_state, frozen, ref, rows, S.shard_batch(batch, mesh, rules), key, step_count)
+            return compiled(trainable, opt_state, frozen, ref, rows, place_batch(batch, mesh, rules=rules), key,
+                            step_count)
 
         sharded_step.compiled = compiled  # for inspection (lower / cost analysis)
         self._step_fn = sharded_step
         if self.partition.row_index is not None:
-            self._scatter = jax.jit(scatter_rows, out_shardings=_get(self.frozen, DOWN).sharding)
+            self._scatter = jax.jit(scatter_rows, out_shardings=get_path(self.frozen, DOWN).sharding)
         self.mesh = mesh
 
     @property
@@ -219,6 +207,59 @@ class Unlearner:
         return self.partition.merge_back(self.trainable, self.frozen, scatter=self._scatter)
 
 
+def build_unlearner(graphdef, params, method, settings, mesh: jax.sharding.Mesh, selected=None, ref_params=None,
+                    rules=DEFAULT_RULES, model_config=None) -> Unlearner:
+    """An :class:`Unlearner` built directly on ``mesh``: ``Unlearner(..., mesh=mesh)``.
+
+    ``params`` are placed with ``sharding.param_shardings`` first (free if
+    ``sharding.shard_params`` already did), then the trainable copy, the zeroed down_proj and
+    the optimizer state are created by ``jax.jit`` with ``out_shardings``: nothing new is
+    created unsharded.
+    """
+    return Unlearner(graphdef, params, method, settings, selected=selected, ref_params=ref_params, mesh=mesh,
+                     rules=rules, model_config=model_config)
+
+
+def shard_unlearner(unlearner: Unlearner, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES,
+                    model_config=None) -> Unlearner:
+    """Move an already built :class:`Unlearner` onto ``mesh`` (in place; returns it).
+
+    Places ``trainable``, ``frozen`` and ``ref`` (each distinct array once, so aliases stay
+    aliases), ``opt_state`` (like the params it mirrors, dtypes unchanged) and the neuron-row
+    masks (like the rows they gate), then binds the same mesh step as :func:`build_unlearner`
+    (:meth:`Unlearner.bind_mesh`: ``jax.jit`` of :func:`step_impl` with ``out_shardings``;
+    batches placed by ``sharding.place_batch``; one executable shared with a mesh-built
+    Unlearner of the same configuration).
+
+    Arrays are copied from wherever they are: the Unlearner was built on one device, so this
+    only suits models whose params and state fit one device. Otherwise build on the mesh
+    (:func:`build_unlearner`).
+    """
+    cache: dict = {}
+    tr_sh = param_shardings(unlearner.trainable, mesh, rules, model_config)
+    unlearner.trainable = device_put_tree(unlearner.trainable, tr_sh, cache)
+    unlearner.frozen = device_put_tree(unlearner.frozen, param_shardings(unlearner.frozen, mesh, rules, model_config),
+                                       cache)
+    if unlearner.ref is not None:
+        unlearner.ref = device_put_tree(unlearner.ref, param_shardings(unlearner.ref, mesh, rules, model_config), cache)
+
+    # neuron-row index / validity and the optimizer's element mask, sharded like the rows
+    part = unlearner.partition
+    if part.row_index is not None:
+        part.row_index = shard_mask(part.row_index, mesh, rules)
+        part.row_valid = shard_mask(part.row_valid, mesh, rules)
+    if unlearner.mask is not None:
+        unlearner.mask = shard_mask(unlearner.mask, mesh, rules)
+        unlearner.tx = build_optimizer(unlearner.method, unlearner.settings, unlearner.mask)
+
+    opt_sh = ()
+    if unlearner.tx is not None:
+        opt_sh = opt_state_shardings(unlearner.opt_state, tr_sh, mesh, tx=unlearner.tx)
+        unlearner.opt_state = device_put_tree(unlearner.opt_state, opt_sh, cache)
+    unlearner.bind_mesh(mesh, rules, tr_sh, opt_sh)
+    return unlearner
+
+
 def _hashable(tree):
     """A tree of shardings as a hashable (treedef, leaves) pair (a cache key)."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -228,11 +269,9 @@ def _hashable(tree):
 @functools.lru_cache(maxsize=32)
 def _mesh_step(graphdef, partition, method, settings, mesh, tr_def, tr_leaves, opt_def, opt_leaves):
     """`step_impl` jitted for a mesh; cached, so Unlearners of one configuration (e.g. one built
-    on the mesh and one moved there by `sharding.shard_unlearner`) share one executable."""
+    on the mesh and one moved there by `shard_unlearner`) share one executable."""
     tr_sh = jax.tree.unflatten(tr_def, tr_leaves)
     opt_sh = jax.tree.unflatten(opt_def, opt_leaves)
-    from simu_jax.sharding import replicated
-
     # the Hutchinson probes (HVP tangents) are constrained to the trainable params' shardings
     step = functools.partial(step_impl, graphdef, partition, method, settings, probe_shardings=tr_sh)
     donate = (0, 1) if jax.default_backend() != "cpu" else ()
@@ -245,8 +284,8 @@ def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows,
     ref_fn = None
     if ref is not None:
         ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"])  # noqa: E731
-    loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.gamma, beta=s.beta,
-                                  retain_loss=s.retain_loss, ref_logits_fn=ref_fn)
+    loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.loss.gamma, beta=s.loss.beta,
+                                  retain_loss=s.loss.retain_loss, ref_logits_fn=ref_fn)
     if s.inject_nan_at_step >= 0:
         poison = jnp.where(step == s.inject_nan_at_step, jnp.nan, 1.0)
         terms = {**terms, "forget": terms["forget"] * poison}
@@ -264,8 +303,8 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
     if method.optimizer == "newton":
         scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
         _, terms = loss_fn(trainable, frozen, ref, batch, step)
-        trainable, info = optim.newton_cg_step(scalar, trainable, frozen, ref, batch, step, damping=s.damping,
-                                               trust_radius=s.trust_radius, maxiter=s.cg_iters, tol=s.cg_tol,
+        trainable, info = optim.newton_cg_step(scalar, trainable, frozen, ref, batch, step, damping=s.optim.damping,
+                                               trust_radius=s.optim.trust_radius, maxiter=s.optim.cg_iters, tol=s.optim.cg_tol,
                                                mask=mask)
         metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"], "cg_iterations": info["cg_iterations"],
                    "step_norm": info["step_norm"], **{f"loss/{k}": v for k, v in terms.items()}}
@@ -276,7 +315,7 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
     if method.optimizer == "sophia":
         estimate = _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings)
         extra["hessian_estimate"] = optim.curvature_on_schedule(
-            estimate, step, s.update_interval, trainable, key, grads, frozen, ref, batch, step)
+            estimate, step, s.optim.update_interval, trainable, key, grads, frozen, ref, batch, step)
     updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
     trainable = optim.masked_apply(trainable, updates, mask)
     metrics = {"loss": loss, "grad_norm": tree_norm(grads), **{f"loss/{k}": v for k, v in terms.items()}}
@@ -298,13 +337,13 @@ def compiled_step(*args):
 
 
 def _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings=None):
-    if s.estimator == "fisher":
+    if s.optim.estimator == "fisher":
         return optim.make_curvature_estimator("fisher")
-    if s.estimator == "hutchinson":
+    if s.optim.estimator == "hutchinson":
         scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
-        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.num_probes,
+        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.optim.num_probes,
                                                shardings=probe_shardings)
-    if s.estimator == "gnb":
+    if s.optim.estimator == "gnb":
         # Gauss-Newton-Bartlett of the model's own next-token distribution on the forget and
         # retain inputs (answer tokens): curvature of the output, independent of the
         # unlearning objective's sign, as in Sophia-G.
@@ -314,11 +353,11 @@ def _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings=None):
             for part in ("forget", "retain"):
                 x = b[part]
                 logits.append(apply(graphdef, params, x["input_ids"], x["attention_mask"], **kwargs)[:, :-1])
-                weights.append((x["labels"][:, 1:] != -100).astype(jnp.float32))
+                weights.append((x["labels"][:, 1:] != IGNORE_INDEX).astype(jnp.float32))
             t = min(l.shape[1] for l in logits)
             return (jnp.concatenate([l[:, :t] for l in logits]), jnp.concatenate([w[:, :t] for w in weights]))
         return optim.make_curvature_estimator("gnb", logits_fn=logits_fn)
-    raise ValueError(f"estimator={s.estimator!r}; allowed: fisher, gnb, hutchinson")
+    raise ValueError(f"estimator={s.optim.estimator!r}; allowed: fisher, gnb, hutchinson")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -23,6 +23,8 @@
 * NaN/Inf guard on every step; orbax checkpoints every ``checkpoint_every`` steps; exact
   ``--resume`` (parameters, optimizer state, step and data position); SIGINT/SIGTERM save
   a checkpoint and exit cleanly (exit code 75, resumable).
+* The run loop (directory start, resume-config check, signals, NaN guard, checkpoints, stop
+  agreement across processes, COMPLETE) is :mod:`simu_jax.loop`'s, shared with unlearning.
 * Output (see :mod:`simu_jax.runio` for the directory contract): ``model/`` (HF directory:
   config.json, safetensors, tokenizer files, loads in transformers), ``final_metrics.json``,
   ``run.json``, ``config.yaml``, ``metrics.jsonl``, ``tokenizer/``, ``checkpoints/``, and
@@ -45,31 +47,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from simu_jax.config import ConfigError, DataSpec, ModelSpec, host_init_params, resolve_model_path
+from simu_jax.base import EXIT_INTERRUPTED, IGNORE_INDEX, ArgumentParser, ConfigError, pad_token_id
+from simu_jax.config import load_config
+from simu_jax.data import TRAIN_BUCKETS, DataSpec, benchmark_texts, load_benchmark, pad_to_length, qa_template
+from simu_jax.loop import DebugSpec, RunDirectory, run_steps
+from simu_jax.models.spec import (ModelSpec, host_init_params, jnp_dtype, load_tokenizer, model_config_from_spec,
+                                  resolve_model_path)
 
-__all__ = ["DebugSpec", "FinetuneConfig", "cli_main", "format_plan", "plan_finetune", "run_finetune"]
+__all__ = ["FinetuneConfig", "cli_main", "format_plan", "plan_finetune", "run_finetune"]
 
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; rerun with --resume
 POS = (1, None)  # range metadata: >= 1
-# Padded lengths: multiples of 16 up to 512 (less padding than powers of two), then powers of two.
-TRAIN_BUCKETS = tuple(range(16, 513, 16)) + (1024, 2048, 4096, 8192)
 # Per-batch lengths with group_by_length: few shapes (each one is a compile of the step):
 # multiples of 32 up to 256, of 64 up to 512, of 128 up to 1024, then powers of two.
 GROUP_BUCKETS = (tuple(range(32, 257, 32)) + tuple(range(320, 513, 64)) + tuple(range(640, 1025, 128))
                  + (2048, 4096, 8192))
 GROUP_CHUNK = 50  # group_by_length sorts within chunks of this many batches
-
-
-@dataclass
-class DebugSpec:
-    """Test knobs. ``inject_nan_at_step``: the loss of that step (1-based) is multiplied by
-    NaN (so parameters would be poisoned; the guard must stop the run before saving).
-    ``stop_after_step``: behave as if SIGTERM arrived after that step (checkpoint + clean
-    exit). ``sleep_per_step``: seconds to sleep after each step (to test signals)."""
-
-    inject_nan_at_step: int | None = field(default=None, metadata={"range": POS})
-    stop_after_step: int | None = field(default=None, metadata={"range": POS})
-    sleep_per_step: float = field(default=0.0, metadata={"range": (0.0, None)})
 
 
 @dataclass
@@ -122,7 +114,7 @@ class FinetuneConfig:
 
 # Keys that may differ between a run and its --resume (they do not change the trajectory).
 # (`mesh`: a checkpoint restores onto another mesh; results then differ only by float rounding.)
-_RESUME_FREE_KEYS = ("debug", "eval_every", "eval_batch_size", "eval_limit", "log_every", "checkpoint_every",
+RESUME_FREE_KEYS = ("debug", "eval_every", "eval_batch_size", "eval_limit", "log_every", "checkpoint_every",
                      "keep_checkpoints", "async_checkpoint", "mesh")
 
 
@@ -142,30 +134,8 @@ class _Prepared:
     length: int
 
 
-def load_tokenizer(source: str | os.PathLike):
-    """An HF tokenizer from a directory or hub name.
-
-    Directories saved as a generic fast tokenizer (e.g. ours, from
-    :func:`simu_jax.data.train_bpe_tokenizer`) load through ``PreTrainedTokenizerFast``
-    directly, which avoids importing torch via ``AutoTokenizer`` (seconds per command).
-    """
-    import json
-
-    path = Path(source)
-    config = path / "tokenizer_config.json"
-    if config.is_file() and (path / "tokenizer.json").is_file():
-        if json.loads(config.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
-            from transformers import PreTrainedTokenizerFast
-
-            return PreTrainedTokenizerFast.from_pretrained(str(path))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(source))
-
-
 def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
     """(tokenizer, directory holding its files)."""
-    from simu_jax.config import benchmark_texts
     from simu_jax.data import train_bpe_tokenizer
 
     source = cfg.tokenizer or (str(resolve_model_path(cfg.model.path, config_only=True)) if cfg.model.path else None)
@@ -195,16 +165,6 @@ def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
     return load_tokenizer(tok_dir), tok_dir
 
 
-def _pad_arrays(arrays: dict, length: int, pad_id: int) -> dict:
-    import numpy as np
-
-    n, t = arrays["input_ids"].shape
-    if t == length:
-        return arrays
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    return {k: np.concatenate([v, np.full((n, length - t), fill[k], v.dtype)], axis=1) for k, v in arrays.items()}
-
-
 def _train_records(cfg: FinetuneConfig, bench) -> tuple[list[dict], dict[str, int]]:
     include_general = bench.train_general if cfg.include_general is None else cfg.include_general
     parts = {"retain": bench.retain}
@@ -220,15 +180,13 @@ def _train_records(cfg: FinetuneConfig, bench) -> tuple[list[dict], dict[str, in
 
 
 def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
-    from simu_jax.config import load_benchmark, model_config_from_spec, qa_template
     from simu_jax.data import tokenize_qa
 
     bench = load_benchmark(cfg.data)
     tok, tok_dir = _load_tokenizer(cfg, bench, work_dir)
     mcfg = model_config_from_spec(
         cfg.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        max_position_embeddings=max(2048, cfg.data.max_length),
+        pad_token_id=pad_token_id(tok), max_position_embeddings=max(2048, cfg.data.max_length),
     )
     if len(tok) > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {mcfg.vocab_size}")
@@ -245,9 +203,8 @@ def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
         if recs:
             evals[name] = tokenize(recs[: cfg.eval_limit] if cfg.eval_limit else recs)
     length = max(a["input_ids"].shape[1] for a in [train, *evals.values()])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = _pad_arrays(train, length, pad)
-    evals = {k: _pad_arrays(v, length, pad) for k, v in evals.items()}
+    train = pad_to_length(train, length, pad_token_id(tok))
+    evals = {k: pad_to_length(v, length, pad_token_id(tok)) for k, v in evals.items()}
     return _Prepared(cfg, bench, tok, tok_dir, mcfg, train, evals, counts, length)
 
 
@@ -304,18 +261,17 @@ def plan_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from simu_jax.config import _jnp_dtype
     from simu_jax.models import abstract_model, count_params
 
     with tempfile.TemporaryDirectory() as tmp:
         prep = _prepare(cfg, Path(tmp))
     mcfg = prep.model_config
-    abstract = abstract_model(mcfg, param_dtype=_jnp_dtype(cfg.model.dtype))
+    abstract = abstract_model(mcfg, param_dtype=jnp_dtype(cfg.model.dtype))
     n_params = count_params(nnx.to_pure_dict(nnx.state(abstract)))
     steps_per_epoch, total, warmup = _schedule_steps(cfg, len(prep.train["input_ids"]))
     per_step = cfg.batch_size * cfg.grad_accum
-    answer_tokens = int((prep.train["labels"] != -100).sum())
-    pad = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else prep.tokenizer.eos_token_id
+    answer_tokens = int((prep.train["labels"] != IGNORE_INDEX).sum())
+    pad = pad_token_id(prep.tokenizer)
     widths = _step_widths(_train_iterator(cfg, prep.train, pad), total, steps_per_epoch)
     buckets = _length_buckets(cfg)
     eval_widths = sorted({int(w) for v in prep.evals.values()
@@ -545,101 +501,20 @@ def _flat_eval(ev: dict) -> dict[str, float]:
     return {f"{name}/{k}": v for name, d in ev.items() for k, v in d.items() if k in ("loss", "accuracy")}
 
 
-def _check_resume_config(cfg: FinetuneConfig, out: Path) -> None:
-    import yaml
-
-    from simu_jax.config import to_dict
-
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = to_dict(cfg)
-
-    def flat(d, prefix=""):
-        items = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and k != "config":
-                items.update(flat(v, key + "."))
-            else:
-                items[key] = v
-        return items
-
-    a, b = flat(saved), flat(now)
-    defaults = flat(to_dict(FinetuneConfig()))  # keys added since the run started have their defaults there
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in _RESUME_FREE_KEYS:
-            continue
-        if a.get(key, defaults.get(key)) != b.get(key):
-            raise ConfigError(f"differs from the run being resumed in {out} ({a.get(key)!r} there, {b.get(key)!r} "
-                              f"here); resume with the same config or start a new run", key)
-
-
-class _MeshPlacement:
-    """Shardings of a finetune run on ``mesh`` (helpers kept here, on top of :mod:`simu_jax.sharding`).
-
-    Params by the sharding rules, the AdamW state like the params it mirrors (counts
-    replicated), train batches ``[A, B, T]`` with ``B`` over the batch axes (``data``,
-    ``fsdp``; the longest prefix whose size divides ``B``), eval batches ``[B, T]`` likewise.
-    With several processes each one holds ``process_slice`` of the batch rows and the global
-    batch is assembled with ``jax.make_array_from_process_local_data``.
-    """
-
-    def __init__(self, mesh, params, model_config, optimizer):
-        import jax
-
-        from simu_jax import sharding as S
-
-        self.mesh = mesh
-        self.params = S.param_shardings(params, mesh, model_config=model_config)
-        abstract_opt = jax.eval_shape(optimizer.init, params)
-        try:
-            self.opt_state = S.opt_state_shardings(abstract_opt, self.params, mesh, tx=optimizer)
-        except Exception:  # optax cannot map this state's params: match by path and shape
-            self.opt_state = S.opt_state_shardings(abstract_opt, self.params, mesh, params=params)
-        self.replicated = S.replicated(mesh)
-
-    def _rows(self, n: int, axis: int, ndim: int):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from simu_jax.sharding import logical_to_spec
-
-        spec = logical_to_spec(("batch",), (n,), self.mesh)
-        entries = [None] * ndim
-        entries[axis] = tuple(spec)[0] if len(tuple(spec)) else None
-        return NamedSharding(self.mesh, PartitionSpec(*entries))
-
-    def batch(self, batch: dict, axis: int):
-        """Place a host batch whose rows are along ``axis`` (1 for [A, B, T], 0 for [B, T])."""
-        import jax
-        import numpy as np
-
-        from simu_jax.sharding import process_slice
-
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            sh = self._rows(v.shape[axis], axis, v.ndim)
-            if jax.process_count() == 1:
-                out[k] = jax.device_put(v, sh)
-            else:
-                idx = [slice(None)] * v.ndim
-                idx[axis] = process_slice(v.shape[axis], drop_remainder=True)
-                out[k] = jax.make_array_from_process_local_data(sh, v[tuple(idx)], v.shape)
-        return out
-
-
-def _host(tree):
-    """Host numpy copies of (possibly sharded, possibly multi-process) arrays."""
+def _mesh_shardings(mesh, params, model_config, optimizer):
+    """(params, AdamW state, replicated) shardings of a finetune run on ``mesh``: params by the
+    sharding rules, the optimizer state like the params it mirrors (counts replicated)."""
     import jax
-    import numpy as np
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from simu_jax import sharding as S
 
-        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-    return jax.tree.map(np.asarray, tree)
+    param_sh = S.param_shardings(params, mesh, model_config=model_config)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    try:
+        opt_sh = S.opt_state_shardings(abstract_opt, param_sh, mesh, tx=optimizer)
+    except Exception:  # optax cannot map this state's params: match by path and shape
+        opt_sh = S.opt_state_shardings(abstract_opt, param_sh, mesh, params=params)
+    return param_sh, opt_sh, S.replicated(mesh)
 
 
 def run_finetune(
@@ -655,47 +530,38 @@ def run_finetune(
     ``forget``/``retain`` ({loss, accuracy, tokens, examples}), ``model_dir``,
     ``wall_time_s``, ``steps``. ``resume=True`` continues from the latest checkpoint (or
     returns the stored metrics of a run that is already complete). Raises
-    :class:`simu_jax.runio.NonFiniteLossError` if a loss term becomes NaN/Inf (the last
+    :class:`simu_jax.base.NonFiniteLossError` if a loss term becomes NaN/Inf (the last
     checkpoint stays usable).
     """
     import jax
     import numpy as np
-
     from flax import nnx
 
     from simu_jax.checkpoint import Checkpointer
-    from simu_jax.config import _jnp_dtype, dump_yaml
     from simu_jax.models import abstract_model, count_params, init_model, split_params
     from simu_jax.models.convert import load_pretrained, save_pretrained
-    from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays, is_complete,
-                                mark_complete, prepare_output_dir, progress, run_metadata, write_json_atomic)
+    from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
+    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, to_host
 
     t_start = time.time()
-    out = Path(out_dir)
-    if resume and is_complete(out):
-        import json
-
-        final = json.loads((out / "final_metrics.json").read_text())
-        _say(quiet, f"{out} is already complete; nothing to resume")
-        return final
-    if resume and out.is_dir():
-        _check_resume_config(cfg, out)
+    done = RunDirectory.finished(out_dir, resume, "final_metrics.json")
+    if done is not None:
+        _say(quiet, f"{out_dir} is already complete; nothing to resume")
+        return done
     mesh = None
     if cfg.mesh:
-        from simu_jax.sharding import initialize_distributed, make_mesh
-
         initialize_distributed()
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
-    out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
-    primary = jax.process_index() == 0
+    run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
+    out = run.path
+    quiet = quiet or not run.primary
 
     prep = _prepare(cfg, out)
-    tok = prep.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(prep.tokenizer)
     n_train = len(prep.train["input_ids"])
     steps_per_epoch, total, warmup = _schedule_steps(cfg, n_train)
 
-    dtype_kw = dict(param_dtype=_jnp_dtype(cfg.model.dtype), dtype=_jnp_dtype(cfg.model.compute_dtype),
+    dtype_kw = dict(param_dtype=jnp_dtype(cfg.model.dtype), dtype=jnp_dtype(cfg.model.compute_dtype),
                     remat=cfg.model.remat)
     if cfg.model.path is not None:
         loaded = load_pretrained(resolve_model_path(cfg.model.path), dtype=dtype_kw["param_dtype"],
@@ -704,17 +570,15 @@ def run_finetune(
         # The graphdef of a freshly built model (not of `loaded`, which carries its source
         # directory as an attribute) so equal configs share compiled steps.
         model = abstract_model(loaded.config, **dtype_kw)
-        graphdef = nnx.graphdef(model)
         del loaded
     else:
         model = abstract_model(prep.model_config, **dtype_kw)
-        graphdef = nnx.graphdef(model)
         params = host_init_params(nnx.to_pure_dict(nnx.state(model)), prep.model_config.initializer_range,
                                   cfg.model.seed)
         if params is None:
             params = jax.jit(lambda: split_params(init_model(prep.model_config, seed=cfg.model.seed, **dtype_kw))[1])()
+    graphdef = nnx.graphdef(model)
     donate = jax.default_backend() != "cpu"  # on CPU async checkpoint copies may alias donated buffers
-    placement = None
     if mesh is None:
         # Commit the state to one device explicitly: restored checkpoints come back committed, and
         # committed vs uncommitted arguments are different jit cache entries (a resume would recompile).
@@ -722,116 +586,80 @@ def run_finetune(
         params = jax.device_put(params, device)
         optimizer, schedule, train_step, eval_step = _compiled(graphdef, _optimizer_key(cfg, total, warmup), donate)
         opt_state = jax.device_put(jax.jit(optimizer.init)(params), device)
+        place_train = place_eval = None
     else:
         optimizer, schedule = _make_optimizer(_optimizer_key(cfg, total, warmup))
-        placement = _MeshPlacement(mesh, params, model.config, optimizer)
-        params = jax.device_put(params, placement.params)
-        opt_state = jax.jit(optimizer.init, out_shardings=placement.opt_state)(params)
+        param_sh, opt_sh, replicated = _mesh_shardings(mesh, params, model.config, optimizer)
+        params = jax.device_put(params, param_sh)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         train_step, eval_step = _make_steps(graphdef, optimizer, schedule, donate,
-                                            out_shardings=(placement.params, placement.opt_state,
-                                                           placement.replicated))
+                                            out_shardings=(param_sh, opt_sh, replicated))
+        place_train = functools.partial(place_batch, mesh=mesh, axis=1)  # [A, B, T]: rows along axis 1
+        place_eval = functools.partial(place_batch, mesh=mesh, axis=0)
     buckets = _length_buckets(cfg)
-    place_eval = None if placement is None else functools.partial(placement.batch, axis=0)
 
     it = _train_iterator(cfg, prep.train, pad_id)
     rng = np.asarray([0, cfg.seed % 2**32], np.uint32)  # raw threefry key data; finetune draws no randomness
-    step = 0
-
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoint)
+    train = {"params": params, "opt_state": opt_state}
 
-    def state():
-        return {"params": params, "opt_state": opt_state, "step": step, "rng": rng, "data": it.state_dict()}
+    def state(step):
+        return {**train, "step": step, "rng": rng, "data": it.state_dict()}
 
+    step = 0
     resumed_from = None
     if resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(target=state())
-        params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
-        step = int(restored["step"])
+        restored = ckpt.restore(target=state(0))
+        train.update(params=restored["params"], opt_state=restored["opt_state"])
+        rng, step = restored["rng"], int(restored["step"])
         it.load_state_dict(restored["data"])
         resumed_from = step
         _say(quiet, f"resuming from step {step} ({out / 'checkpoints'})")
 
-    data_hash = hash_arrays(prep.train)
-    if primary:
-        dump_yaml(cfg, out / "config.yaml")
-        meta = run_metadata(cfg, {
-            "command_name": "finetune", "data_hash": data_hash,
-            "eval_hashes": {k: hash_arrays(v) for k, v in prep.evals.items()},
-            "parameters": count_params(params), "steps_total": total, "steps_per_epoch": steps_per_epoch,
-            "padded_length": prep.length, "group_by_length": cfg.group_by_length,
-            "length_buckets": list(buckets) if buckets else None, "mesh": cfg.mesh,
-            "devices": jax.device_count(), "train_examples": prep.counts, "resumed_from": resumed_from,
-            "status": "running",
-        })
-        write_json_atomic(out / "run.json", meta)
-    logger = MetricsLogger(out / "metrics.jsonl", primary=primary)
-
-    def last_good() -> str:
-        last = ckpt.latest_step()
-        return f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last else "no checkpoint was written yet"
-
-    guard = NanGuard(hint=last_good)
+    run.start(cfg, command_name="finetune", data_hash=hash_arrays(prep.train),
+              eval_hashes={k: hash_arrays(v) for k, v in prep.evals.items()},
+              parameters=count_params(train["params"]), steps_total=total, steps_per_epoch=steps_per_epoch,
+              padded_length=prep.length, group_by_length=cfg.group_by_length,
+              length_buckets=list(buckets) if buckets else None, mesh=cfg.mesh, devices=jax.device_count(),
+              train_examples=prep.counts, resumed_from=resumed_from)
     inject = cfg.debug.inject_nan_at_step
     t_loop, step0 = time.time(), step
-    status = "complete"
-    try:
-        with GracefulSignals() as sig, progress(total, "finetune", quiet, initial=step) as bar:
-            while step < total:
-                batch = next(it)
-                batch = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
-                if placement is not None:
-                    batch = placement.batch(batch, axis=1)
-                scale = np.float32(np.nan if inject is not None and step + 1 == inject else 1.0)
-                new_params, new_opt, m = train_step(params, opt_state, batch, scale, np.int32(step))
-                terms = guard.check(step + 1, {"nll": m["nll"], "grad_norm": m["grad_norm"]})
-                params, opt_state, step = new_params, new_opt, step + 1
-                acc = float(m["accuracy"])
-                bar.update(1, loss=terms["nll"], acc=acc)
-                if step % cfg.log_every == 0 or step == total:
-                    now = time.time()
-                    logger.log(event="train", step=step, epoch=round(step / steps_per_epoch, 4), nll=terms["nll"],
-                               accuracy=acc, grad_norm=terms["grad_norm"], lr=float(m["lr"]),
-                               tokens=int(m["tokens"]), steps_per_s=(step - step0) / max(now - t_loop, 1e-9),
-                               time=round(now - t_start, 3))
-                if cfg.debug.sleep_per_step:
-                    time.sleep(cfg.debug.sleep_per_step)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
-                    logger.log(event="eval", step=step, **_flat_eval(ev))
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _flat_eval(ev).items()))
-                if step < total:
-                    ckpt.maybe_save(step, state())
-                if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < total:
-                    sig.request_stop("debug.stop_after_step")
-                if sig.stop and step < total:
-                    ckpt.save(step, state())
-                    ckpt.wait_until_finished()
-                    status = "interrupted"
-                    bar.write(f"{sig.signal_name}: checkpoint at step {step} written; rerun with --resume")
-                    break
-    except NonFiniteLossError as e:
-        if primary:
-            meta.update(status="failed", error=str(e), last_checkpoint=ckpt.latest_step())
-            write_json_atomic(out / "run.json", meta)
-        raise
-    finally:
-        logger.close()
-        try:
-            ckpt.close()
-        except Exception:  # pragma: no cover - never mask the original error
-            pass
 
-    if status == "interrupted":
-        result = {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
-        if primary:
-            meta["status"] = "interrupted"
-            meta["stopped_at_step"] = step
-            write_json_atomic(out / "run.json", meta)
-        return result
+    def one_step(step):
+        batch = next(it)
+        batch = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
+        if place_train is not None:
+            batch = place_train(batch)
+        scale = np.float32(np.nan if inject is not None and step + 1 == inject else 1.0)
+        train["params"], train["opt_state"], one_step.m = train_step(train["params"], train["opt_state"], batch,
+                                                                     scale, np.int32(step))
+        return {"nll": one_step.m["nll"], "grad_norm": one_step.m["grad_norm"]}
 
-    # ---------------------------------------------------------------- final outputs
-    ev = _evaluate(eval_step, params, prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
+    def after_step(step, terms, bar):
+        m = one_step.m
+        acc = float(m["accuracy"])
+        if step % cfg.log_every == 0 or step == total:
+            now = time.time()
+            logger.log(event="train", step=step, epoch=round(step / steps_per_epoch, 4), nll=terms["nll"],
+                       accuracy=acc, grad_norm=terms["grad_norm"], lr=float(m["lr"]), tokens=int(m["tokens"]),
+                       steps_per_s=(step - step0) / max(now - t_loop, 1e-9), time=round(now - t_start, 3))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            ev = _evaluate(eval_step, train["params"], prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
+            logger.log(event="eval", step=step, **_flat_eval(ev))
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _flat_eval(ev).items()))
+        return False
+
+    with MetricsLogger(out / "metrics.jsonl", primary=run.primary) as logger:
+        status, step = run_steps(run, ckpt, total=total, start=step, step_fn=one_step, state_fn=state,
+                                 after_step=after_step, debug=cfg.debug, desc="finetune", quiet=quiet,
+                                 postfix=lambda t: {"loss": t["nll"], "acc": float(one_step.m["accuracy"])})
+        if status == "interrupted":
+            return {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
+
+        # ------------------------------------------------------------ final outputs
+        ev = _evaluate(eval_step, train["params"], prep.evals, cfg.eval_batch_size, pad_id, buckets, place_eval)
+        logger.log(event="final", step=step, **_flat_eval(ev))
     wall = time.time() - t_start
     final = {
         "status": "complete",
@@ -843,16 +671,11 @@ def run_finetune(
         "train_time_s": round(time.time() - t_loop, 2),
         "resumed_from": resumed_from,
     }
-    params_host = _host(params)  # (a collective with several processes: every process joins)
-    if primary:
-        logger = MetricsLogger(out / "metrics.jsonl")
-        logger.log(event="final", step=step, **_flat_eval(ev))
-        logger.close()
+    params_host = to_host(train["params"])  # (a collective with several processes: every process joins)
+    if run.primary:
         save_pretrained(model, out / "model", params=params_host, tokenizer_dir=prep.tokenizer_dir, overwrite=True)
         write_json_atomic(out / "final_metrics.json", final)
-        meta.update(status="complete", wall_time_s=round(wall, 2), final=_flat_eval(ev))
-        write_json_atomic(out / "run.json", meta)
-        mark_complete(out, {"step": step})
+    run.complete(step, wall_time_s=round(wall, 2), final=_flat_eval(ev))
     return final
 
 
@@ -865,9 +688,6 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def cli_main(argv: list[str]) -> int:
-    from simu_jax.cli import ArgumentParser
-    from simu_jax.config import load_config
-
     p = ArgumentParser(prog="simu-jax finetune",
                        description="Fine-tune a target (split=full) or retain-only (split=retain) model.")
     p.add_argument("--config", help="YAML config file (FinetuneConfig); defaults if omitted")

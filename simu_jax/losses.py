@@ -15,13 +15,26 @@ where R is the retain NLL, or the KL(pi_ref || pi) on retain tokens (`retain_los
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from simu_jax.base import IGNORE_INDEX as IGNORE
+
 F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The unlearning objective's hyper-parameters (``loss:`` in an unlearn config; hashable,
+    part of the step's jit cache key): ``gamma`` the retain weight, ``beta`` NPO's
+    temperature, ``retain_loss`` the retain term R (``nll`` or ``kl`` to the reference)."""
+
+    gamma: float = field(default=1.0, metadata={"range": (0.0, None)})
+    beta: float = field(default=0.1, metadata={"range": (0.0, None, "()")})
+    retain_loss: Literal["nll", "kl"] = "nll"
 
 
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

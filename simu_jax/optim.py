@@ -1,6 +1,6 @@
 """Optimizers for selective unlearning: Sophia with triple masking, AdamW, Newton-CG.
 
-Sophia, per coordinate (Liu et al. 2023; DESIGN.md "The method"):
+Sophia, per coordinate (Liu et al. 2023; docs/method.md#sophia):
 
     m <- b1 * m + (1 - b1) * g                                  (every step)
     h <- b2 * h + (1 - b2) * h_hat      if count % update_interval == 0
@@ -18,7 +18,7 @@ the step and leave it unclipped (SophiaH in the same file uses ``relu(h)`` for t
 SOUL (Jia et al., OPTML-Group/SOUL) builds a ``SophiaG`` with betas (0.9, 0.95),
 rho 0.04, weight decay 0.1 (``configs/TOFU/SO_GradDiff.json``) and calls a bare
 ``optimizer.step()`` (HF Trainer loop), i.e. SophiaG's default ``bs=5120``. Its
-own ``src/optim/sophia.py`` is published only as bytecode; per DESIGN.md its
+own ``src/optim/sophia.py`` is published only as bytecode; per docs/method.md#soul-optimizer its
 curvature is the ``g*g`` of the unlearning loss at every step. So SOUL =
 ``sophia(lr, b1=0.9, b2=0.95, rho=0.04, batch_scale=5120, weight_decay=0.1,
 update_interval=1)`` with the ``"fisher"`` estimator.
@@ -30,7 +30,7 @@ is a curvature step, so ``h`` is never used at its zero initialization. The
 reference GPT-2 loop updates ``h`` after the optimizer step on every k-th
 iteration; both start every window of k steps with a fresh estimate.
 
-Triple masking (DESIGN.md): ``mask`` is a pytree like the params whose leaves are
+Triple masking (docs/method.md#triple-masking): ``mask`` is a pytree like the params whose leaves are
 booleans broadcastable to the leaf (a ``[L, I, 1]`` mask for a ``[L, I, H]``
 kernel, a Python ``False`` for a frozen leaf). Outside the mask the momentum and
 the curvature keep their previous values bit for bit and the update is exactly
@@ -60,7 +60,8 @@ start at 0 and advance by one per update.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 __all__ = [
+    "OptimSpec",
     "SophiaState",
     "sophia",
     "masked",
@@ -425,7 +427,7 @@ def newton_cg_step(
     subspace S: ``(M H M + lambda I) d = M g`` with ``M`` the 0/1 mask, and only
     masked coordinates move. This still costs full HVPs; for a cheaper masked step
     pass only the trainable subset as ``params`` (close over the frozen rest),
-    the DESIGN.md convention.
+    the docs/method.md#compact-subset convention.
 
     Returns ``(new_params, info)``; ``info`` holds ``loss``, ``grad_norm``,
     ``cg_iterations``, ``cg_residual``, ``cg_converged``, ``negative_curvature``,
@@ -470,3 +472,29 @@ def newton_cg_step(
         predicted_decrease=s * gd - 0.5 * s**2 * dad,
     )
     return new_params, stats
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """The optimizer's hyper-parameters (``optim:`` in an unlearn config; hashable, part of the
+    step's jit cache key). Sophia: ``b1``, ``b2``, ``rho``, ``batch_scale``, ``clip_threshold``,
+    ``update_interval``, curvature ``estimator`` and ``num_probes`` (docs/method.md#sophia);
+    AdamW: ``b1``, ``adam_b2``, ``adam_eps``; both: ``learning_rate``, ``weight_decay``;
+    Newton-CG: ``damping``, ``trust_radius``, ``cg_iters``, ``cg_tol`` (docs/method.md#newton)."""
+
+    learning_rate: float = field(default=1e-4, metadata={"range": (0.0, None, "()")})
+    b1: float = field(default=0.9, metadata={"range": (0.0, 1.0, "[)")})
+    b2: float = field(default=0.95, metadata={"range": (0.0, 1.0, "[)")})
+    rho: float = field(default=0.04, metadata={"range": (0.0, None, "()")})
+    batch_scale: float = field(default=5120.0, metadata={"range": (0.0, None, "()")})
+    weight_decay: float = field(default=0.0, metadata={"range": (0.0, None)})
+    clip_threshold: float = field(default=1.0, metadata={"range": (0.0, None, "()")})
+    update_interval: int = field(default=1, metadata={"range": (1, None)})
+    estimator: Literal["fisher", "gnb", "hutchinson"] = "fisher"
+    num_probes: int = field(default=1, metadata={"range": (1, None)})
+    adam_b2: float = field(default=0.999, metadata={"range": (0.0, 1.0, "[)")})
+    adam_eps: float = field(default=1e-8, metadata={"range": (0.0, None, "()")})
+    damping: float = field(default=1e-2, metadata={"range": (0.0, None)})
+    trust_radius: float = field(default=0.5, metadata={"range": (0.0, None, "()")})
+    cg_iters: int = field(default=20, metadata={"range": (1, None)})
+    cg_tol: float = field(default=1e-5, metadata={"range": (0.0, None, "()")})

@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from simu_jax.base import NonFiniteLossError
+from simu_jax.config import to_dict
+
 __all__ = [
     "COMPLETE_MARKER",
     "GracefulSignals",
@@ -244,8 +247,6 @@ def run_metadata(config: Any, extra: Mapping[str, Any] | None = None) -> dict[st
     """
     import jax
 
-    from simu_jax.config import to_dict
-
     cfg = to_dict(config) if not isinstance(config, Mapping) else dict(config)
     extra = dict(extra or {})
     mesh = extra.pop("mesh", None)
@@ -364,14 +365,6 @@ def progress(total: int, desc: str = "", quiet: bool = False, initial: int = 0) 
 
 
 # --------------------------------------------------------------------------- NaN guard
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; ``step`` and ``term`` say where."""
-
-    def __init__(self, step: int, term: str, value: float, hint: str = ""):
-        self.step, self.term, self.value = step, term, value
-        super().__init__(f"non-finite loss at step {step}: term '{term}' = {value}" + (f"; {hint}" if hint else ""))
 
 
 class NanGuard:

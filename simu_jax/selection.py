@@ -59,14 +59,14 @@ def _flatten(tree, prefix=()):
             yield prefix + (k,), v
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> dict:
+def set_path(tree: dict, path: tuple[str, ...], value) -> dict:
     """A copy of `tree` with `path` replaced (shallow copies along the path only)."""
     if len(path) == 1:
         return {**tree, path[0]: value}
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+    return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def get_path(tree: dict, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]
     return tree
@@ -119,7 +119,7 @@ class Partition:
             self.row_index, self.row_valid = jnp.asarray(index), jnp.asarray(valid)
 
     @staticmethod
-    def _key(path):
+    def leaf_key(path):
         return "/".join(path)
 
     # Hashable by structure (spec, trainable paths, row count), not by the mask's values, so a
@@ -143,18 +143,18 @@ class Partition:
     def take(self, params: dict, rows=None) -> dict:
         """The trainable flat dict {'a/b/kernel': array, 'down_rows': [L, K, H]} read from `params`
         (the leaves themselves, not copies; `down_rows` gathered, zero in padding slots)."""
-        trainable = {self._key(p): _get(params, p) for p in self.paths}
+        trainable = {self.leaf_key(p): get_path(params, p) for p in self.paths}
         if self.row_index is not None:
             index, valid = rows if rows is not None else self.rows
-            trainable["down_rows"] = gather_rows(_get(params, DOWN), index, valid)
+            trainable["down_rows"] = gather_rows(get_path(params, DOWN), index, valid)
         return trainable
 
     def frozen_from(self, params: dict, down=None) -> dict:
         """`params` with the trainable leaves set to None and, if given, down_proj replaced by `down`
         (down_proj with the trained rows zeroed). Everything else aliases `params`."""
-        frozen = params if down is None else _set(params, DOWN, down)
+        frozen = params if down is None else set_path(params, DOWN, down)
         for p in self.paths:  # drop trainable leaves from the frozen tree (they are replaced anyway)
-            frozen = _set(frozen, p, None)
+            frozen = set_path(frozen, p, None)
         return frozen
 
     def zero_rows(self, down, rows=None):
@@ -164,7 +164,7 @@ class Partition:
 
     def split(self, params: dict) -> tuple[dict, dict]:
         """(trainable, frozen). Trainable is a flat dict {'a/b/kernel': array, 'down_rows': [L,K,H]}."""
-        down = self.zero_rows(_get(params, DOWN)) if self.row_index is not None else None
+        down = self.zero_rows(get_path(params, DOWN)) if self.row_index is not None else None
         return self.take(params), self.frozen_from(params, down)
 
     def combine(self, trainable: dict, frozen: dict, rows=None) -> tuple[dict, dict]:
@@ -175,7 +175,7 @@ class Partition:
         """
         params = frozen
         for p in self.paths:
-            params = _set(params, p, trainable[self._key(p)])
+            params = set_path(params, p, trainable[self.leaf_key(p)])
         kwargs = {}
         if self.row_index is not None:
             index, valid = rows if rows is not None else self.rows
@@ -193,11 +193,11 @@ class Partition:
         """
         params = base
         for p in self.paths:
-            params = _set(params, p, trainable[self._key(p)])
+            params = set_path(params, p, trainable[self.leaf_key(p)])
         if self.row_index is not None:
             index, valid = rows if rows is not None else self.rows
             scatter = scatter if scatter is not None else _scatter_rows_jit
-            params = _set(params, DOWN, scatter(_get(base, DOWN), index, valid, trainable["down_rows"]))
+            params = set_path(params, DOWN, scatter(get_path(base, DOWN), index, valid, trainable["down_rows"]))
         return params
 
     def optimizer_mask(self, trainable: dict, rows=None) -> dict | None:

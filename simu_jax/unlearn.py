@@ -10,19 +10,26 @@ and `COMPLETE`, written last.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from simu_jax.config import DataSpec, ModelSpec, resolve_model_path
-from simu_jax.engine import METHODS, StepSettings
+from simu_jax.base import EXIT_INTERRUPTED, ArgumentParser, pad_token_id
+from simu_jax.config import load_config
+from simu_jax.data import DataSpec, load_benchmark, qa_template
+from simu_jax.engine import METHODS, StepSettings, get_method
+from simu_jax.loop import DebugSpec, RunDirectory, run_steps
+from simu_jax.losses import LossSpec
+from simu_jax.models.spec import ModelSpec, load_model
+from simu_jax.optim import OptimSpec
+from simu_jax.selection import TrainableSpec
 
-EXIT_INTERRUPTED = 75
 POS = (1, None)
 NONNEG = (0.0, None)
+# Keys that may differ between a run and its --resume (they do not change the trajectory).
+RESUME_FREE_KEYS = ("debug", "eval", "reference", "checkpoint_every", "keep_checkpoints", "mesh")
 
 
 @dataclass
@@ -51,33 +58,6 @@ class TrainableOverride:
 
 
 @dataclass
-class OptimSpec:
-    learning_rate: float = field(default=1e-4, metadata={"range": (0.0, None, "()")})
-    b1: float = field(default=0.9, metadata={"range": (0.0, 1.0, "[)")})
-    b2: float = field(default=0.95, metadata={"range": (0.0, 1.0, "[)")})
-    rho: float = field(default=0.04, metadata={"range": (0.0, None, "()")})
-    batch_scale: float = field(default=5120.0, metadata={"range": (0.0, None, "()")})
-    weight_decay: float = field(default=0.0, metadata={"range": NONNEG})
-    clip_threshold: float = field(default=1.0, metadata={"range": (0.0, None, "()")})
-    update_interval: int = field(default=1, metadata={"range": POS})
-    estimator: Literal["fisher", "gnb", "hutchinson"] = "fisher"
-    num_probes: int = field(default=1, metadata={"range": POS})
-    adam_b2: float = field(default=0.999, metadata={"range": (0.0, 1.0, "[)")})
-    adam_eps: float = field(default=1e-8, metadata={"range": (0.0, None, "()")})
-    damping: float = field(default=1e-2, metadata={"range": NONNEG})
-    trust_radius: float = field(default=0.5, metadata={"range": (0.0, None, "()")})
-    cg_iters: int = field(default=20, metadata={"range": POS})
-    cg_tol: float = field(default=1e-5, metadata={"range": (0.0, None, "()")})
-
-
-@dataclass
-class LossSpec:
-    gamma: float = field(default=1.0, metadata={"range": NONNEG})  # retain weight
-    beta: float = field(default=0.1, metadata={"range": (0.0, None, "()")})  # NPO
-    retain_loss: Literal["nll", "kl"] = "nll"
-
-
-@dataclass
 class EvalSpec:
     """Final evaluation (`enabled`) and the curves recorded every `every` steps (0 = never).
 
@@ -96,16 +76,6 @@ class EvalSpec:
     generate: bool = True
     max_new_tokens: int = field(default=32, metadata={"range": POS})
     batch_size: int = field(default=16, metadata={"range": POS})
-
-
-@dataclass
-class UnlearnDebug:
-    """Test knobs: poison the loss of a step with NaN; act as if SIGTERM arrived after a step;
-    sleep after each step (to test signals and kills)."""
-
-    inject_nan_at_step: int | None = field(default=None, metadata={"range": (0, None)})
-    stop_after_step: int | None = field(default=None, metadata={"range": POS})
-    sleep_per_step: float = field(default=0.0, metadata={"range": NONNEG})
 
 
 @dataclass
@@ -128,24 +98,17 @@ class UnlearnConfig:
     checkpoint_every: int = field(default=50, metadata={"range": POS})
     keep_checkpoints: int = field(default=2, metadata={"range": POS})
     mesh: str | None = None
-    debug: UnlearnDebug = field(default_factory=UnlearnDebug)
+    debug: DebugSpec = field(default_factory=DebugSpec)
 
 
 def step_settings(cfg: UnlearnConfig) -> StepSettings:
-    o, l = cfg.optim, cfg.loss
-    return StepSettings(
-        learning_rate=o.learning_rate, gamma=l.gamma, beta=l.beta, retain_loss=l.retain_loss, b1=o.b1, b2=o.b2,
-        rho=o.rho, batch_scale=o.batch_scale, weight_decay=o.weight_decay, clip_threshold=o.clip_threshold,
-        update_interval=o.update_interval, estimator=o.estimator, num_probes=o.num_probes, adam_b2=o.adam_b2,
-        adam_eps=o.adam_eps, damping=o.damping, trust_radius=o.trust_radius, cg_iters=o.cg_iters, cg_tol=o.cg_tol,
-        inject_nan_at_step=-1 if cfg.debug.inject_nan_at_step is None else cfg.debug.inject_nan_at_step,
-    )
+    """The step's hyper-parameters: the config's own ``optim`` and ``loss`` objects (the debug
+    NaN step is 1-based here, the engine counts steps from 0)."""
+    nan = cfg.debug.inject_nan_at_step
+    return StepSettings(optim=cfg.optim, loss=cfg.loss, inject_nan_at_step=-1 if nan is None else nan - 1)
 
 
 def resolved_method(cfg: UnlearnConfig):
-    from simu_jax.engine import get_method
-    from simu_jax.selection import TrainableSpec
-
     base = get_method(cfg.method)
     t = cfg.trainable
     spec = TrainableSpec(attention=t.attention or base.trainable.attention, mlp=t.mlp or base.trainable.mlp,
@@ -171,31 +134,15 @@ class Prepared:
 def prepare(cfg: UnlearnConfig, bench=None) -> Prepared:
     """Load the target model, its tokenizer, the benchmark, and tokenize forget/retain.
 
-    `bench`: a `config.Benchmark` to use instead of loading `cfg.data`'s (experiments on custom
-    splits, e.g. sequential forget requests); it is tokenized the same way."""
-    from flax import nnx
-
-    from simu_jax.config import _jnp_dtype, load_benchmark, qa_template
-    from simu_jax.data import tokenize_qa
+    `bench`: a `simu_jax.data.Benchmark` to use instead of loading `cfg.data`'s (experiments on
+    custom splits, e.g. sequential forget requests); it is tokenized the same way."""
+    from simu_jax.data import TRAIN_BUCKETS, pad_to_length, tokenize_qa
     from simu_jax.engine import with_refusals
-    from simu_jax.finetune import TRAIN_BUCKETS, _pad_arrays, load_tokenizer
-    from simu_jax.models import abstract_model, split_params
-    from simu_jax.models.convert import load_pretrained
 
     if cfg.model.path is None:
         raise ValueError("model.path is required: the fine-tuned target model to unlearn from")
-    path = resolve_model_path(cfg.model.path)
-    dtype, compute = _jnp_dtype(cfg.model.dtype), _jnp_dtype(cfg.model.compute_dtype)
-    loaded = load_pretrained(path, dtype=dtype, compute_dtype=compute, remat=cfg.model.remat)
-    _, params = split_params(loaded)
-    model = abstract_model(loaded.config, param_dtype=dtype, dtype=compute, remat=cfg.model.remat)
-    graphdef = nnx.graphdef(model)
-    try:
-        tok = load_tokenizer(path)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no tokenizer in {path}: {' '.join(str(e).split())[:160]}") from None
-    if len(tok) > loaded.config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {loaded.config.vocab_size}")
+    loaded = load_model(cfg.model)
+    tok = loaded.tokenizer
     bench = load_benchmark(cfg.data) if bench is None else bench
     for name in ("forget", "retain"):
         if not getattr(bench, name):
@@ -210,9 +157,8 @@ def prepare(cfg: UnlearnConfig, bench=None) -> Prepared:
     if resolved_method(cfg).objective == "idk":
         arrays["forget_idk"] = tokenize(with_refusals(bench.forget, bench.refusals, cfg.seed))
     length = max(a["input_ids"].shape[1] for a in arrays.values())
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    arrays = {k: _pad_arrays(v, length, pad) for k, v in arrays.items()}
-    return Prepared(model, graphdef, params, tok, path, bench, template, arrays)
+    arrays = {k: pad_to_length(v, length, pad_token_id(tok)) for k, v in arrays.items()}
+    return Prepared(loaded.model, loaded.graphdef, loaded.params, tok, loaded.tokenizer_dir, bench, template, arrays)
 
 
 def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
@@ -257,93 +203,72 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}.
     `bench`: see `prepare` (default: the benchmark `cfg.data` names)."""
     import jax
-    import jax.numpy as jnp
 
     from simu_jax.checkpoint import Checkpointer
-    from simu_jax.config import dump_yaml
     from simu_jax.data import batch_iterator
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.models.convert import save_pretrained
-    from simu_jax.runio import (GracefulSignals, MetricsLogger, NanGuard, NonFiniteLossError, hash_arrays,
-                                is_complete, mark_complete, progress, run_metadata, write_json_atomic)
-    from simu_jax.sharding import any_process, place_like, to_host
+    from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
+    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, place_like, shard_params, to_host
 
     t_start = time.time()
-    out = Path(out_dir)
-    if resume and is_complete(out):
-        import json
-
-        return json.loads((out / "result.json").read_text())
+    done = RunDirectory.finished(out_dir, resume, "result.json")
+    if done is not None:
+        return done
     mesh = None
     if cfg.mesh:
-        from simu_jax.sharding import initialize_distributed, make_mesh
-
         initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ..., or a cluster launcher)
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
-    multi = jax.process_count() > 1
-    primary = jax.process_index() == 0
-    quiet = quiet or not primary  # progress and messages from process 0 only
-    out = _prepare_output_dir(out, overwrite, resume, multi)
+    run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
+    out = run.path
+    quiet = quiet or not run.primary  # progress and messages from process 0 only
     prep = prepare(cfg, bench)
     method = resolved_method(cfg)
     mask = None
     if method.trainable.mlp == "masked":
         mask_dir = out / "mask"
-        mask = compute_mask(cfg, prep, quiet) if not (resume and (mask_dir / "mask.npz").is_file()) else None
-        if mask is None:
+        if resume and (mask_dir / "mask.npz").is_file():
             from simu_jax.attribution import NeuronMask
 
             mask = NeuronMask.load(mask_dir)
-        elif primary:
-            mask.save(mask_dir)
-    settings = step_settings(cfg)
+        else:
+            mask = compute_mask(cfg, prep, quiet)
+            if run.primary:
+                mask.save(mask_dir)
     if mesh is not None:
-        from simu_jax.sharding import shard_params
-
         # sharded once here and shared: the Unlearner's frozen tree aliases these arrays
         prep.params = shard_params(prep.params, mesh, model_config=prep.model.config)
     # with a mesh, built directly on it: trainable copy and optimizer state created sharded
-    unlearner = Unlearner(prep.graphdef, prep.params, method, settings,
+    unlearner = Unlearner(prep.graphdef, prep.params, method, step_settings(cfg),
                           selected=None if mask is None else mask.selected, mesh=mesh,
                           model_config=prep.model.config if mesh is not None else None)
 
     # Every process runs the same deterministic iterators (same seeds, same positions, so a
-    # checkpoint's data position is one for all) and feeds only its rows of each global batch;
-    # the global batch is assembled from the processes' rows (make_array_from_process_local_data).
+    # checkpoint's data position is one for all) and places only its rows of each global batch.
     iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
              for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
-    if mesh is not None:
-        from simu_jax.sharding import batch_process_slice, global_batch, shard_batch
 
-        my_rows = batch_process_slice(cfg.batch_size, mesh)  # == process_slice(batch, drop_remainder) usually
+    def place(host_batch):
+        if mesh is None:
+            return {a: jax.numpy.asarray(v) for a, v in host_batch.items()}
+        return place_batch(host_batch, mesh)
 
-        def feed(host_batch):
-            local = {a: v[my_rows] for a, v in host_batch.items()}
-            return shard_batch(local, mesh, global_rows=cfg.batch_size)
-
-        def fixed_set(arrays):
-            return global_batch(arrays, mesh)
-    else:
-        def feed(host_batch):
-            return {a: jnp.asarray(v) for a, v in host_batch.items()}
-
-        fixed_set = feed
     if (cfg.eval.stop_forget_loss is not None or cfg.eval.keep_best) and not cfg.eval.every:
         raise ValueError("eval.stop_forget_loss and eval.keep_best need eval.every > 0 (curve steps)")
     # fixed curve sets, placed once (on a mesh: global arrays, split over the batch axes)
-    curve_sets = {k: fixed_set({a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()})
+    curve_sets = {k: place({a: v[: cfg.eval.curve_limit] for a, v in prep.arrays[k].items()})
                   for k in ("forget", "retain")}
     best = {"score": -float("inf"), "step": None, "trainable": None}
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-    step = 0
 
-    def state():
+    def state(step):
         return {"trainable": unlearner.trainable, "opt_state": unlearner.opt_state, "step": step,
                 "data": {k: it.state_dict() for k, it in iters.items()}}
 
+    step = 0
     resumed_from = None
     if resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(target=state())
+        restored = ckpt.restore(target=state(0))
         unlearner.trainable, unlearner.opt_state = restored["trainable"], restored["opt_state"]
         step = unlearner.step_count = int(restored["step"])
         for k, it in iters.items():
@@ -352,85 +277,48 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         if not quiet:
             print(f"resuming from step {step}", file=sys.stderr)
 
-    meta = {}
-    if primary:
-        dump_yaml(cfg, out / "config.yaml")
-        meta = run_metadata(cfg, {
-            "command_name": "unlearn", "method": cfg.method, "seed": cfg.seed,
-            "data_hash": hash_arrays({f"{k}/{a}": v for k, arr in prep.arrays.items() for a, v in arr.items()}),
-            "mask_hash": None if mask is None else mask.digest(),
-            "mask_selected": None if mask is None else mask.num_selected,
-            "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
-            "mesh": cfg.mesh, "resumed_from": resumed_from, "status": "running",
-        })
-        write_json_atomic(out / "run.json", meta)
-    logger = MetricsLogger(out / "metrics.jsonl", primary=primary)
-    guard = NanGuard()
+    run.start(cfg, command_name="unlearn", method=cfg.method, seed=cfg.seed,
+              data_hash=hash_arrays({f"{k}/{a}": v for k, arr in prep.arrays.items() for a, v in arr.items()}),
+              mask_hash=None if mask is None else mask.digest(),
+              mask_selected=None if mask is None else mask.num_selected,
+              trainable_parameters=unlearner.num_trainable, state_bytes=unlearner.state_bytes(),
+              mesh=cfg.mesh, resumed_from=resumed_from)
     base_key = jax.random.key(cfg.seed)
 
     def curves(current):
         return {f"eval/{k}_loss": float(eval_losses(prep.graphdef, current, s)) for k, s in curve_sets.items()}
 
-    status = "complete"
+    def one_step(step):
+        batch = {k: place(next(it)) for k, it in iters.items()}
+        metrics = host_metrics(unlearner.step(batch, jax.random.fold_in(base_key, step)))
+        one_step.metrics = metrics
+        # the objective's terms first, so a NaN is reported in the term it came from
+        terms = {k.removeprefix("loss/"): v for k, v in metrics.items() if k.startswith("loss/")}
+        return {**terms, "total loss": metrics["loss"]}
+
+    def after_step(step, terms, bar):
+        record = {"step": step, **one_step.metrics, "time": round(time.time() - t_start, 3)}
+        reached = False
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            record.update(curves(unlearner.params()))
+            score = record["eval/forget_loss"] - record["eval/retain_loss"]
+            if cfg.eval.keep_best and score > best["score"]:
+                best.update(score=score, step=step, trainable=to_host(unlearner.trainable))
+            limit = cfg.eval.stop_forget_loss
+            reached = limit is not None and record["eval/forget_loss"] >= limit
+            if reached:
+                bar.write(f"forget NLL {record['eval/forget_loss']:.3f} >= {limit}: stopping at step {step}")
+        logger.log(record)
+        return reached
+
     t_loop = time.time()
-    try:
+    with MetricsLogger(out / "metrics.jsonl", primary=run.primary) as logger:
         if cfg.eval.every and step == 0:
             logger.log(step=0, **curves(prep.params))
-        with GracefulSignals() as sig, progress(cfg.steps, f"unlearn {cfg.method}", quiet, initial=step) as bar:
-            while step < cfg.steps:
-                batch = {k: feed(next(it)) for k, it in iters.items()}
-                m = host_metrics(unlearner.step(batch, jax.random.fold_in(base_key, step)))
-                last = ckpt.latest_step()
-                guard.hint = (f"last good checkpoint: step {last} in {out / 'checkpoints'}" if last is not None
-                              else "no checkpoint was written yet")
-                # the objective's terms first, so a NaN is reported in the term it came from
-                terms = {k.removeprefix("loss/"): v for k, v in m.items() if k.startswith("loss/")}
-                guard.check(step + 1, {**terms, "total loss": m["loss"]})
-                step += 1
-                bar.update(1, loss=m["loss"], forget=m.get("loss/forget", float("nan")))
-                record = {"step": step, **m, "time": round(time.time() - t_start, 3)}
-                reached = False
-                if cfg.eval.every and step % cfg.eval.every == 0:
-                    record.update(curves(unlearner.params()))
-                    score = record["eval/forget_loss"] - record["eval/retain_loss"]
-                    if cfg.eval.keep_best and score > best["score"]:
-                        best.update(score=score, step=step, trainable=to_host(unlearner.trainable))
-                    limit = cfg.eval.stop_forget_loss
-                    reached = limit is not None and record["eval/forget_loss"] >= limit
-                logger.log(record)
-                if cfg.debug.sleep_per_step:
-                    time.sleep(cfg.debug.sleep_per_step)
-                if reached:
-                    bar.write(f"forget NLL {record['eval/forget_loss']:.3f} >= {cfg.eval.stop_forget_loss}: "
-                              f"stopping at step {step}")
-                    break
-                if step < cfg.steps:
-                    ckpt.maybe_save(step, state())
-                if cfg.debug.stop_after_step is not None and step == cfg.debug.stop_after_step and step < cfg.steps:
-                    sig.request_stop("debug.stop_after_step")
-                # a signal may reach the processes at different steps: stop together, or the
-                # others would wait forever in the next step's collectives
-                stop = any_process(sig.stop) if multi else sig.stop
-                if stop and step < cfg.steps:
-                    ckpt.save(step, state())
-                    ckpt.wait_until_finished()
-                    status = "interrupted"
-                    bar.write(f"{sig.signal_name or 'another process was signalled'}: checkpoint at step {step} "
-                              f"written; rerun with --resume")
-                    break
-    except NonFiniteLossError as e:
-        if primary:
-            meta.update(status="failed", error=str(e), last_checkpoint=ckpt.latest_step())
-            write_json_atomic(out / "run.json", meta)
-        raise
-    finally:
-        logger.close()
-        ckpt.close()
-
+        status, step = run_steps(run, ckpt, total=cfg.steps, start=step, step_fn=one_step, state_fn=state,
+                                 after_step=after_step, debug=cfg.debug, desc=f"unlearn {cfg.method}", quiet=quiet,
+                                 postfix=lambda t: {"loss": t["total loss"], "forget": t.get("forget", float("nan"))})
     if status == "interrupted":
-        if primary:
-            meta.update(status="interrupted", stopped_at_step=step)
-            write_json_atomic(out / "run.json", meta)
         return {"status": "interrupted", "step": step, "checkpoint": str(out / "checkpoints")}
 
     unlearn_time = time.time() - t_loop
@@ -441,102 +329,52 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
                               "unlearn_time_s": round(unlearn_time, 2), "resumed_from": resumed_from,
                               "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
                               "best_step": best["step"]}
-    if primary:
+    if run.primary:
         save_pretrained(prep.model, out / "model", params=final_params, tokenizer_dir=prep.tokenizer_dir,
                         overwrite=True)
         if cfg.eval.enabled:
-            metrics = evaluate_run(cfg, prep, final_params, out, quiet)
-            result["metrics"] = metrics
+            result["metrics"] = evaluate_run(cfg, prep, final_params, out, quiet)
         write_json_atomic(out / "result.json", result)
-        meta.update(status="complete", wall_time_s=round(time.time() - t_start, 2))
-        write_json_atomic(out / "run.json", meta)
-        mark_complete(out, {"step": step})
+    run.complete(step, wall_time_s=round(time.time() - t_start, 2))
     return result
-
-
-def _prepare_output_dir(out: Path, overwrite: bool, resume: bool, multi: bool) -> Path:
-    """`runio.prepare_output_dir` by process 0 only (with several processes the others would
-    find the directory it just created and refuse it, or delete it under `--overwrite`);
-    the others wait for its verdict and raise too if it failed."""
-    from simu_jax.runio import prepare_output_dir
-
-    if not multi:
-        return prepare_output_dir(out, overwrite=overwrite, resume=resume)
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    error = None
-    if jax.process_index() == 0:
-        try:
-            prepare_output_dir(out, overwrite=overwrite, resume=resume)
-        except Exception as e:  # reported to every process below, raised here after
-            error = e
-    ok = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(error is None))))
-    if error is not None:
-        raise error
-    if not ok:
-        raise FileExistsError(f"process 0 could not prepare the output directory {out} (see its error)")
-    return Path(out)
 
 
 def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True) -> dict[str, float]:
     """Evaluate `params` on the benchmark (forget quality against `cfg.reference`) -> summary.json."""
-    from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, reference_forget_truth_ratios,
-                                          summary_metrics, write_results)
-
-    def subset(recs):
-        return recs if cfg.eval.limit is None else recs[: cfg.eval.limit]
+    from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, evaluation_sets,
+                                          format_summary, reference_forget_truth_ratios, summary_metrics,
+                                          write_results)
 
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size)
     bench = prep.bench
+    sets = evaluation_sets(bench, cfg.eval.limit)
     if bench.name == "lume":
-        from simu_jax.data.lume import load_mia_documents
+        from simu_jax.data import load_mia_documents
 
         try:  # SemEval's document-level MIA (members = LUME forget documents); absent = no MIA keys
             member, nonmember = load_mia_documents("member"), load_mia_documents("nonmember")
         except FileNotFoundError:
             member = nonmember = None
-        def lume_rows(recs):  # the benchmark maps input/output to question/answer; the scorer reads the originals
-            return [{**r, "input": r["question"], "output": r["answer"]} for r in subset(recs)]
-
-        summary, per_sample = evaluate_lume(scorer, lume_rows(bench.forget), lume_rows(bench.retain), member, nonmember,
+        summary, per_sample = evaluate_lume(scorer, sets["forget"], sets["retain"], member, nonmember,
                                             max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate)
     else:
         ref_tr = None
         if cfg.reference:
-            from simu_jax.evaluate.runner import load_model_and_tokenizer
-            from simu_jax.models import split_params
-
-            ref_model, _ = load_model_and_tokenizer(resolve_model_path(cfg.reference))
-            g, p = split_params(ref_model)
-            ref_tr = reference_forget_truth_ratios(Scorer(g, p, prep.tokenizer, prep.template,
-                                                          batch_size=cfg.eval.batch_size), subset(bench.forget))
-        sets = {"forget": subset(bench.forget), "retain": subset(bench.retain_eval)}
-        if bench.name == "tofu":
-            sets["real_authors"] = [r for r in bench.general if r.get("general_set") == "real_authors_perturbed"]
-            sets["world_facts"] = [r for r in bench.general if r.get("general_set") == "world_facts_perturbed"]
-        elif bench.general:
-            sets["general"] = subset(bench.general)
-        if bench.holdout:
-            sets["holdout"] = subset(bench.holdout)
+            ref = load_model(cfg.reference)
+            ref_tr = reference_forget_truth_ratios(Scorer(ref.graphdef, ref.params, prep.tokenizer, prep.template,
+                                                          batch_size=cfg.eval.batch_size), sets["forget"])
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens)
     write_results(out, cfg.method, summary, per_sample)
-    metrics = summary_metrics(summary)
     if not quiet:
-        from simu_jax.evaluate.runner import format_summary
-
         print(format_summary(summary), file=sys.stderr)
-    return metrics
+    return summary_metrics(summary)
 
 
 # =========================================================================== CLI
 
 
 def _parser(prog: str, description: str):
-    from simu_jax.cli import ArgumentParser
-
     p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", help="YAML config file (UnlearnConfig); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -548,8 +386,6 @@ def _parser(prog: str, description: str):
 
 
 def _load(args):
-    from simu_jax.config import load_config
-
     cfg = load_config(UnlearnConfig, args.config, args.overrides)
     if getattr(args, "mesh", None):
         cfg = dataclasses.replace(cfg, mesh=args.mesh)
@@ -557,7 +393,7 @@ def _load(args):
 
 
 def plan(cfg: UnlearnConfig) -> str:
-    from simu_jax.config import model_config_from_spec
+    from simu_jax.models.spec import model_config_from_spec
 
     method = resolved_method(cfg)
     lines = [f"method: {cfg.method} (objective {method.objective}, optimizer {method.optimizer}, "

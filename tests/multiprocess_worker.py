@@ -8,9 +8,11 @@
 The arguments after REPORT.json are a `simu-jax` command line, run through `simu_jax.cli.main`
 (which calls `initialize_distributed()` from the environment above, then builds the mesh over
 all processes' devices). Afterwards the process writes what it saw to REPORT.json (its index,
-the device counts, the CPU collectives in use, which rows of a global batch it fed, and every
-file or directory it created, wrote, renamed or removed under the run directory, recorded by
-a `sys.addaudithook` hook); the assertions live in the test. Exits with the command's exit code.
+the device counts, the CPU collectives in use, which rows of a global batch it fed, what
+`sharding.place_batch` made of a few whole host batches (rows that divide the batch axes,
+that do not, and a mesh whose device order interleaves the processes), and every file or
+directory it created, wrote, renamed or removed under the run directory, recorded by a
+`sys.addaudithook` hook); the assertions live in the test. Exits with the command's exit code.
 """
 
 from __future__ import annotations
@@ -64,6 +66,43 @@ def _record_writes(root: str) -> list[list[str]]:
     return seen
 
 
+# (mesh, shape, rows axis) of the place_batch checks; "interleaved": the fsdp=4 mesh over the
+# devices in the order process 0, 1, 0, 1 (each process's rows are not one range)
+PLACE_CASES = [("fsdp=4", (4, 3), 0), ("fsdp=4", (6, 3), 0), ("fsdp=4", (2, 6, 3), 1),
+               ("data=2,fsdp=2", (6, 3), 0), ("data=2,fsdp=2", (2, 6, 3), 1), ("interleaved", (4, 3), 0)]
+
+
+def _place_batch_checks() -> dict:
+    """`place_batch` of a whole host batch (the same on every process) per PLACE_CASES: the
+    spec, this process's rows of it (None: not one range), whether its devices' shards are
+    the right rows, and whether the global array gathers back to the host batch exactly."""
+    import jax
+    import numpy as np
+
+    from simu_jax import sharding as S
+
+    by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
+    interleaved = [d for group in zip(*by_process) for d in group]
+    meshes = {"fsdp=4": S.make_mesh("fsdp=4"), "data=2,fsdp=2": S.make_mesh("data=2,fsdp=2"),
+              "interleaved": S.make_mesh("fsdp=4", devices=interleaved)}
+    out = {"interleaved_mesh_processes": [d.process_index for d in meshes["interleaved"].devices.flat]}
+    for name, shape, axis in PLACE_CASES:
+        x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+        g = S.place_batch({"x": x}, meshes[name], axis=axis)["x"]
+        try:
+            rows = S.process_index_slice(g.sharding, shape, axis)
+            rows = [rows.start, rows.stop]
+        except ValueError:
+            rows = None
+        spec = tuple(g.sharding.spec) + (None,) * (g.ndim - len(g.sharding.spec))
+        out[f"{name} {list(shape)} axis={axis}"] = {
+            "spec": [[] if e is None else [e] if isinstance(e, str) else list(e) for e in spec],
+            "rows": rows, "fully_addressable": bool(g.is_fully_addressable),
+            "shards_ok": all(np.array_equal(np.asarray(s.data), x[s.index]) for s in g.addressable_shards),
+            "roundtrip": bool(np.array_equal(S.to_host(g), x))}
+    return out
+
+
 def main() -> int:
     report_path, argv = sys.argv[1], sys.argv[2:]
     writes = _record_writes(_arg(argv, "--out"))
@@ -90,7 +129,7 @@ def main() -> int:
         sets = [a.split("=", 1) for a in argv if "=" in a and not a.startswith("-")]
         batch = int(dict(sets).get("batch_size", 8))
         mesh = S.make_mesh(_arg(argv, "--mesh"))
-        rows = S.batch_process_slice(batch, mesh)
+        rows = S.process_index_slice(S.batch_sharding((batch,), mesh), (batch,))  # the rows place_batch hands over
         even = S.process_slice(batch, drop_remainder=True)
         report.update(process_index=jax.process_index(), process_count=jax.process_count(),
                       device_count=jax.device_count(), local_device_count=jax.local_device_count(),
@@ -101,12 +140,13 @@ def main() -> int:
         import numpy as np
 
         x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # the same on every process
-        g = S.global_batch({"x": x}, mesh)["x"]
+        g = S.place_batch({"x": x}, mesh)["x"]
         host = S.to_host(g)
         back = S.to_host(S.place_like(host, g))
         report.update(global_batch_fully_addressable=bool(g.is_fully_addressable),
                       roundtrip_ok=bool(np.array_equal(host, x) and np.array_equal(back, x)),
                       any_process_one=S.any_process(jax.process_index() == 1), any_process_none=S.any_process(False))
+        report["place_batch"] = _place_batch_checks()
     with open(report_path, "w") as f:
         json.dump(report, f)
     return code

@@ -4,10 +4,11 @@
 
 A SIMU unlearning step (simu_graddiff, Sophia) on a tiny random LLaMA, once on one device
 and once on each mesh with the Unlearner built directly on the mesh (and once moved there
-by `shard_unlearner`); the shards each device holds, at construction and after the steps;
-a Sophia-H (Hutchinson) step on a mesh, with the sharding the compiler gave the probes; a
-checkpoint saved on one mesh and restored onto another. Writes its measurements as JSON;
-the assertions live in the test.
+by `engine.shard_unlearner`); the shards each device holds, at construction and after the
+steps; a Sophia-H (Hutchinson) step on a mesh, with the sharding the compiler gave the
+probes; a checkpoint saved on one mesh and restored onto another; `sharding.place_batch` of
+[B, T] and [A, B, T] batches whose rows do and do not divide the batch axes. Writes its
+measurements as JSON; the assertions live in the test.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 from simu_jax import curvature as C
 from simu_jax import sharding as S
 from simu_jax.checkpoint import Checkpointer, abstract_like
-from simu_jax.engine import StepSettings, Unlearner, get_method
+from simu_jax.engine import StepSettings, Unlearner, build_unlearner, get_method, shard_unlearner
+from simu_jax.optim import OptimSpec
 from simu_jax.models import ModelConfig, init_model, split_params
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -95,7 +97,7 @@ def max_diff(a, b) -> float:
 def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unlearner) -> dict:
     """One Sophia-H step on one device and on `mesh` (built there); the shardings XLA chose for
     the Rademacher probes, seen with `jax.debug.inspect_array_sharding` at compile time."""
-    settings = StepSettings(learning_rate=1e-3, estimator="hutchinson")
+    settings = StepSettings(optim=OptimSpec(learning_rate=1e-3, estimator="hutchinson"))
     ref = Unlearner(graphdef, params, method, settings, selected=sel)
     init = jax.device_get(ref.trainable)
     ref_losses = run(ref, batches[:1])
@@ -112,7 +114,7 @@ def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unle
 
     C.rademacher_like = spy
     try:
-        u = S.build_unlearner(graphdef, params, method, settings, mesh, selected=sel, model_config=CFG)
+        u = build_unlearner(graphdef, params, method, settings, mesh, selected=sel, model_config=CFG)
         losses = run(u, batches[:1])
     finally:
         C.rademacher_like = original
@@ -122,7 +124,7 @@ def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unle
 
     def constraints(unlearner) -> int:  # sharding constraints in the lowered step (StableHLO / Shardy)
         args = (unlearner.trainable, unlearner.opt_state, unlearner.frozen, unlearner.ref, unlearner.partition.rows,
-                S.shard_batch(batches[0], mesh), jax.random.key(0), jnp.int32(0))
+                S.place_batch(batches[0], mesh), jax.random.key(0), jnp.int32(0))
         return unlearner._step_fn.compiled.lower(*args).as_text().count("sharding_constraint")
 
     return {"max_abs_diff": max_diff(u.trainable, ref.trainable),
@@ -133,13 +135,52 @@ def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unle
             "fisher_constraints": constraints(fisher_unlearner)}
 
 
+# (mesh, shape, rows axis): [B, T] on axis 0 and [A, B, T] on axis 1; B = 8 divides every
+# mesh's batch axes (data x fsdp), B = 6 and 3 divide only a prefix of them, or none
+PLACE_CASES = [("data=2,fsdp=4", (8, 5), 0), ("data=2,fsdp=4", (6, 5), 0), ("data=2,fsdp=4", (3, 5), 0),
+               ("data=2,fsdp=4", (2, 8, 5), 1), ("data=2,fsdp=4", (2, 6, 5), 1), ("data=2,fsdp=4", (3, 3, 5), 1),
+               ("fsdp=8", (8, 5), 0), ("fsdp=8", (6, 5), 0), ("fsdp=2,tensor=4", (6, 5), 0),
+               ("fsdp=2,tensor=4", (2, 3, 5), 1)]
+
+
+def place_batch_report() -> dict:
+    """`S.place_batch` of each PLACE_CASES batch (int32 tokens, a float32 mask, a [.., B] row
+    weight): its spec, shard shapes, whether the values and dtypes round-trip exactly; and a
+    placed batch placed again."""
+    out = {}
+    for i, (spec, shape, axis) in enumerate(PLACE_CASES):
+        mesh = S.make_mesh(spec)
+        rng = np.random.default_rng(i)
+        batch = {"input_ids": rng.integers(0, 1000, shape).astype(np.int32),
+                 "attention_mask": (rng.random(shape) > 0.2).astype(np.float32),
+                 "row_weight": rng.random(shape[: axis + 1]).astype(np.float32)}
+        placed = S.place_batch(batch, mesh, axis=axis)
+        x = placed["input_ids"]
+        out[f"{spec} {list(shape)} axis={axis}"] = {
+            "spec": spec_entries(x.sharding, x.ndim),
+            "row_weight_spec": spec_entries(placed["row_weight"].sharding, placed["row_weight"].ndim),
+            "shard_shapes": sorted({tuple(s.data.shape) for s in x.addressable_shards}),
+            "n_devices": len(x.sharding.device_set),
+            "mesh_match": x.sharding.mesh.shape == mesh.shape,
+            "roundtrip": all(placed[k].dtype == v.dtype and placed[k].shape == v.shape and
+                             np.array_equal(np.asarray(placed[k]), v) for k, v in batch.items()),
+        }
+    mesh = S.make_mesh("data=2,fsdp=4")
+    b = {"input_ids": np.arange(6 * 4, dtype=np.int32).reshape(6, 4)}
+    ref = S.place_batch(b, mesh)["input_ids"]
+    again = S.place_batch({"input_ids": ref}, mesh)["input_ids"]
+    out["already_placed"] = again.sharding == ref.sharding and np.array_equal(np.asarray(again), b["input_ids"])
+    return out
+
+
 def main(out_path: str, tmp: str) -> None:
     t0 = time.perf_counter()
     res: dict = {"device_count": jax.device_count(), "meshes": {}}
+    res["place_batch"] = place_batch_report()
     graphdef, params = split_params(init_model(CFG, seed=0))
     sel = neuron_mask()
     method = get_method("simu_graddiff")
-    settings = StepSettings(learning_rate=1e-3)
+    settings = StepSettings(optim=OptimSpec(learning_rate=1e-3))
     batches = [{"forget": make_batch(2 * i), "retain": make_batch(2 * i + 1)} for i in range(STEPS)]
 
     ref = Unlearner(graphdef, params, method, settings, selected=sel)
@@ -157,7 +198,7 @@ def main(out_path: str, tmp: str) -> None:
         mesh = S.make_mesh(spec)
         # built directly on the mesh; on one mesh from params the caller already sharded
         given = S.shard_params(params, mesh, model_config=CFG) if spec == "fsdp=8" else params
-        u = S.build_unlearner(graphdef, given, method, settings, mesh, selected=sel, model_config=CFG)
+        u = build_unlearner(graphdef, given, method, settings, mesh, selected=sel, model_config=CFG)
         built = {"trainable_max_abs_diff": max_diff(u.trainable, init_tr),
                  "opt_max_abs_diff": max_diff(u.opt_state, init_opt),
                  "opt_structure_equal": jax.tree.structure(u.opt_state) == jax.tree.structure(ref.opt_state),
@@ -167,7 +208,7 @@ def main(out_path: str, tmp: str) -> None:
                                        given["model"]["embed_tokens"]["embedding"])
         before = {"trainable": shard_report(u.trainable, mesh), "frozen": shard_report(u.frozen, mesh),
                   "opt_state": shard_report(u.opt_state, mesh),
-                  "batch": shard_report(S.shard_batch(batches[0], mesh), mesh),
+                  "batch": shard_report(S.place_batch(batches[0], mesh), mesh),
                   "masks": shard_report({"selected": S.shard_mask(sel, mesh), "row_valid": u.partition.row_valid,
                                          "opt_mask": u.mask}, mesh)}
         losses = run(u, batches)
@@ -191,7 +232,7 @@ def main(out_path: str, tmp: str) -> None:
     # an Unlearner built on one device and moved by shard_unlearner: same step, same executable
     t = time.perf_counter()
     mesh, u = sharded["fsdp=8"]
-    v = S.shard_unlearner(Unlearner(graphdef, params, method, settings, selected=sel), mesh, model_config=CFG)
+    v = shard_unlearner(Unlearner(graphdef, params, method, settings, selected=sel), mesh, model_config=CFG)
     res["shard_unlearner"] = {"losses": run(v, batches), "max_abs_diff": max_diff(v.trainable, ref_tr),
                               "opt_max_abs_diff": max_diff(v.opt_state, ref.opt_state),
                               "same_executable": v._step_fn.compiled is u._step_fn.compiled,

@@ -4,7 +4,8 @@ The quick benchmark runs once, in a subprocess (a fresh JAX, so its thread pool 
 are its own), and the tests below read its JSON: every headline key present and a positive
 finite number, every ratio equal to the raw medians it is made of, the machine block filled in,
 the torch peer at the same thread count and on the same weights (same first loss), and the
-markdown / plot generator working on it.
+markdown / plot generator working on it. The package carries its PyTorch peer, never imports
+torch itself, and says in one line when torch is missing.
 """
 
 from __future__ import annotations
@@ -224,3 +225,47 @@ def test_hvp_analysis_ratios():
     assert a["flops_over_grad"]["hvp"] == pytest.approx(3.0)
     assert a["flops_over_grad"]["hvp_linearized_marginal"] == pytest.approx(2.0)
     assert a["hvp_time_ratio_over_flop_ratio"] == pytest.approx(8 / 9)
+
+
+def test_import_does_not_import_torch():
+    code = ("import sys, simu_jax.bench, simu_jax.bench.cli; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_peer_ships_inside_the_package():
+    import simu_jax.bench
+    from simu_jax.bench import find_peer_script
+
+    path = find_peer_script()
+    assert path.parent == Path(simu_jax.bench.__file__).resolve().parent
+    assert path.name == "torch_peer.py" and "def serve(" in path.read_text()
+    assert not (ROOT / "tools" / "torch_peer.py").exists()  # moved, not copied
+
+
+def test_missing_torch_is_one_line():
+    """Without torch, `simu-jax bench` stops before any work with one line; so does the peer script."""
+    code = ("import sys; sys.modules['torch'] = None; from simu_jax.bench import cli_main; "
+            "raise SystemExit(cli_main(['--quick', '--quiet']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr[-4000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs torch" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+    from simu_jax.bench import find_peer_script
+
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['torch_peer.py', '--serve']; "
+            f"runpy.run_path({str(find_peer_script())!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-4000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "torch is not installed" in lines[0], proc.stderr
+
+
+def test_simu_jax_cli_runs_bench():
+    from simu_jax.base import EXIT_USAGE
+    from simu_jax.cli import COMMANDS, main
+
+    assert COMMANDS["bench"] == "simu_jax.bench:cli_main"
+    assert main(["bench", "--repeats", "0"]) == EXIT_USAGE  # resolved, and its usage error is an exit code

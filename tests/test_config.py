@@ -11,18 +11,9 @@ from typing import Literal
 
 import pytest
 
-from simu_jax.config import (
-    ConfigError,
-    DataSpec,
-    ModelSpec,
-    benchmark_texts,
-    build_model,
-    dump_yaml,
-    load_benchmark,
-    load_config,
-    model_config_from_spec,
-    to_dict,
-)
+from simu_jax.config import ConfigError, dump_yaml, load_config, to_dict
+from simu_jax.data import DataSpec, benchmark_texts, load_benchmark
+from simu_jax.models.spec import ModelSpec, build_model, model_config_from_spec
 from simu_jax.runio import (
     GracefulSignals,
     MetricsLogger,
@@ -100,7 +91,7 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(Root, None, ["attr.t=0.25", "opt.betas=[0.5, 0.6]", "extra.name=n", "opt.layers=[4]"])
     path = tmp_path / "resolved.yaml"
-    dump_yaml(cfg, path)
+    write_text_atomic(path, dump_yaml(cfg))
     again = load_config(Root, path, [])
     assert again == cfg
     assert to_dict(again) == to_dict(cfg)

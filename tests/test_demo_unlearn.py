@@ -84,7 +84,7 @@ def test_resume_after_interrupt_equals_uninterrupted(demo, tmp_path):
 
 def test_nan_stops_with_step_and_term(demo, tmp_path, capsys):
     out = tmp_path / "nan"
-    assert main(_unlearn_args(demo, out, "debug.inject_nan_at_step=3")) == 1
+    assert main(_unlearn_args(demo, out, "debug.inject_nan_at_step=4")) == 1  # 1-based, as the guard reports it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step 4" in err[0] and "forget" in err[0]
     run = json.loads((out / "run.json").read_text())

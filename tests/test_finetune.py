@@ -315,16 +315,16 @@ def test_trimming_padding_does_not_change_loss(tmp_path):
     import optax
     from flax import nnx
 
-    from simu_jax.config import host_init_params
-    from simu_jax.data import batch_iterator, bucket_length
-    from simu_jax.finetune import GROUP_BUCKETS, _make_steps, _pad_arrays, _prepare
+    from simu_jax.data import batch_iterator, bucket_length, pad_to_length
+    from simu_jax.finetune import GROUP_BUCKETS, _make_steps, _prepare
+    from simu_jax.models.spec import host_init_params
     from simu_jax.models import abstract_model
 
     prep = _prepare(tiny(), tmp_path)
     model = abstract_model(prep.model_config)
     params = host_init_params(nnx.to_pure_dict(nnx.state(model)), prep.model_config.initializer_range, 0)
     pad = prep.tokenizer.pad_token_id
-    full = _pad_arrays(prep.train, 128, pad)  # the old behaviour: everything padded to one long length
+    full = pad_to_length(prep.train, 128, pad)  # the old behaviour: everything padded to one long length
     it = batch_iterator(full, 8, seed=0, group_by_length=True, trim_buckets=GROUP_BUCKETS)
     trimmed = next(it)
     rows = it.epoch_batches(0)[0]
@@ -403,20 +403,22 @@ def test_mesh_finetune_matches_single_device(tmp_path):
 
         # the placement a mesh run uses (the same helper run_finetune calls)
         from flax import nnx
-        from simu_jax.config import host_init_params, load_config
-        from simu_jax.finetune import FinetuneConfig, _MeshPlacement, _make_optimizer, _optimizer_key
+        from simu_jax.config import load_config
+        from simu_jax.finetune import FinetuneConfig, _make_optimizer, _mesh_shardings, _optimizer_key
         from simu_jax.models import ModelConfig, abstract_model
-        from simu_jax.sharding import make_mesh
+        from simu_jax.models.spec import host_init_params
+        from simu_jax.sharding import make_mesh, place_batch
         mcfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
         params = host_init_params(nnx.to_pure_dict(nnx.state(abstract_model(mcfg))), 0.02, 0)
         opt, _ = _make_optimizer(_optimizer_key(load_config(FinetuneConfig, None, tiny), 3, 0))
-        pl = _MeshPlacement(make_mesh("fsdp=4,data=2"), params, mcfg, opt)
-        p = jax.device_put(params, pl.params)
-        state = jax.jit(opt.init, out_shardings=pl.opt_state)(p)
+        mesh = make_mesh("fsdp=4,data=2")
+        param_sh, opt_sh, _ = _mesh_shardings(mesh, params, mcfg, opt)
+        p = jax.device_put(params, param_sh)
+        state = jax.jit(opt.init, out_shardings=opt_sh)(p)
         shards = {{jax.tree_util.keystr(k): sorted({{s.data.shape for s in x.addressable_shards}})
                   for k, x in jax.tree_util.tree_flatten_with_path((p, state))[0] if x.ndim >= 2}}
-        batch = pl.batch({{"input_ids": np.zeros((2, 8, 32), np.int32)}}, axis=1)["input_ids"]
+        batch = place_batch({{"input_ids": np.zeros((2, 8, 32), np.int32)}}, mesh, axis=1)["input_ids"]
         json.dump({{"shards": {{k: [list(s) for s in v] for k, v in shards.items()}},
                    "batch_shards": sorted({{s.data.shape for s in batch.addressable_shards}})}},
                   open(f"{{out}}/shards.json", "w"))

@@ -61,13 +61,13 @@ def model_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a BPE tokenizer trained on the synthetic benchmark's texts, and a
     fixed neuron mask beside it (attribution is not what is tested here)."""
     from simu_jax.attribution import NeuronMask
-    from simu_jax.config import DataSpec, SyntheticSpec, benchmark_texts, load_benchmark
+    from simu_jax.data import DataSpec, SyntheticConfig, benchmark_texts, load_benchmark
     from simu_jax.data import train_bpe_tokenizer
     from simu_jax.models import ModelConfig, init_model
     from simu_jax.models.convert import save_pretrained
 
     root = tmp_path_factory.mktemp("mp_model")
-    bench = load_benchmark(DataSpec(synthetic=SyntheticSpec(num_people=10, num_general=10)))
+    bench = load_benchmark(DataSpec(synthetic=SyntheticConfig(num_people=10, num_general=10)))
     tok = train_bpe_tokenizer(benchmark_texts(bench), root / "tokenizer", vocab_size=320)
     cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
@@ -205,6 +205,28 @@ def test_two_processes_four_devices_gloo(runs):
             # a global array from the processes' rows, gathered back to the host and placed again
             assert not r["global_batch_fully_addressable"] and r["roundtrip_ok"]
             assert r["any_process_one"] is True and r["any_process_none"] is False
+
+
+def test_place_batch_across_processes(runs):
+    """`sharding.place_batch` of a whole host batch (the same on both processes): each process
+    gives its devices their rows, also when the rows do not divide the batch axes (then
+    replicated, or split over `data` only) and when a process's rows are not one range."""
+    for r in runs["resumed"]:
+        p, pb = r["process_index"], r["place_batch"]
+        assert pb["interleaved_mesh_processes"] == [0, 1, 0, 1]
+        expected = {  # spec entries, this process's rows
+            "fsdp=4 [4, 3] axis=0": ([["data", "fsdp"], []], [2 * p, 2 * p + 2]),  # divides: half each
+            "fsdp=4 [6, 3] axis=0": ([["data"], []], [0, 6]),  # 4 does not divide 6: all rows everywhere
+            "fsdp=4 [2, 6, 3] axis=1": ([[], ["data"], []], [0, 6]),
+            "data=2,fsdp=2 [6, 3] axis=0": ([["data"], []], [3 * p, 3 * p + 3]),  # split over data only
+            "data=2,fsdp=2 [2, 6, 3] axis=1": ([[], ["data"], []], [3 * p, 3 * p + 3]),
+            "interleaved [4, 3] axis=0": ([["data", "fsdp"], []], None),  # rows p and p + 2: not one range
+        }
+        assert set(pb) == set(expected) | {"interleaved_mesh_processes"}
+        for case, (spec, rows) in expected.items():
+            x = pb[case]
+            assert x["spec"] == spec and x["rows"] == rows, (p, case, x)
+            assert not x["fully_addressable"] and x["shards_ok"] and x["roundtrip"], (p, case, x)
 
 
 def test_multiprocess_run_equals_single_device(runs, model_dir):

@@ -1,5 +1,5 @@
 """simu_jax.sharding: meshes, logical-axis rules, sharded SIMU steps, cross-mesh checkpoints,
-multi-host helpers and the memory model.
+multi-host helpers, batch placement (`place_batch`) and the memory model.
 
 The multi-device part runs `tests/sharding_worker.py` once, in a subprocess with 8 host CPU
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, `JAX_PLATFORMS=cpu`), so the
@@ -222,6 +222,38 @@ def test_initialize_distributed(fake_distributed, monkeypatch):
     assert S.is_main_process()
 
 
+def test_package_layout_and_no_engine_import():
+    """Every public name of the three modules is re-exported; importing the package (in a
+    fresh interpreter) imports no engine, so the engine can import it at module level."""
+    from simu_jax.sharding import distributed, memory, mesh
+
+    for module in (mesh, distributed, memory):
+        for name in module.__all__:
+            assert getattr(S, name) is getattr(module, name), name
+            assert name in S.__all__ and not name.startswith("_")
+    assert not hasattr(S, "build_unlearner") and not hasattr(S, "shard_unlearner")  # engine's now
+    code = "import sys, simu_jax.sharding; sys.exit('simu_jax.engine' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(HERE.parent)).returncode == 0
+
+
+def test_place_batch_single_device():
+    mesh = S.make_mesh("fsdp=-1")
+    n = jax.device_count()
+    batch = {"ids": np.arange(2 * 3 * n * 4, dtype=np.int32).reshape(2, 3 * n, 4), "w": np.ones((2, 3 * n), np.float32)}
+    placed = S.place_batch(batch, mesh, axis=1)
+    for k, v in batch.items():
+        assert isinstance(placed[k], jax.Array) and placed[k].dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(placed[k]), v)
+    assert placed["ids"].sharding == S.batch_sharding((2, 3 * n, 4), mesh, axis=1)
+    assert placed["ids"].sharding.spec == P(None, ("data", "fsdp"))
+    assert S.batch_sharding((), mesh, axis=1).spec == P()  # no rows axis: replicated
+    assert [s.spec for s in jax.tree.leaves(S.batch_shardings(batch, mesh, axis=1))] == \
+        [P(None, ("data", "fsdp")), P(None, ("data", "fsdp"))]
+    again = S.place_batch(placed, mesh, axis=1)  # already placed: kept as it is
+    assert again["ids"].sharding == placed["ids"].sharding
+    np.testing.assert_array_equal(np.asarray(again["ids"]), batch["ids"])
+
+
 def test_memory_estimate_sanity():
     llama, olmo = S.LLAMA2_7B, S.OLMO_1B
     n7 = S.param_counts(llama)["total"]
@@ -276,7 +308,7 @@ def test_sharded_simu_step_equals_single_device(worker, spec):
 
 @pytest.mark.parametrize("spec", MESHES)
 def test_unlearner_built_on_mesh(worker, spec):
-    """`build_unlearner` (Unlearner(..., mesh=)): the trainable copy and the optimizer state are
+    """`engine.build_unlearner` (Unlearner(..., mesh=)): the trainable copy and the optimizer state are
     created sharded (jit with out_shardings) and equal the single-device ones; Sophia's m and h
     are split, 1/N of each sharded axis per device; no copy of the whole params is kept."""
     m = worker["meshes"][spec]
@@ -297,7 +329,7 @@ def test_unlearner_built_on_mesh(worker, spec):
 
 
 def test_shard_unlearner_still_works(worker):
-    """An Unlearner built on one device and moved by `shard_unlearner`: same result, same executable."""
+    """An Unlearner built on one device and moved by `engine.shard_unlearner`: same result, same executable."""
     r = worker["shard_unlearner"]
     assert r["max_abs_diff"] <= TOL and r["opt_max_abs_diff"] <= TOL
     np.testing.assert_allclose(r["losses"], worker["ref_losses"], rtol=0, atol=TOL)
@@ -369,6 +401,36 @@ def test_parameters_really_split(worker):
     assert _shard(worker, "fsdp=2,tensor=4", "masks", "opt_mask") == [2, 6, 1]
     # Sophia state like its params
     assert _shard(worker, "fsdp=2,tensor=4", "opt_state", "mu['model/layers/self_attn/q_proj") == [2, 32, 16]
+
+
+# place_batch on 8 devices: (mesh, shape, rows axis) -> spec entries of the rows' array, its shard shape
+PLACED = {
+    "data=2,fsdp=4 [8, 5] axis=0": ([["data", "fsdp"], []], [1, 5]),  # 8 rows: split 8 ways
+    "data=2,fsdp=4 [6, 5] axis=0": ([["data"], []], [3, 5]),  # 6 rows: 8 does not divide, data=2 does
+    "data=2,fsdp=4 [3, 5] axis=0": ([[], []], [3, 5]),  # 3 rows: replicated
+    "data=2,fsdp=4 [2, 8, 5] axis=1": ([[], ["data", "fsdp"], []], [2, 1, 5]),  # [A, B, T]: B split, A not
+    "data=2,fsdp=4 [2, 6, 5] axis=1": ([[], ["data"], []], [2, 3, 5]),
+    "data=2,fsdp=4 [3, 3, 5] axis=1": ([[], [], []], [3, 3, 5]),
+    "fsdp=8 [8, 5] axis=0": ([["data", "fsdp"], []], [1, 5]),
+    "fsdp=8 [6, 5] axis=0": ([["data"], []], [6, 5]),  # data has size 1: replicated in effect
+    "fsdp=2,tensor=4 [6, 5] axis=0": ([["data", "fsdp"], []], [3, 5]),  # batch axes: data x fsdp = 2
+    "fsdp=2,tensor=4 [2, 3, 5] axis=1": ([[], ["data"], []], [2, 3, 5]),
+}
+
+
+def test_place_batch_on_8_devices(worker):
+    """[B, T] and [A, B, T] batches whose rows divide the batch axes, a prefix of them, or
+    none: the rows go over the longest prefix that divides (else replicated), every leaf of
+    the batch alike, and the values and dtypes come back exactly."""
+    r = worker["place_batch"]
+    assert set(r) == set(PLACED) | {"already_placed"}
+    for case, (spec, shard) in PLACED.items():
+        x = r[case]
+        assert x["spec"] == spec, case
+        assert x["row_weight_spec"] == spec[: len(x["row_weight_spec"])], case  # the [.., B] leaf: same rows
+        assert x["shard_shapes"] == [shard], case
+        assert x["n_devices"] == 8 and x["mesh_match"] and x["roundtrip"], case
+    assert r["already_placed"]  # placing a placed batch again: same sharding, same values
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(worker):

@@ -12,6 +12,8 @@ from hf_fixtures import build_hf_model
 from simu_jax.attribution import NeuronMask, build_mask, critical_neurons, neuron_scores, random_mask_like
 from simu_jax.curvature import hvp
 from simu_jax.engine import StepSettings, Unlearner, get_method
+from simu_jax.losses import LossSpec
+from simu_jax.optim import OptimSpec
 from simu_jax.losses import mean_nll_per_example, token_mean_nll
 from simu_jax.models import ModelConfig, apply, apply_with_aux, init_model, split_params
 from simu_jax.models.convert import hf_tensors_from_params, load_pretrained
@@ -88,7 +90,7 @@ def test_planted_neurons_rank_on_top(model):
     planted = np.zeros((CFG.num_hidden_layers, CFG.intermediate_size), bool)
     planted[1, sorted(chosen)] = True
     spec = TrainableSpec(attention="frozen", mlp="masked", rest="frozen")
-    learner = Unlearner(graphdef, params, get_method("fo_idk", spec), StepSettings(learning_rate=5e-2, gamma=0.0),
+    learner = Unlearner(graphdef, params, get_method("fo_idk", spec), StepSettings(optim=OptimSpec(learning_rate=5e-2), loss=LossSpec(gamma=0.0)),
                         selected=planted)
     for i in range(40):  # idk objective with gamma=0 on the forget batch itself = plain NLL training
         learner.step({"forget": forget, "retain": forget, "forget_idk": forget}, jax.random.key(i))
@@ -161,7 +163,7 @@ def test_compact_rows_equal_full_gradient(model, mask):
 @pytest.mark.parametrize("method", ["simu_graddiff", "simu_npo", "simu_newton"])
 def test_outside_mask_bit_identical(model, mask, method):
     graphdef, params = model
-    u = Unlearner(graphdef, params, get_method(method), StepSettings(learning_rate=1e-2), selected=mask.selected)
+    u = Unlearner(graphdef, params, get_method(method), StepSettings(optim=OptimSpec(learning_rate=1e-2)), selected=mask.selected)
     state0 = jax.tree.map(np.asarray, u.opt_state)
     for i in range(4):
         u.step(pair(i), jax.random.key(i))
@@ -202,7 +204,7 @@ def test_unlearner_keeps_no_copy_of_params(model, mask):
     trained rows zeroed), a private trainable copy and the state; params() writes the trained
     values into the frozen tree and equals writing them into the original params."""
     graphdef, params = model
-    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(learning_rate=1e-2),
+    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(optim=OptimSpec(learning_rate=1e-2)),
                   selected=mask.selected)
     assert not hasattr(u, "original") and u.ref is None
     for path in (("model", "embed_tokens", "embedding"), ("lm_head", "kernel"),
@@ -262,7 +264,7 @@ def test_same_seed_same_mask_and_params(model):
         r = neuron_scores(graphdef, params, [make_batch(1)], steps=3)
         m = build_mask(f, r, threshold=0.3)
         u = Unlearner(graphdef, params, get_method("simu_graddiff"),
-                      StepSettings(learning_rate=1e-2, estimator="gnb", update_interval=2), selected=m.selected)
+                      StepSettings(optim=OptimSpec(learning_rate=1e-2, estimator="gnb", update_interval=2)), selected=m.selected)
         for i in range(3):
             u.step(pair(i), jax.random.key(i))
         return m, u.params()
@@ -278,7 +280,7 @@ def test_unlearning_raises_forget_loss(model, mask):
     batch = pair(9)
     before = float(token_mean_nll(apply(graphdef, params, batch["forget"]["input_ids"]), batch["forget"]["labels"]))
     for method in ("simu_graddiff", "fo_graddiff", "so_graddiff"):
-        u = Unlearner(graphdef, params, get_method(method), StepSettings(learning_rate=1e-2), selected=mask.selected)
+        u = Unlearner(graphdef, params, get_method(method), StepSettings(optim=OptimSpec(learning_rate=1e-2)), selected=mask.selected)
         for i in range(5):
             u.step(batch, jax.random.key(i))
         after = float(token_mean_nll(apply(graphdef, u.params(), batch["forget"]["input_ids"]), batch["forget"]["labels"]))

@@ -240,13 +240,14 @@ def grad_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: f
 
 def simu_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: float | None) -> dict:
     from simu_jax.engine import StepSettings, Unlearner, get_method
+    from simu_jax.optim import OptimSpec
 
     rng = np.random.default_rng(0)
     k = cfg.intermediate_size // 10
     selected = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), bool)
     for layer in range(cfg.num_hidden_layers):
         selected[layer, rng.choice(cfg.intermediate_size, k, replace=False)] = True
-    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(learning_rate=1e-5), selected=selected)
+    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(optim=OptimSpec(learning_rate=1e-5)), selected=selected)
     data = {"forget": make_tokens(cfg, batch, seq, 1), "retain": make_tokens(cfg, batch, seq, 2)}
     for part in data.values():  # loss on the second half, as in QA unlearning
         part["labels"] = jnp.where(jnp.arange(seq)[None] >= seq // 2, part["labels"], -100)

@@ -428,7 +428,7 @@ def render(r: dict, png_name: str) -> str:
         f"{p['vocab']}, {p['batch']} forget + {p['batch']} retain sequences of {p['seq']} tokens (loss on the "
         f"second half), float32; SIMU trains attention + {p['neuron_fraction']:.0%} of the down_proj rows "
         "(a random mask with equal per-layer counts). The PyTorch peer is transformers `LlamaForCausalLM` "
-        "(eager attention) with the same weights, in its own process (`tools/torch_peer.py`). The programs of "
+        "(eager attention) with the same weights, in its own process (`simu_jax/bench/torch_peer.py`). The programs of "
         "one table run in turns (A B C, C B A, ...), so ratios within a table compare runs under the same load; "
         "the sections ran minutes apart, so on a shared machine compare across tables with care (load average "
         "per section: " + ", ".join(f"{k} {v['loadavg_before'][0]:.1f}→{v['loadavg_after'][0]:.1f}"

@@ -1,5 +1,6 @@
 """Data layer: TOFU / LUME / SemEval loaders, the embedded synthetic benchmark,
-tokenization into fixed-shape arrays, batching and a small BPE tokenizer."""
+tokenization into fixed-shape arrays, batching and a small BPE tokenizer, and the
+benchmark spec of run configurations (:mod:`simu_jax.data.benchmark`)."""
 
 from .lume import (
     LUME_SPLITS,
@@ -26,10 +27,14 @@ from .tofu import (
     load_tofu,
     read_json_records,
 )
+from .benchmark import Benchmark, DataSpec, TemplateSpec, benchmark_texts, load_benchmark, qa_template
 from .tokenize import (
     DEFAULT_BUCKETS,
     IGNORE_INDEX,
     SPECIAL_TOKENS,
+    TRAIN_BUCKETS,
+    bos_prefix,
+    pad_to_length,
     BatchIterator,
     QATemplate,
     batch_iterator,
@@ -43,6 +48,12 @@ from .tokenize import (
 
 __all__ = [
     "BatchIterator",
+    "Benchmark",
+    "DataSpec",
+    "TemplateSpec",
+    "benchmark_texts",
+    "load_benchmark",
+    "qa_template",
     "DEFAULT_BUCKETS",
     "FACT_TYPES",
     "GENERAL_FACTS",
@@ -53,6 +64,9 @@ __all__ = [
     "REFUSALS",
     "SEMEVAL_SPLITS",
     "SPECIAL_TOKENS",
+    "TRAIN_BUCKETS",
+    "bos_prefix",
+    "pad_to_length",
     "SyntheticBenchmark",
     "SyntheticConfig",
     "TOFU_HUB_NAME",

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from simu_jax.base import ConfigError
+
 __all__ = [
     "FACT_TYPES",
     "GENERAL_FACTS",
@@ -49,26 +51,31 @@ class SyntheticConfig:
     """
 
     seed: int = 0
-    num_people: int = 40
-    forget_fraction: float = 0.1
-    holdout_fraction: float = 0.1
-    facts_per_person: int = 5
-    num_general: int = 40
-    num_perturbed: int = 5
+    num_people: int = dataclasses.field(default=40, metadata={"range": (3, None)})
+    forget_fraction: float = dataclasses.field(default=0.1, metadata={"range": (0.0, 1.0, "()")})
+    holdout_fraction: float = dataclasses.field(default=0.1, metadata={"range": (0.0, 1.0, "[)")})
+    facts_per_person: int = dataclasses.field(default=5, metadata={"range": (1, 9)})
+    num_general: int = dataclasses.field(default=40, metadata={"range": (0, None)})
+    num_perturbed: int = dataclasses.field(default=5, metadata={"range": (3, 8)})
 
     def __post_init__(self):
+        # ConfigError (a ValueError) with the field's key: also the schema of `data.synthetic`
+        # in run configs, where the loader prefixes the key's path.
         if self.num_people < 3:
-            raise ValueError("num_people must be >= 3 (forget, holdout and retain need one each)")
-        if not 0 < self.forget_fraction < 1 or not 0 <= self.holdout_fraction < 1:
-            raise ValueError("forget_fraction must be in (0, 1) and holdout_fraction in [0, 1)")
+            raise ConfigError("must be >= 3 (forget, holdout and retain need one each)", "num_people")
+        if not 0 < self.forget_fraction < 1:
+            raise ConfigError(f"must be in (0, 1); got {self.forget_fraction}", "forget_fraction")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"must be in [0, 1); got {self.holdout_fraction}", "holdout_fraction")
         if self.forget_fraction + self.holdout_fraction >= 1:
-            raise ValueError("forget_fraction + holdout_fraction must be < 1")
+            raise ConfigError(f"forget_fraction + holdout_fraction must be < 1; got "
+                              f"{self.forget_fraction} + {self.holdout_fraction}", "forget_fraction")
         if not 1 <= self.facts_per_person <= len(FACT_TYPES):
-            raise ValueError(f"facts_per_person must be in [1, {len(FACT_TYPES)}]")
+            raise ConfigError(f"must be in [1, {len(FACT_TYPES)}]; got {self.facts_per_person}", "facts_per_person")
         if not 0 <= self.num_general <= len(GENERAL_FACTS):
-            raise ValueError(f"num_general must be in [0, {len(GENERAL_FACTS)}]")
+            raise ConfigError(f"must be in [0, {len(GENERAL_FACTS)}]; got {self.num_general}", "num_general")
         if not 3 <= self.num_perturbed <= 8:
-            raise ValueError("num_perturbed must be in [3, 8]")
+            raise ConfigError(f"must be in [3, 8]; got {self.num_perturbed}", "num_perturbed")
 
 
 @dataclasses.dataclass

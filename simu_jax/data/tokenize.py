@@ -23,9 +23,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from simu_jax.base import IGNORE_INDEX
+
 __all__ = [
     "DEFAULT_BUCKETS",
     "IGNORE_INDEX",
+    "TRAIN_BUCKETS",
+    "bos_prefix",
+    "pad_to_length",
     "SPECIAL_TOKENS",
     "sequence_lengths",
     "BatchIterator",
@@ -38,8 +43,19 @@ __all__ = [
     "train_bpe_tokenizer",
 ]
 
-IGNORE_INDEX = -100
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Padded lengths of training sets: multiples of 16 up to 512 (less padding than powers of two),
+# then powers of two.
+TRAIN_BUCKETS: tuple[int, ...] = tuple(range(16, 513, 16)) + (1024, 2048, 4096, 8192)
+
+
+def pad_to_length(arrays: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad tokenized arrays ([N, T] input_ids / attention_mask / labels) to ``length``."""
+    n, t = arrays["input_ids"].shape
+    if t == length:
+        return dict(arrays)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {k: np.concatenate([v, np.full((n, length - t), fill[k], v.dtype)], axis=1) for k, v in arrays.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +103,7 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _bos_prefix(tokenizer) -> list[int]:
+def bos_prefix(tokenizer) -> list[int]:
     """``[bos]`` if the tokenizer adds a BOS token by itself, else ``[]``."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -157,7 +173,7 @@ def tokenize_qa(
     (or ``pad_to``) lose their end: a warning by default, ``ValueError`` with
     ``truncation="error"``.
     """
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     eos = [_eos_id(tokenizer)] if add_eos else []
     prompts = _encode(tokenizer, [template.prompt(r[question_key]) for r in records])
     answers = _encode(tokenizer, [str(r[answer_key]) for r in records])
@@ -195,7 +211,7 @@ def tokenize_prompts(
     ``questions`` are strings or records with a ``question`` key. Over-long prompts
     keep their *end* (so they still finish with ``answer_start``).
     """
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     seqs = [prefix + p for p in _encode(tokenizer, [template.prompt(_as_question(q, question_key)) for q in questions])]
     limit = min((x for x in (max_length, pad_to) if x is not None), default=None)
     seqs = _truncate(seqs, limit, truncation, "prompts", keep="end")
@@ -225,7 +241,7 @@ def tokenize_texts(
     Documents longer than ``max_length`` are cut at the end, silently by default
     (``truncation="warn"``/``"error"`` to be told).
     """
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     eos = [_eos_id(tokenizer)] if add_eos else []
     seqs = [prefix + ids + eos for ids in _encode(tokenizer, list(texts))]
     limit = min((x for x in (max_length, pad_to) if x is not None), default=None)

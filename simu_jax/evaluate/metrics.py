@@ -33,6 +33,7 @@ import numpy as np
 from scipy import stats as _stats
 
 __all__ = [
+    "METRIC_ORDER",
     "TOFU_SETS",
     "TOFU_SET_NAMES",
     "MODEL_UTILITY_KEYS",
@@ -67,6 +68,33 @@ MODEL_UTILITY_KEYS: tuple[str, ...] = tuple(
     f"{TOFU_SET_NAMES[s]} {m}"
     for s in ("retain", "real_authors", "world_facts")
     for m in ("Prob", "ROUGE", "Truth Ratio")
+)
+
+# Paper-like column order: forget scores, retain scores, other utility sets,
+# utility, privacy, aggregates.  Metrics not listed follow in sorted order,
+# before the trailing aggregate columns.
+METRIC_ORDER: tuple[str, ...] = (
+    "forget_prob",
+    "forget_rouge",
+    "forget_truth_ratio",
+    "forget_regurgitation",
+    "forget_knowledge",
+    "forget_quality",
+    "retain_prob",
+    "retain_rouge",
+    "retain_truth_ratio",
+    "retain_regurgitation",
+    "retain_knowledge",
+    "real_authors_prob",
+    "real_authors_rouge",
+    "real_authors_truth_ratio",
+    "world_facts_prob",
+    "world_facts_rouge",
+    "world_facts_truth_ratio",
+    "model_utility",
+    "mmlu",
+    "mia_auc",
+    "mia_score",
 )
 
 

@@ -57,34 +57,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simu_jax.evaluate.metrics import METRIC_ORDER
+
 __all__ = ["METRIC_ORDER", "load_run", "format_table", "write_report"]
 
-# Paper-like column order: forget scores, retain scores, other utility sets,
-# utility, privacy, aggregates.  Metrics not listed follow in sorted order,
-# before the trailing aggregate columns.
-METRIC_ORDER: tuple[str, ...] = (
-    "forget_prob",
-    "forget_rouge",
-    "forget_truth_ratio",
-    "forget_regurgitation",
-    "forget_knowledge",
-    "forget_quality",
-    "retain_prob",
-    "retain_rouge",
-    "retain_truth_ratio",
-    "retain_regurgitation",
-    "retain_knowledge",
-    "real_authors_prob",
-    "real_authors_rouge",
-    "real_authors_truth_ratio",
-    "world_facts_prob",
-    "world_facts_rouge",
-    "world_facts_truth_ratio",
-    "model_utility",
-    "mmlu",
-    "mia_auc",
-    "mia_score",
-)
 _TRAILING: tuple[str, ...] = ("task_aggregate", "aggregate", "final_score")
 
 

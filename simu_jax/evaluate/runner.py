@@ -44,33 +44,22 @@ The numbers use snake_case keys, which are what ``summary.json`` (and so
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from simu_jax.data.tokenize import (
-    DEFAULT_BUCKETS,
-    QATemplate,
-    _bos_prefix,
-    tokenize_prompts,
-    tokenize_qa,
-    tokenize_texts,
-)
+from simu_jax.data.tokenize import DEFAULT_BUCKETS
 from simu_jax.evaluate import metrics as M
 from simu_jax.evaluate import mia as MIA
-from simu_jax.losses import token_logprobs as _label_logprobs
-from simu_jax.models.transformer import apply, merge_params
+from simu_jax.evaluate.metrics import METRIC_ORDER
+from simu_jax.evaluate.scoring import Scorer
 
 __all__ = [
     "QA_SETS",
@@ -80,7 +69,8 @@ __all__ = [
     "evaluate_lume",
     "evaluate_qa_benchmark",
     "forget_truth_ratios",
-    "load_model_and_tokenizer",
+    "evaluation_sets",
+    "subset",
     "reference_forget_truth_ratios",
     "summary_metrics",
     "write_results",
@@ -91,263 +81,6 @@ QA_SETS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts", "
 _SET_DISPLAY = {**M.TOFU_SET_NAMES, "general": "General"}
 _METRIC_SUFFIX = {"Prob": "prob", "ROUGE": "rouge", "Truth Ratio": "truth_ratio"}
 _MIA_KEYS = {"loss": "mia_auc_loss", "zlib": "mia_auc_zlib", "min_k": "mia_auc_min_k", "min_k++": "mia_auc_min_k_pp"}
-_PLAIN = QATemplate(question_start="", question_end="", answer_start="")  # prompt = the text itself
-
-
-# --------------------------------------------------------------------------- jit-compiled passes
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_stats"))
-def _label_pass(graphdef, params, input_ids, attention_mask, labels, with_stats=False):
-    """Per-example answer statistics from one forward pass (labels -100 = not scored).
-
-    Returns ``mean_nll`` [B] (0 where no label), ``count`` [B] label tokens, ``hits`` [B]
-    teacher-forced argmax hits; with ``with_stats`` also ``logp``/``valid`` [B, T-1] and the
-    Min-K%++ moments ``mu``/``sigma`` [B, T-1] of the next-token distribution, computed here so
-    that the [B, T, V] logits never leave the device.
-    """
-    logits = apply(graphdef, params, input_ids, attention_mask)
-    logp, valid = _label_logprobs(logits, labels)
-    count = jnp.sum(valid, axis=-1)
-    out = {
-        "mean_nll": -jnp.sum(logp, axis=-1) / jnp.maximum(count, 1),
-        "count": count,
-        "hits": jnp.sum((jnp.argmax(logits[:, :-1], axis=-1) == labels[:, 1:]) & valid, axis=-1),
-    }
-    if with_stats:
-        lsm = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        p = jnp.exp(lsm)
-        mu = jnp.sum(p * lsm, axis=-1)
-        var = jnp.sum(p * lsm * lsm, axis=-1) - mu * mu
-        out.update(logp=logp, valid=valid, mu=mu, sigma=jnp.sqrt(jnp.maximum(var, 0.0)))
-    return out
-
-
-def _fill_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Fill a short batch up to ``rows`` with copies of its last row (outputs are dropped)."""
-    out = {}
-    for k, v in arrays.items():
-        short = rows - v.shape[0]
-        out[k] = np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) if short > 0 else v
-    return out
-
-
-# --------------------------------------------------------------------------- Scorer
-
-
-class Scorer:
-    """Batched, jit-compiled scoring and generation for one model + tokenizer.
-
-    Args:
-        graphdef, params: from :func:`simu_jax.models.split_params`.
-        tokenizer: a Hugging Face tokenizer (the one the model was trained with).
-        template: how a question becomes a prompt (default: TOFU's format).
-        batch_size: rows per compiled batch; every batch has exactly this many rows.
-        max_length: token limit for scored sequences and prompts (default: the model's
-            ``max_position_embeddings``). Longer QA sequences lose their end (a warning).
-        buckets: padded lengths (each batch is padded to the smallest bucket that fits it);
-            fewer buckets = fewer compiled programs, more buckets = less padding.
-
-    Rows are processed longest-first so a batch holds rows of similar length; outputs come
-    back in input order.
-    """
-
-    def __init__(self, graphdef, params, tokenizer, template: QATemplate = QATemplate(), batch_size: int = 16,
-                 max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.graphdef = graphdef
-        self.params = params
-        self.tokenizer = tokenizer
-        self.template = template
-        self.batch_size = int(batch_size)
-        self.buckets = tuple(int(b) for b in buckets)
-        self.config = merge_params(graphdef, params).config
-        self.max_length = int(max_length) if max_length is not None else int(self.config.max_position_embeddings)
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        eos = tokenizer.eos_token_id
-        self.eos_token_id = int(eos) if eos is not None else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.pad_token_id = int(pad) if pad is not None else None
-
-    @classmethod
-    def from_model(cls, model, tokenizer, **kwargs) -> "Scorer":
-        """Scorer for an NNX ``CausalLM``."""
-        from simu_jax.models.transformer import split_params
-
-        graphdef, params = split_params(model)
-        return cls(graphdef, params, tokenizer, **kwargs)
-
-    # ----------------------------------------------------------------- batching
-
-    def _batches(self, lengths: Sequence[int]) -> list[np.ndarray]:
-        order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
-    def _labelled(self, n: int, lengths: Sequence[int], encode: Callable[[np.ndarray], dict],
-                  with_stats: bool) -> list[dict[str, np.ndarray]]:
-        """Run :func:`_label_pass` over ``n`` rows; ``encode(idx)`` tokenizes the rows ``idx``."""
-        rows: list[dict[str, np.ndarray] | None] = [None] * n
-        for idx in self._batches(lengths):
-            arrays = _fill_rows(encode(idx), self.batch_size)
-            out = jax.device_get(_label_pass(
-                self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
-                jnp.asarray(arrays["attention_mask"]), jnp.asarray(arrays["labels"]), with_stats=with_stats))
-            for j, i in enumerate(idx):
-                rows[i] = {k: np.asarray(v[j]) for k, v in out.items()}
-        return rows  # type: ignore[return-value]
-
-    def _qa_rows(self, records: Sequence[Mapping[str, Any]], answer_key: str, with_stats: bool):
-        records = list(records)
-        for r in records:
-            if answer_key not in r or r[answer_key] is None:
-                raise ValueError(f"record without {answer_key!r}: question={str(r.get('question'))[:60]!r}")
-
-        def encode(idx):
-            return tokenize_qa(self.tokenizer, [records[i] for i in idx], self.template, max_length=self.max_length,
-                               answer_key=answer_key, buckets=self.buckets)
-
-        lengths = [len(str(r["question"])) + len(str(r[answer_key])) for r in records]
-        return self._labelled(len(records), lengths, encode, with_stats)
-
-    @staticmethod
-    def _mean_nll(rows) -> np.ndarray:
-        nll = np.array([float(r["mean_nll"]) for r in rows], dtype=np.float64)
-        count = np.array([int(r["count"]) for r in rows])
-        return np.where(count > 0, nll, np.nan)  # no scored token (truncated away): NaN, not 0
-
-    # ----------------------------------------------------------------- QA scoring
-
-    def answer_mean_nll(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> np.ndarray:
-        """[N] mean NLL of ``record[answer_key]`` given the question, over answer tokens + EOS.
-
-        TOFU's ``avg_gt_loss`` (``gt_loss / num_token_gt``). NaN for a row whose answer was
-        truncated away entirely.
-        """
-        if not records:
-            return np.zeros((0,), np.float64)
-        return self._mean_nll(self._qa_rows(records, answer_key, with_stats=False))
-
-    def perturbed_mean_nll(self, records: Sequence[Mapping[str, Any]], key: str = "perturbed_answer") -> np.ndarray:
-        """[N, K] mean NLL of each of the K perturbed answers (``record[key]``, a list).
-
-        All records must have the same K (TOFU: 5 on forget/retain, 3-4 elsewhere).
-        """
-        flat, ks = [], set()
-        for r in records:
-            answers = r.get(key)
-            if answers is None:
-                raise ValueError(f"record without {key!r}: question={str(r.get('question'))[:60]!r}")
-            answers = [answers] if isinstance(answers, str) else list(answers)
-            if not answers:
-                raise ValueError(f"empty {key!r}: question={str(r.get('question'))[:60]!r}")
-            ks.add(len(answers))
-            flat += [{"question": r["question"], "answer": a} for a in answers]
-        if len(ks) > 1:
-            raise ValueError(f"records have different numbers of {key!r} entries: {sorted(ks)}")
-        if not records:
-            return np.zeros((0, 0), np.float64)
-        return self.answer_mean_nll(flat).reshape(len(records), ks.pop())
-
-    def token_accuracy(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> np.ndarray:
-        """[N] teacher-forced accuracy: fraction of answer tokens (+ EOS) that are the argmax."""
-        rows = self._qa_rows(records, answer_key, with_stats=False)
-        hits = np.array([float(r["hits"]) for r in rows])
-        count = np.array([float(r["count"]) for r in rows])
-        return np.where(count > 0, hits / np.maximum(count, 1), np.nan)
-
-    @staticmethod
-    def _stats(rows, texts: Sequence[str], with_stats: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "token_logprobs": [r["logp"][r["valid"]].astype(np.float64) for r in rows],
-            "texts": list(texts),
-            "mean_nll": Scorer._mean_nll(rows),
-        }
-        if with_stats:
-            out["mu"] = [r["mu"][r["valid"]].astype(np.float64) for r in rows]
-            out["sigma"] = [r["sigma"][r["valid"]].astype(np.float64) for r in rows]
-        return out
-
-    def qa_token_logprobs(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer",
-                          with_stats: bool = True) -> dict[str, Any]:
-        """Per-token log-probs of the answer tokens (+ EOS) given the question.
-
-        Returns ``{"token_logprobs": [N ragged arrays], "mu", "sigma" (with_stats),
-        "texts": answers, "mean_nll": [N]}``: the stats mapping :func:`mia.mia_aucs` takes.
-        """
-        rows = self._qa_rows(records, answer_key, with_stats=True)
-        return self._stats(rows, [str(r[answer_key]) for r in records], with_stats)
-
-    def token_logprobs(self, texts: Sequence[str], with_stats: bool = False) -> dict[str, Any]:
-        """Per-token log-probs of plain documents (every token after the first, as HF ``out.loss``).
-
-        Documents longer than ``max_length`` tokens keep their start. Returns
-        ``{"token_logprobs": [N ragged arrays], "mu", "sigma" (with_stats), "texts", "mean_nll"}``;
-        ``mu``/``sigma`` are the Min-K%++ moments of each next-token distribution, computed
-        inside the jit-compiled pass from the logits.
-        """
-        texts = [str(t) for t in texts]
-        if not texts:
-            return self._stats([], [], with_stats)
-
-        def encode(idx):
-            return tokenize_texts(self.tokenizer, [texts[i] for i in idx], max_length=self.max_length,
-                                  buckets=self.buckets)
-
-        rows = self._labelled(len(texts), [len(t) for t in texts], encode, with_stats=True)
-        # A truncated document is scored (and zlib-compressed) on the part that was kept.
-        prefix = 1 if _bos_prefix(self.tokenizer) else 0
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        scored = [t if prefix + len(i) <= self.max_length else
-                  self.tokenizer.decode(i[: self.max_length - prefix], skip_special_tokens=True)
-                  for t, i in zip(texts, ids)]
-        return self._stats(rows, scored, with_stats)
-
-    # ----------------------------------------------------------------- generation
-
-    def _generate(self, prompts: Sequence[Any], template: QATemplate, max_new_tokens: int) -> list[str]:
-        from simu_jax.models.generate import generate
-
-        prompts = list(prompts)
-        if not prompts:
-            return []
-        max_new_tokens = int(max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        limit = self.max_length - max_new_tokens if self.max_length > max_new_tokens else self.max_length
-        texts = [p["question"] if isinstance(p, Mapping) else str(p) for p in prompts]
-        out: list[str | None] = [None] * len(texts)
-        for idx in self._batches([len(t) for t in texts]):
-            enc = tokenize_prompts(self.tokenizer, [texts[i] for i in idx], template, max_length=limit,
-                                   buckets=self.buckets)
-            enc = _fill_rows(enc, self.batch_size)
-            new = np.asarray(generate(
-                (self.graphdef, self.params), enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id))
-            for j, i in enumerate(idx):
-                out[i] = self._decode(new[j])
-        return out  # type: ignore[return-value]
-
-    def _decode(self, ids: np.ndarray) -> str:
-        ids = [int(t) for t in ids]
-        if self.eos_token_id is not None and self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    def generate_answers(self, records: Sequence[Mapping[str, Any] | str], max_new_tokens: int = 200) -> list[str]:
-        """Greedy answers to the questions (records or strings) under the QA template.
-
-        Decoded up to the first EOS, special tokens skipped, surrounding whitespace stripped.
-        """
-        return self._generate(records, self.template, max_new_tokens)
-
-    def generate_continuations(self, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
-        """Greedy continuations of plain-text prompts (no template; LUME / SemEval style)."""
-        return self._generate(prompts, _PLAIN, max_new_tokens)
-
-
-# --------------------------------------------------------------------------- QA benchmarks
 
 
 def _check_set(name: str, records: Sequence[Mapping[str, Any]]) -> None:
@@ -741,8 +474,6 @@ def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str,
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """A two-column text table of the snake_case metrics (report order first)."""
-    from simu_jax.evaluate.report import METRIC_ORDER
-
     metrics = summary_metrics(summary)
     order = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
     width = max((len(k) for k in order), default=6)
@@ -756,28 +487,46 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- evaluation sets
+
+
+def subset(records: Sequence, limit: int | None, seed: int | None, salt: int) -> list:
+    """At most ``limit`` records: the first ones (``seed=None``) or a seeded random subset in
+    their original order (``salt`` separates the sets drawn with one seed)."""
+    if limit is None or len(records) <= limit:
+        return list(records)
+    if seed is None:
+        return list(records[:limit])
+    idx = np.sort(np.random.default_rng([seed, salt]).choice(len(records), limit, replace=False))
+    return [records[i] for i in idx]
+
+
+def evaluation_sets(bench, limit: int | None = None, seed: int | None = None) -> dict[str, list]:
+    """The sets a benchmark is scored on, by name, in report order (the one path from a
+    :class:`simu_jax.data.Benchmark` to its evaluation, used by ``simu-jax unlearn``,
+    ``simu-jax evaluate``, the demo and the experiments).
+
+    QA benchmarks: ``forget``, ``retain`` (``bench.retain_eval``), TOFU's ``real_authors`` and
+    ``world_facts`` (from ``bench.general``) or the synthetic ``general`` set, and ``holdout``
+    (the MIA non-members) when there is one. LUME: ``forget`` and ``retain`` (rows keep LUME's
+    ``input``/``output`` fields). ``limit``/``seed``: see :func:`subset`; TOFU's real_authors and
+    world_facts are never cut."""
+    if bench.name == "lume":
+        sets = {"forget": bench.forget, "retain": bench.retain_eval}
+    else:
+        sets = {"forget": bench.forget, "retain": bench.retain_eval}
+        if bench.name == "tofu":
+            for name in ("real_authors", "world_facts"):
+                sets[name] = [r for r in bench.general if r.get("general_set") == f"{name}_perturbed"]
+        elif bench.general:
+            sets["general"] = bench.general
+        if bench.holdout:
+            sets["holdout"] = bench.holdout
+    uncut = ("real_authors", "world_facts") if seed is None else ()
+    return {k: list(v) if k in uncut else subset(v, limit, seed, i) for i, (k, v) in enumerate(sets.items())}
+
+
 # --------------------------------------------------------------------------- CLI
-
-
-def load_model_and_tokenizer(model_dir: str | os.PathLike):
-    """``(CausalLM, tokenizer)`` from an HF directory; one-line errors for bad directories."""
-    path = Path(model_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in model directory {path}")
-    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
-        raise FileNotFoundError(
-            f"no weights in model directory {path} (expected model.safetensors or model.safetensors.index.json)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ValueError(f"no tokenizer files in model directory {path} (expected tokenizer.json or tokenizer.model)")
-    from transformers import AutoTokenizer
-
-    from simu_jax.models.convert import load_pretrained
-
-    model = load_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
 
 
 def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
@@ -805,48 +554,28 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
     return p
 
 
-def _subset(records: list, limit: int | None, seed: int, salt: int) -> list:
-    if limit is None or len(records) <= limit:
-        return list(records)
-    idx = np.sort(np.random.default_rng([seed, salt]).choice(len(records), limit, replace=False))
-    return [records[i] for i in idx]
-
-
-def _tofu_dir(data: str | None) -> Path:
-    from simu_jax.data import default_data_dir
-
-    base = Path(data).expanduser() if data else default_data_dir() / "tofu"
-    if not base.is_dir():
-        raise FileNotFoundError(f"TOFU data directory not found: {base}")
-    if not (base / "retain_perturbed.json").is_file() and (base / "tofu").is_dir():
-        base = base / "tofu"
-    return base
-
-
-def _load_sets(args) -> dict[str, list]:
-    from simu_jax.data import SyntheticConfig, load_tofu, make_synthetic
+def _data_spec(args):
+    """The CLI's benchmark as a :class:`simu_jax.data.DataSpec` (``--data``: the benchmark's
+    folder or the shared data root)."""
+    from simu_jax.data import DataSpec, SyntheticConfig, default_data_dir
 
     if args.benchmark == "synthetic":
-        bench = make_synthetic(SyntheticConfig(seed=args.synthetic_seed))
-        sets = {"forget": bench.forget, "retain": bench.retain, "general": bench.general, "holdout": bench.holdout}
-    else:
-        d = _tofu_dir(args.data)
+        return DataSpec(benchmark="synthetic", synthetic=SyntheticConfig(seed=args.synthetic_seed))
+    if args.benchmark == "tofu":
+        base = Path(args.data).expanduser() if args.data else default_data_dir() / "tofu"
+        if not base.is_dir():
+            raise FileNotFoundError(f"TOFU data directory not found: {base}")
+        if not (base / "retain_perturbed.json").is_file() and (base / "tofu").is_dir():
+            base = base / "tofu"
         pct = args.tofu_split[len("forget"):]
-        sets = {
-            "forget": load_tofu(f"{args.tofu_split}_perturbed", d),
-            "retain": load_tofu("retain_perturbed", d),
-            "real_authors": load_tofu("real_authors_perturbed", d),
-            "world_facts": load_tofu("world_facts_perturbed", d),
-            "holdout": load_tofu(f"holdout{pct}", d),
-        }
-    return {k: _subset(v, args.limit, args.seed, i) for i, (k, v) in enumerate(sets.items())}
+        return DataSpec(benchmark="tofu", source=str(base), forget=args.tofu_split, holdout=f"holdout{pct}")
+    return DataSpec(benchmark="lume", source=args.data)
 
 
-def _load_lume(args, notes: list[str]):
-    from simu_jax.data import default_data_dir, load_lume, load_mia_documents
+def _mia_documents(args, notes: list[str]):
+    """LUME's member / non-member documents (SemEval's document-level MIA), or (None, None)."""
+    from simu_jax.data import default_data_dir, load_mia_documents
 
-    forget = _subset(load_lume("forget", args.data), args.limit, args.seed, 0)
-    retain = _subset(load_lume("retain", args.data), args.limit, args.seed, 1)
     mia_src = args.mia_data
     if mia_src is None:
         for cand in ([Path(args.data).expanduser(), Path(args.data).expanduser().parent] if args.data else []) + [
@@ -857,10 +586,10 @@ def _load_lume(args, notes: list[str]):
                 break
     if mia_src is None:
         notes.append("MIA documents (member.jsonl / nonmember.jsonl) not found: pass --mia-data")
-        return forget, retain, None, None
-    member = _subset(load_mia_documents("member", mia_src), args.limit, args.seed, 2)
-    nonmember = _subset(load_mia_documents("nonmember", mia_src), args.limit, args.seed, 3)
-    return forget, retain, member, nonmember
+        return None, None
+    member = subset(load_mia_documents("member", mia_src), args.limit, args.seed, 2)
+    nonmember = subset(load_mia_documents("nonmember", mia_src), args.limit, args.seed, 3)
+    return member, nonmember
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
@@ -891,22 +620,21 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         if not d.is_dir():
             raise FileNotFoundError(f"model directory not found: {d}")
     notes: list[str] = []
-    if args.benchmark == "lume":
-        lume_data = _load_lume(args, notes)
-    else:
-        sets = _load_sets(args)
-    log(f"loading {model_dir}")
-    model, tokenizer = load_model_and_tokenizer(model_dir)
-    from simu_jax.models.transformer import split_params
+    from simu_jax.data import load_benchmark
+    from simu_jax.models.spec import load_model
 
-    graphdef, params = split_params(model)
-    scorer = Scorer(graphdef, params, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                    buckets=buckets)
+    sets = evaluation_sets(load_benchmark(_data_spec(args)), args.limit, args.seed)
+    if args.benchmark == "lume":
+        member, nonmember = _mia_documents(args, notes)
+    log(f"loading {model_dir}")
+    loaded = load_model(model_dir)
+    scorer = Scorer(loaded.graphdef, loaded.params, loaded.tokenizer, batch_size=args.batch_size,
+                    max_length=args.max_length, buckets=buckets)
     default_new = {"synthetic": 64, "tofu": 200, "lume": 256}[args.benchmark]
     max_new = args.max_new_tokens or default_new
 
     if args.benchmark == "lume":
-        forget, retain, member, nonmember = lume_data
+        forget, retain = sets["forget"], sets["retain"]
         log(f"evaluating LUME: {len(forget)} forget rows, {len(retain)} retain rows")
         summary, per_sample = evaluate_lume(scorer, forget, retain, member, nonmember, max_new,
                                             generate=not args.no_generate, log=log)
@@ -914,9 +642,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         ref_R = None
         if ref_dir is not None:
             log(f"reference model {ref_dir}: forget-set truth ratios")
-            ref_model, ref_tok = load_model_and_tokenizer(ref_dir)
-            rg, rp = split_params(ref_model)
-            ref_scorer = Scorer(rg, rp, ref_tok, batch_size=args.batch_size, max_length=args.max_length,
+            ref = load_model(ref_dir)
+            ref_scorer = Scorer(ref.graphdef, ref.params, ref.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                                 buckets=buckets)
             ref_R = reference_forget_truth_ratios(ref_scorer, sets["forget"])
         log(f"evaluating {args.benchmark}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))

@@ -1,6 +1,12 @@
 #!/usr/bin/env python
 """The PyTorch peer of `simu-jax bench`: the SO-GradDiff step as users run it today.
 
+Run by the bench in its own process (``simu_jax.bench.peer.PeerServer``: this file, by its
+path inside the package), or by hand: ``python -m simu_jax.bench.torch_peer --json out.json
+--model DIR --batch batch.npz --threads N``. Needs torch (not a dependency of simu-jax:
+``pip install torch==2.13.0`` or ``'simu-jax[test]'``) and transformers; it imports nothing
+from simu_jax.
+
 transformers ``LlamaForCausalLM`` (eager attention, float32) loaded from the HF directory
 that ``simu_jax.models.convert.save_pretrained`` wrote (so the weights are the JAX ones), the
 same forget / retain batch, and:
@@ -34,7 +40,14 @@ import sys
 import time
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:
+    if __name__ != "__main__":
+        raise
+    # run as the peer: one line, no traceback (the bench shows it as the peer's error)
+    sys.exit("torch_peer: torch is not installed (pip install torch==2.13.0, or pip install 'simu-jax[test]')")
 
 
 class SophiaG(torch.optim.Optimizer):

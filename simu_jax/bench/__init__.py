@@ -1,0 +1,81 @@
+"""`simu-jax bench`: second-order cost, masked savings, JAX against the PyTorch peer, compile time.
+
+One run, one machine, one config per section, the same threads and batch on both sides.
+Every time is the **median** of ``repeats`` timed runs after ``warmup`` runs, each blocked on
+its outputs (``jax.block_until_ready``). The programs compared within a section run in turns
+(A B C, C B A, ...: ``round_robin``), the JAX and PyTorch calls of the peer section included,
+so a ratio compares runs made under the same machine load. The first (compiling) call of
+every program is kept apart: ``first_call_s`` and the trace / lower / XLA-compile seconds JAX
+reports for it (``jax.monitoring`` compile events). Sections:
+
+* ``second_order``: at three model sizes, on all parameters and the GradDiff loss
+  (``-NLL(forget) + NLL(retain)``): forward (loss value), gradient, exact HVP
+  (``curvature.hvp``, forward-over-reverse), Gauss-Newton product (``curvature.ggn_vp``) and a
+  one-probe Hutchinson diagonal (``curvature.hutchinson_diagonal``), with ratios to the
+  gradient; plus the gradient and HVP on the SIMU subset (attention + selected ``down_proj``
+  rows, the rest closed over) to show what the mask saves. At the largest size also two other
+  exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
+  gradient map reused for 4 products (``hvp_lin4``, what Newton-CG and Hutchinson do); for every
+  program, XLA's cost analysis (flops, bytes) of the compiled executable; ``hvp_analysis`` puts
+  time ratios next to flop ratios (is the HVP flop-bound?).
+* ``remat``: the gradient and HVP of the step config with models built with another remat
+  policy (``dots``), in turns with the default model's.
+* ``steps``: one ``Unlearner.step`` of ``fo_graddiff`` (AdamW), ``so_graddiff`` (Sophia, SOUL's
+  g*g curvature, all params), ``so_graddiff_hutchinson`` (Sophia-H: one exact HVP per step),
+  ``simu_graddiff`` and ``simu_newton`` (time per CG iteration = step time / CG iterations
+  done; the HVP on the SIMU subset timed alone is in ``second_order``), with the
+  optimizer + curvature state bytes of each method and a breakdown (loss + gradient on the
+  method's trainable subset, taken from ``second_order`` at the same config, vs the rest).
+  State bytes are split into per-parameter leaves and scalar leaves (the step counter):
+  ``simu_state_bytes_over_so`` compares the per-parameter state (what scales with the trainable
+  set, the quantity the trainable fraction bounds); ``simu_state_bytes_over_so_raw`` is the
+  ratio of all bytes.
+* ``peer``: ``torch_peer.py --serve`` (in this package) in a subprocess: transformers ``LlamaForCausalLM``
+  (eager attention) with the same weights (``models.convert.save_pretrained``) and batch, a
+  SOUL-style SophiaG step (g*g every step), a Sophia-H step (double-backward HVP), and the
+  forward / gradient / HVP alone, each in turns with the JAX program doing the same work, with
+  ``torch.set_num_threads`` = the size of XLA's CPU thread pool (``OMP_WAIT_POLICY=PASSIVE``;
+  the full run also measures torch's default OpenMP environment).
+* ``compile``: trace + lower + XLA compile of the ``simu_graddiff`` step at 4, 8 and 16 layers,
+  measured on the first call of a fresh ``Unlearner`` after ``jax.clear_caches()`` (the
+  persistent compilation cache is off), from JAX's own compile events.
+
+Compiles of the second-order and step programs run first, ``cores`` at a time in threads (XLA
+compiles on one thread each and releases the GIL); all timed runs then run one at a time, and
+the compile section runs alone at the end. ``--quick`` (tiny sizes, one model size, the
+programs the headline keys need, 2 repeats, the peer and the compile section overlapped with
+the rest) is what the test suite runs: it checks that the JSON is complete, never speed.
+``--profile-only --json FILE`` adds ``profile_run`` to an existing result: where the step
+config's gradient, HVP, SO and SIMU steps spend their time per kind of XLA op (jax.profiler,
+XLA:CPU per-op trace events) and the torch SO step per aten op (torch.profiler).
+
+Modules: ``profiles`` (what is measured: the full and --quick profiles, headline keys,
+targets), ``machine`` (CPU, cores, versions, XLA's thread pool), ``harness`` (compile events,
+jobs, runs in turns, medians, ``summarize``), ``problems`` (models, batches, masks, the jobs of
+each section), ``peer`` (drives the PyTorch peer in a subprocess), ``torch_peer`` (the PyTorch
+peer itself; run as a script, never imported here: torch stays optional), ``runner`` (``run``:
+the phases in order), ``profiling`` (``--profile-only``) and ``cli`` (``cli_main``).
+"""
+
+from __future__ import annotations
+
+from simu_jax.bench.cli import cli_main
+from simu_jax.bench.harness import COMPILE_EVENTS, AotCall, CompileRecorder, Job, first_calls, hvp_analysis, \
+    round_robin, state_bytes_split, summarize
+from simu_jax.bench.machine import available_cores, loadavg, machine_info, xla_cpu_threads
+from simu_jax.bench.peer import PEER_CALLS, PeerServer, find_peer_script, torch_missing
+from simu_jax.bench.problems import compile_job, init_params, make_batch, model_config, random_neuron_mask, \
+    remat_jobs, second_order_jobs, step_jobs, step_setup
+from simu_jax.bench.profiles import FULL, QUICK, QUICK_XLA_FLAGS, SECOND_ORDER_OPS, STEP_METHODS, SUMMARY_KEYS, \
+    TARGETS, Profile
+from simu_jax.bench.profiling import PROFILE_XLA_FLAGS, op_category, profile_call, profile_run
+from simu_jax.bench.runner import run
+
+__all__ = [
+    "COMPILE_EVENTS", "FULL", "PEER_CALLS", "PROFILE_XLA_FLAGS", "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS",
+    "STEP_METHODS", "SUMMARY_KEYS", "TARGETS", "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile",
+    "available_cores", "cli_main", "compile_job", "find_peer_script", "first_calls", "hvp_analysis", "init_params",
+    "loadavg", "machine_info", "make_batch", "model_config", "op_category", "profile_call", "profile_run",
+    "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs", "state_bytes_split", "step_jobs",
+    "step_setup", "summarize", "torch_missing", "xla_cpu_threads",
+]

@@ -1,0 +1,109 @@
+"""What a bench run measures: the headline keys, the targets, the two profiles (full, --quick)
+and the step settings both JAX and the PyTorch peer use."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["FULL", "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS",
+           "Profile", "step_settings"]
+
+SUMMARY_KEYS = (
+    "hvp_over_grad",
+    "simu_over_so_step",
+    "jax_over_torch_so_step",
+    "torch_over_jax_so_step",
+    "jax_over_torch_hvp",
+    "torch_over_jax_hvp",
+    "jax_over_torch_hvp_raw",
+    "compile_s_4_layers",
+    "compile_s_8_layers",
+    "compile_s_16_layers",
+    "compile_16_over_4",
+    "simu_state_bytes_over_so",
+    "simu_state_bytes_over_so_raw",
+    "trainable_fraction_simu",
+    "newton_per_cg_iter_s",
+)
+
+# (summary key, bound: a number or another summary key, what it means). All are "value <= bound".
+TARGETS = (
+    ("hvp_over_grad", 2.0, "exact HVP time / gradient time (largest size, all params)"),
+    ("simu_over_so_step", 0.75, "SIMU step / SO-GradDiff step (JAX)"),
+    ("jax_over_torch_so_step", 0.8, "JAX SO-GradDiff step / PyTorch SOUL SophiaG step"),
+    ("compile_16_over_4", 1.5, "SIMU step compile time, 16 layers / 4 layers"),
+    ("simu_state_bytes_over_so", "trainable_fraction_simu",
+     "SIMU per-parameter optimizer+curvature bytes / SO's (scalar leaves such as the step counter "
+     "excluded), no larger than the trainable fraction"),
+)
+
+SECOND_ORDER_OPS = ("forward", "grad", "hvp", "ggn_vp", "hutchinson", "grad_simu", "hvp_simu")
+STEP_METHODS = {  # label -> (registry name, StepSettings overrides)
+    "fo_graddiff": ("fo_graddiff", {}),
+    "so_graddiff": ("so_graddiff", {}),
+    "so_graddiff_hutchinson": ("so_graddiff", {"estimator": "hutchinson"}),
+    "simu_graddiff": ("simu_graddiff", {}),
+    "simu_newton": ("simu_newton", {}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    vocab: int
+    sizes: tuple[tuple[int, int], ...]  # (hidden, intermediate) of the second-order section
+    head_dim: int
+    layers: int
+    seq: int
+    batch: int  # per part: a step sees `batch` forget + `batch` retain sequences of `seq` tokens
+    step_size: int  # index into sizes: the config of the step and peer sections
+    compile_dims: tuple[int, int]  # (hidden, intermediate) of the compile-time models
+    compile_layers: tuple[int, ...]
+    repeats: int
+    warmup: int
+    compile_repeats: int
+    ops: tuple[str, ...] = SECOND_ORDER_OPS
+    peer_default_env: bool = True  # also run the peer with torch's default OpenMP environment
+    methods: tuple[str, ...] = tuple(STEP_METHODS)
+    neuron_fraction: float = 0.1
+    cg_iters: int = 8
+    overlap: bool = False  # --quick: peer and compile section overlap the rest (wall time only)
+    # at the largest size only: other exact HVP formulations (reverse-over-reverse; one
+    # linearization reused for 4 products, as Newton-CG and Hutchinson do)
+    hvp_variants: tuple[str, ...] = ("hvp_revrev", "hvp_lin4")
+    # at the step size: the gradient and HVP of models built with these remat policies, in
+    # turns with the default model's (the model default is remat="none")
+    remat_compare: tuple[str, ...] = ("dots",)
+
+
+FULL = Profile(name="full", vocab=4096, sizes=((128, 384), (256, 768), (512, 1536)), head_dim=64, layers=4,
+               seq=128, batch=4, step_size=1, compile_dims=(128, 384), compile_layers=(4, 8, 16), repeats=5,
+               warmup=1, compile_repeats=2)
+# --quick: one size, which is also the 4-layer compile model (its simu_graddiff step's compile is
+# the 4-layer figure), so it builds 8 XLA programs; XLA:CPU spends ~5-15 CPU-s on each.
+QUICK = Profile(name="quick", vocab=256, sizes=((32, 64),), head_dim=16, layers=4, seq=32, batch=2, step_size=0,
+                compile_dims=(32, 64), compile_layers=(4, 8, 16), repeats=2, warmup=1, compile_repeats=1,
+                ops=("grad", "hvp"),
+                methods=("so_graddiff", "so_graddiff_hutchinson", "simu_graddiff", "simu_newton"),
+                cg_iters=4, overlap=True, peer_default_env=False, hvp_variants=(), remat_compare=())
+# --quick in a fresh process also compiles with LLVM optimizations off (compile CPU ~40% lower;
+# its timings are not meaningful anyway). Recorded in machine.xla_flags.
+QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def step_settings(p: Profile, **overrides):
+    """The `StepSettings` of every step the bench times (the torch peer gets the same numbers)."""
+    from simu_jax.engine import StepSettings
+    from simu_jax.losses import LossSpec
+    from simu_jax.optim import OptimSpec
+
+    # SOUL's Sophia (betas 0.9/0.95, rho 0.04, bs 5120, wd 0.1, g*g every step); the torch peer
+    # gets exactly these numbers. Newton-CG: the GradDiff Hessian is indefinite, and with a small
+    # damping CG stops at its first negative-curvature direction (after 1 iteration here); a
+    # damping of 10 and tol 1e-12 keep CG to its iteration cap, so the step does a fixed,
+    # known number of HVPs (this section measures cost, not the solve).
+    base = dict(learning_rate=1e-5, b1=0.9, b2=0.95, rho=0.04, batch_scale=5120.0, weight_decay=0.1,
+                update_interval=1, estimator="fisher", damping=10.0, trust_radius=0.5, cg_iters=p.cg_iters,
+                cg_tol=1e-12)
+    base.update(overrides)
+    return StepSettings(optim=OptimSpec(**base), loss=LossSpec(gamma=1.0))
