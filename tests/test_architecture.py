@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "simu_jax.sharding": 6,
     # 7 engine
     "simu_jax.engine": 7,
+    "simu_jax.train_step": 7,
     # 8 evaluate (all but report)
     "simu_jax.evaluate": 8,
     # 9 loop

@@ -2,7 +2,7 @@
 NaN guard, gradient accumulation, and the orbax Checkpointer.
 
 The runs share one model/optimizer configuration so the jit-compiled step is compiled once
-per process (see ``simu_jax.finetune._compiled``).
+per process (see ``simu_jax.train_step.compiled_steps``).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def test_nan_stops_with_step_and_term_and_keeps_checkpoint(target, tmp_path, cap
 def test_gradient_accumulation_matches_one_big_batch():
     import optax
 
-    from simu_jax.finetune import make_train_step
+    from simu_jax.train_step import make_train_step
 
     # A toy "model" with the same batch contract: per-token squared error on rows that carry
     # labels, summed, plus the token count (so compilation is instant).
@@ -316,7 +316,8 @@ def test_trimming_padding_does_not_change_loss(tmp_path):
     from flax import nnx
 
     from simu_jax.data import batch_iterator, bucket_length, pad_to_length
-    from simu_jax.finetune import GROUP_BUCKETS, _make_steps, _prepare
+    from simu_jax.finetune import GROUP_BUCKETS, _prepare
+    from simu_jax.train_step import make_steps
     from simu_jax.models.spec import host_init_params
     from simu_jax.models import abstract_model
 
@@ -337,7 +338,7 @@ def test_trimming_padding_does_not_change_loss(tmp_path):
         assert (padded[k][:, width:] == (-100 if k == "labels" else 0 if k == "attention_mask" else pad)).all()
 
     # sgd(1.0): the new params are params - gradient, so this compares the gradients too
-    train_step, eval_step = _make_steps(nnx.graphdef(model), optax.sgd(1.0), lambda s: jnp.float32(1.0), False)
+    train_step, eval_step = make_steps(nnx.graphdef(model), optax.sgd(1.0), lambda s: jnp.float32(1.0), False)
     results = []
     for batch in (padded, trimmed):
         ev = eval_step(params, batch)
@@ -404,14 +405,15 @@ def test_mesh_finetune_matches_single_device(tmp_path):
         # the placement a mesh run uses (the same helper run_finetune calls)
         from flax import nnx
         from simu_jax.config import load_config
-        from simu_jax.finetune import FinetuneConfig, _make_optimizer, _mesh_shardings, _optimizer_key
+        from simu_jax.finetune import FinetuneConfig, _mesh_shardings, optimizer_key
+        from simu_jax.train_step import make_optimizer
         from simu_jax.models import ModelConfig, abstract_model
         from simu_jax.models.spec import host_init_params
         from simu_jax.sharding import make_mesh, place_batch
         mcfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
         params = host_init_params(nnx.to_pure_dict(nnx.state(abstract_model(mcfg))), 0.02, 0)
-        opt, _ = _make_optimizer(_optimizer_key(load_config(FinetuneConfig, None, tiny), 3, 0))
+        opt, _ = make_optimizer(optimizer_key(load_config(FinetuneConfig, None, tiny), 3, 0))
         mesh = make_mesh("fsdp=4,data=2")
         param_sh, opt_sh, _ = _mesh_shardings(mesh, params, mcfg, opt)
         p = jax.device_put(params, param_sh)
