@@ -68,12 +68,16 @@ def _params(run):
     return split_params(load_pretrained(run / "model"))[1]
 
 
-def test_resume_after_interrupt_equals_uninterrupted(demo, tmp_path):
+def test_resume_after_interrupt_equals_uninterrupted(demo, tmp_path, capsys):
     full = tmp_path / "full"
     assert main(_unlearn_args(demo, full)) == 0
     part = tmp_path / "part"
     assert main(_unlearn_args(demo, part, "debug.stop_after_step=2")) == 75  # interrupted, checkpoint written
     assert not (part / "COMPLETE").exists() and not (part / "model").exists()
+    # a resume that would change the trajectory is refused, naming the key (the run loop's check)
+    changed = _unlearn_args(demo, part, "optim.learning_rate=2e-2")
+    assert main(changed[:1] + ["--resume"] + changed[1:]) == 2
+    assert "optim.learning_rate" in capsys.readouterr().err
     assert main(_unlearn_args(demo, part)[:1] + ["--resume"] + _unlearn_args(demo, part)[1:]) == 0
     for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(part))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
