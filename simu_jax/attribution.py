@@ -185,19 +185,56 @@ class NeuronMask:
         return directory / "mask.npz"
 
     @classmethod
-    def load(cls, path: str | Path) -> "NeuronMask":
+    def load(cls, path: str | Path, shape: tuple[int, int] | None = None) -> "NeuronMask":
+        """A mask saved by :meth:`save` (a directory holding mask.npz, or the .npz itself).
+
+        ``shape``: the model's ``(num_hidden_layers, intermediate_size)``, to refuse a mask of
+        another model. A file that is not a mask (not an .npz, no boolean ``selected`` [L, I]
+        array, ``forget`` / ``retain`` of another shape, the wrong shape) raises a one-line
+        ``ValueError`` naming the file.
+        """
         path = Path(path)
         npz = path / "mask.npz" if path.is_dir() else path
         if not npz.is_file():
             raise FileNotFoundError(f"no neuron mask at {npz}")
-        data = np.load(npz)
+
+        def bad(why: str):
+            raise ValueError(f"{npz}: not a neuron mask ({why})")
+
+        try:
+            data = np.load(npz, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - pickles, text, broken zips: all "not an .npz"
+            bad(f"not an .npz archive: {' '.join(str(e).split())[:100] or type(e).__name__}")
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            bad("a single .npy array, not an .npz archive")
+        with data:
+            if "selected" not in data.files:
+                bad(f"no 'selected' array; it has {', '.join(data.files) or 'no arrays'}")
+            try:
+                arrays = {k: np.asarray(data[k]) for k in ("selected", "forget", "retain") if k in data.files}
+            except Exception as e:  # noqa: BLE001 - a corrupt member
+                bad(f"unreadable array: {' '.join(str(e).split())[:100]}")
+        selected = arrays["selected"]
+        if selected.ndim != 2:
+            bad(f"'selected' has shape {selected.shape}, expected [layers, neurons]")
+        for k, a in arrays.items():
+            if a.dtype != np.bool_ and not (np.issubdtype(a.dtype, np.integer) and np.isin(a, (0, 1)).all()):
+                bad(f"'{k}' is {a.dtype}, not boolean")
+            if a.shape != selected.shape:
+                bad(f"'{k}' has shape {a.shape} but 'selected' {selected.shape}")
+        if shape is not None and selected.shape != tuple(shape):
+            bad(f"shape {selected.shape} (layers, neurons) does not fit the model's {tuple(shape)}")
         meta = {}
         summary = npz.with_name("mask_summary.json")
         if summary.is_file():
-            meta = {k: v for k, v in json.loads(summary.read_text()).items() if not k.startswith("per_layer")
-                    and k not in ("num_layers", "intermediate_size", "num_selected", "fraction_selected", "sha256_16")}
-        return cls(selected=data["selected"].astype(bool), forget=data["forget"] if "forget" in data else None,
-                   retain=data["retain"] if "retain" in data else None, meta=meta)
+            try:
+                meta = {k: v for k, v in json.loads(summary.read_text()).items() if not k.startswith("per_layer")
+                        and k not in ("num_layers", "intermediate_size", "num_selected", "fraction_selected",
+                                      "sha256_16")}
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                raise ValueError(f"{summary}: not a mask summary (not a JSON object)") from None
+        opt = {k: arrays[k].astype(bool) if k in arrays else None for k in ("forget", "retain")}
+        return cls(selected=selected.astype(bool), meta=meta, **opt)
 
 
 def build_mask(

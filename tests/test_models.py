@@ -280,11 +280,11 @@ def test_sharded_save_roundtrip(tmp_path):
         save_pretrained(model, out)
 
 
-def test_top_level_api_is_the_converter():
+def test_top_level_api_is_the_sharded_converter():
     import simu_jax
-    from simu_jax.models import convert
+    from simu_jax.sharding import hf_io
 
-    assert simu_jax.load_pretrained is convert.load_pretrained
-    assert simu_jax.save_pretrained is convert.save_pretrained
+    assert simu_jax.load_pretrained is hf_io.load_pretrained
+    assert simu_jax.save_pretrained is hf_io.save_pretrained
     with pytest.raises(AttributeError):
         simu_jax.no_such_thing  # noqa: B018

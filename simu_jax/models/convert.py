@@ -4,13 +4,26 @@ Name map (HF -> ours): `model.embed_tokens.weight` -> `model.embed_tokens.embedd
 `model.layers.{i}.X.weight` -> slice i of `model.layers.X.kernel` (transposed, linear layers)
 or `model.layers.X.weight` (norms); `model.norm.weight` -> same; `lm_head.weight` ->
 `lm_head.kernel` (transposed). HF linear weights are [out, in], ours [in, out].
-"""
+
+Loading (:func:`load_params`, :func:`load_pretrained`) checks the files from their headers
+(:func:`checkpoint_tensors`: index, shards, byte counts; then names and shapes against the
+config), then builds every leaf with ``jax.make_array_from_callback`` on the target shardings,
+reading only each device's block (``safe_open(...).get_slice``) and casting it on the host:
+no full-model copy on a host or a device. Saving (:func:`save_pretrained`) slices, casts and
+gathers one HF tensor at a time on device and streams it into its file
+(:func:`write_safetensors`); with several processes each writes its share of the files.
+The mesh-aware entry points (``mesh=``, ``rules=``, the source dtype on save) are
+:mod:`simu_jax.sharding.hf_io`, also ``simu_jax.load_pretrained`` / ``simu_jax.save_pretrained``."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -19,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.flax import save_file
 
 from simu_jax.models.config import ModelConfig
 from simu_jax.models.transformer import CausalLM, abstract_model
@@ -74,30 +86,137 @@ def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
     return tree
 
 
+class CheckpointFileError(ValueError):
+    """A weights file or index is missing, truncated, corrupt or inconsistent; the message is one
+    line naming the file."""
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives: its file, shape and dtype (from the file's header)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 def _weight_files(path: Path) -> list[Path]:
+    files, _ = _weight_map(path)
+    return files
+
+
+def _weight_map(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of an HF directory (validated index: a JSON object whose weight_map maps
+    tensor names to files that exist), and the index's name -> file map (None: one file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            why = "no weight_map" if isinstance(e, (KeyError, TypeError)) else " ".join(str(e).split())[:120]
+            raise CheckpointFileError(f"{index}: not a valid safetensors index ({why})") from None
+        for n in weight_map.values():
+            if Path(n).name != n:
+                raise CheckpointFileError(f"{index}: file name {n!r} is not a plain file name")
+        files = [path / n for n in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"shard {f} named in {index} is missing")
-        return files
+        return files, weight_map
     single = path / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], None
     raise FileNotFoundError(
         f"no safetensors weights in {path} (expected model.safetensors or model.safetensors.index.json)"
     )
 
 
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, from its header alone (nothing else is read); a
+    truncated or corrupt file (bad header, offsets past the end or overlapping, wrong byte
+    counts) raises :class:`CheckpointFileError` naming it."""
+    def bad(why: str):
+        raise CheckpointFileError(f"{file}: not a valid safetensors file ({why})")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, 100 * 2**20):
+            bad(f"header length {n} does not fit the file's {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            bad("the header is not JSON")
+    if not isinstance(header, dict):
+        bad("the header is not a JSON object")
+    out: dict[str, TensorInfo] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            bad(f"bad header entry for tensor {name}")
+        if stop - start != math.prod(shape) * dtype.itemsize:
+            bad(f"tensor {name}: {stop - start} bytes for shape {shape} {dtype}")
+        spans.append((start, stop, name))
+        out[name] = TensorInfo(file, shape, dtype)
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            bad(f"tensor {name}: data offsets overlap or leave a gap")
+        end = stop
+    if 8 + n + end != size:
+        bad(f"the tensors need {8 + n + end} bytes, the file has {size} (truncated?)")
+    return out
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of an HF directory (single file or sharded + index) -> :class:`TensorInfo`,
+    read from the files' headers only. Refuses (one line naming the file) a bad or missing index,
+    a missing shard, a truncated or corrupt file, a tensor in two files, and a tensor the index
+    places in a file that does not hold it."""
+    path = Path(path)
+    files, weight_map = _weight_map(path)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in tensors:
+                raise CheckpointFileError(f"{f}: tensor {name} is also in {tensors[name].file}")
+            tensors[name] = info
+    if weight_map is not None:
+        index = path / "model.safetensors.index.json"
+        for name, fname in weight_map.items():
+            if name not in tensors or tensors[name].file.name != fname:
+                raise CheckpointFileError(f"{path / fname}: has no tensor {name} (named in {index})")
+    return {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory as a numpy array, whole (the simple path: the full model on
+    the host; :func:`load_params` reads slices instead)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, info in checkpoint_tensors(path).items():
+        by_file.setdefault(info.file, []).append(name)
     tensors: dict[str, np.ndarray] = {}
-    for f in _weight_files(path):
-        with safe_open(str(f), framework="flax") as st:
-            for name in st.keys():
-                if not name.endswith(_IGNORED_SUFFIXES):
-                    tensors[name] = np.asarray(st.get_tensor(name))
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="numpy") as st:
+            for name in names:
+                tensors[name] = st.get_tensor(name)
     return tensors
 
 
@@ -150,90 +269,374 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarr
     return out
 
 
-def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, remat: str = "none") -> CausalLM:
+def _leaf_names(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[list[str], bool, bool]:
+    """HF tensor names of one of our leaves (one per layer for a stacked leaf), whether it is
+    stacked, and whether HF stores it transposed."""
+    stacked = path[:2] == ("model", "layers")
+    layers = range(cfg.num_hidden_layers) if stacked else [None]
+    names = []
+    transpose = False
+    for i in layers:
+        name, transpose = _hf_name(path, i)
+        names.append(name)
+    return names, stacked, transpose
+
+
+def _match_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo], shapes: dict) -> dict:
+    """path -> the TensorInfo of each HF tensor of that leaf; strict about names and shapes
+    (the checks of :func:`params_from_hf_tensors`, with the file named)."""
+    used: set[str] = set()
+    plan = {}
+    for path, spec in shapes.items():
+        names, stacked, transpose = _leaf_names(cfg, path)
+        want = tuple(spec.shape[1:] if stacked else spec.shape)
+        infos = []
+        for name in names:
+            if name not in tensors:
+                raise WeightMismatchError(f"checkpoint has no tensor {name} (needed for {'.'.join(path)})")
+            info = tensors[name]
+            have = info.shape[::-1] if transpose else info.shape
+            if tuple(have) != want:
+                expected = want[::-1] if transpose else want
+                raise WeightMismatchError(f"tensor {name} has shape {tuple(info.shape)} but the config expects "
+                                          f"{tuple(expected)} ({info.file})")
+            infos.append((name, info))
+            used.add(name)
+        plan[path] = (infos, stacked, transpose)
+    unexpected = sorted(set(tensors) - used)
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # some tied checkpoints still store the copy
+    if unexpected:
+        raise WeightMismatchError(
+            f"checkpoint has {len(unexpected)} tensor(s) the config does not use, e.g. {', '.join(unexpected[:3])}"
+        )
+    return plan
+
+
+def _index_key(index: tuple, shape: tuple[int, ...]) -> tuple:
+    return tuple(s.indices(d) if isinstance(s, slice) else (s, s + 1, 1) for s, d in zip(index, shape))
+
+
+def _slice_reader(shape: tuple[int, ...], dtype, infos, stacked: bool, transpose: bool):
+    """``index -> np.ndarray``: the block ``index`` of one of our leaves, read from the
+    checkpoint with ``safe_open(...).get_slice(name)[...]`` (only that block of each HF tensor,
+    transposed HF [out, in] -> our [in, out]) and cast to ``dtype`` slice by slice, written into
+    one array of the block's shape (no stacking copy). The file is opened (memory-mapped) for
+    one HF tensor at a time, so the pages a read touches are released after each tensor."""
+    def read(index) -> np.ndarray:
+        index = () if index is None else tuple(index)
+        index = index + (slice(None),) * (len(shape) - len(tuple(index)))
+        bounds = [s.indices(d) for s, d in zip(index, shape)]
+        block = tuple(len(range(*b)) for b in bounds)
+        out = np.empty(block, dtype)
+        layers = range(*bounds[0]) if stacked else [0]
+        inner = tuple(slice(*b) for b in (bounds[1:] if stacked else bounds))
+        src = inner[::-1] if transpose else inner
+        for j, layer in enumerate(layers):
+            name, info = infos[layer]
+            with safe_open(str(info.file), framework="numpy") as st:  # mapped for this one tensor only
+                part = st.get_slice(name)[src] if src else st.get_tensor(name)
+            part = part.T if transpose else part
+            if stacked:
+                out[j] = part
+            else:
+                out[...] = part
+            del part
+        return out
+
+    return read
+
+
+def _make_array(shape, dtype, sharding, read) -> jax.Array:
+    """``jax.make_array_from_callback`` for this process's devices; a block that several local
+    devices hold (a replicated axis) is read once and handed to each of them."""
+    indices = sharding.addressable_devices_indices_map(tuple(shape))
+    uses: dict[tuple, int] = {}
+    for index in indices.values():
+        key = _index_key(index, shape)
+        uses[key] = uses.get(key, 0) + 1
+    cache: dict[tuple, np.ndarray] = {}
+
+    def cb(index):
+        key = _index_key(index, shape)
+        if uses.get(key, 1) == 1:
+            return read(index)
+        if key not in cache:
+            cache[key] = read(index)
+        uses[key] -= 1
+        return cache[key] if uses[key] else cache.pop(key)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, cb, dtype=dtype)
+
+
+def load_params(path: str | Path, cfg: ModelConfig | None = None, shardings=None, dtype=jnp.float32) -> dict:
+    """Our pure param dict, read straight into ``shardings`` without a full-model copy anywhere.
+
+    ``shardings``: ``None`` (this process's first device), one ``jax.sharding.Sharding`` for
+    every leaf, a tree of them shaped like the params, or a callable
+    ``(abstract_params, cfg) -> tree`` (how :mod:`simu_jax.sharding.hf_io` passes a mesh's
+    ``param_shardings``). Every leaf is a ``jax.make_array_from_callback`` whose callback reads
+    only the block its device holds from the safetensors file(s) (``get_slice``), and casts it
+    to ``dtype`` on the host, block by block: each process reads only what its devices hold,
+    and the host's peak is about the final arrays plus one block. Names, shapes and files are
+    checked first, from the headers alone: :class:`CheckpointFileError` /
+    :class:`WeightMismatchError` (one line naming the file or tensor) before anything is read.
+    """
+    path = Path(path)
+    cfg = ModelConfig.from_pretrained(path) if cfg is None else cfg
+    _, abstract_state = nnx.split(abstract_model(cfg, param_dtype=dtype))
+    abstract = nnx.to_pure_dict(abstract_state)
+    shapes = _flatten(abstract)
+    plan = _match_checkpoint(cfg, checkpoint_tensors(path), shapes)
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(abstract, cfg)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        flat_sh = {p: shardings for p in shapes}
+    else:
+        flat_sh = _flatten(shardings) if isinstance(shardings, dict) else None
+        if flat_sh is None or set(flat_sh) != set(shapes):
+            raise ValueError("shardings must be a Sharding or a tree shaped like the model's params")
+    flat = {}
+    for p, spec in shapes.items():
+        infos, stacked, transpose = plan[p]
+        read = _slice_reader(tuple(spec.shape), np.dtype(spec.dtype), infos, stacked, transpose)
+        flat[p] = _make_array(spec.shape, spec.dtype, flat_sh[p], read)
+    return _unflatten(flat)
+
+
+def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, remat: str = "none", *,
+                    shardings=None) -> CausalLM:
     """Load an HF directory (config.json + model.safetensors or sharded + index) as a CausalLM.
 
     `dtype` is the parameter dtype, `compute_dtype` the matmul dtype (defaults to `dtype`).
+    Weights are read slice by slice into `shardings` (default: one device; see
+    :func:`load_params`), so the host's peak memory is about the model's size in `dtype`. For a
+    device mesh use ``simu_jax.load_pretrained(path, mesh=...)`` (:mod:`simu_jax.sharding.hf_io`).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = ModelConfig.from_pretrained(path)
-    params = params_from_hf_tensors(cfg, read_safetensors(path), param_dtype=dtype)
+    params = load_params(path, cfg, shardings, dtype)
     graphdef, state = nnx.split(abstract_model(cfg, param_dtype=dtype, dtype=compute_dtype, remat=remat))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
+# ----------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------
+
+
+def _config_of(model, params) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(model, nnx.GraphDef):
+        if params is None:
+            raise ValueError("save_pretrained(graphdef, ...) needs params=")
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+        return nnx.merge(model, nnx.State(shapes)).config
+    raise TypeError(f"save_pretrained needs a CausalLM, its graphdef (with params=) or a ModelConfig, "
+                    f"got {type(model).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(stacked: bool, transpose: bool, dtype, out_sharding):
+    """One HF tensor of a leaf, sliced, cast and transposed on device (``out_sharding``:
+    replicated across processes, or None: XLA keeps it sharded)."""
+    def one(x, i):
+        if stacked:
+            x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+        x = x.astype(dtype)
+        return x.T if transpose else x
+
+    return jax.jit(one, out_shardings=out_sharding)
+
+
+def _replicated_like(sharding):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutTensor:
+    name: str
+    path: tuple[str, ...]
+    layer: int | None
+    transpose: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _out_tensors(cfg: ModelConfig, flat: dict, dtype) -> list[_OutTensor]:
+    out = []
+    for path, value in flat.items():
+        names, stacked, transpose = _leaf_names(cfg, path)
+        shape = tuple(np.shape(value)[1:] if stacked else np.shape(value))
+        shape = shape[::-1] if transpose else shape
+        dt = np.dtype(value.dtype if dtype is None else dtype)
+        for i, name in enumerate(names):
+            out.append(_OutTensor(name, path, i if stacked else None, transpose, shape, dt))
+    if cfg.tie_word_embeddings:
+        out = [t for t in out if t.name != "lm_head.weight"]
+    return sorted(out, key=lambda t: t.name)
+
+
+def _host_tensor(value, t: _OutTensor, owner: bool) -> np.ndarray | None:
+    """The HF tensor ``t`` of leaf ``value`` on the host (None on a process that does not write
+    it). A jax.Array is sliced, cast and transposed on device, keeping a sharded layout, and
+    copied to the host shard by shard; an array spanning several processes is gathered to a
+    replicated one first (a collective every process joins). A host array is sliced and cast
+    in numpy."""
+    if isinstance(value, jax.Array):
+        local = value.is_fully_addressable
+        if not owner and local:
+            return None
+        rep = None if local else _replicated_like(value.sharding)
+        if not local and rep is None:
+            raise ValueError(f"cannot gather {t.name}: an array spanning processes needs a NamedSharding, "
+                             f"not {type(value.sharding).__name__}")
+        fn = _gather_fn(t.layer is not None, t.transpose, t.dtype, rep)
+        out = fn(value, np.int32(t.layer or 0))
+        if not owner:
+            return None
+        return np.asarray(out if local else out.addressable_data(0))
+    if not owner:
+        return None
+    a = np.asarray(value)
+    a = a[t.layer] if t.layer is not None else a
+    return np.ascontiguousarray((a.T if t.transpose else a).astype(t.dtype, copy=False))
+
+
+def write_safetensors(file: str | Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]], fetch,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file tensor by tensor: the header from ``tensors`` (name, shape,
+    dtype), then each tensor's bytes from ``fetch(name)`` in that order, so the host holds one
+    tensor at a time (not the whole file)."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in tensors:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in tensors:
+            a = fetch(name)
+            if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise ValueError(f"{file}: tensor {name} came as {a.shape} {a.dtype}, expected {shape} {dtype}")
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            del a
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def save_pretrained(
-    model: CausalLM,
+    model,
     path: str | Path,
     *,
     params: dict | None = None,
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    dtype=None,
 ) -> Path:
     """Write an HF directory transformers can load: config.json, safetensors (+ tokenizer files).
 
-    `params` overrides the model's own (e.g. after unlearning). Tokenizer files (and
-    generation_config.json) are copied from `tokenizer_dir` when given. The directory is
-    written beside its destination and renamed into place, so an interrupted save never
-    leaves a directory that looks complete; an existing directory is refused unless
-    `overwrite`.
+    `model`: a CausalLM, its graphdef (with `params`) or its ModelConfig. `params` overrides
+    the model's own (e.g. after unlearning): jax arrays (on any sharding, several processes
+    included) or host arrays. `dtype`: the dtype of the written tensors (default: each
+    parameter's own). Each HF tensor is sliced out of its stacked leaf, cast and gathered on
+    device one at a time and streamed into its file, so a host holds one tensor, never the
+    model. Files are split by `max_shard_bytes` (with an index when there are several); with
+    several processes, file k is written by process k % P (every process must call this; the
+    directory must be on storage they share). Tokenizer files (and generation_config.json) are
+    copied from `tokenizer_dir` when given. The directory is written beside its destination and
+    renamed into place, so an interrupted save never leaves a directory that looks complete; an
+    existing directory is refused unless `overwrite`.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    cfg: ModelConfig = model.config
+    cfg = _config_of(model, params)
     if params is None:
         params = nnx.to_pure_dict(nnx.state(model))
-    tensors = {k: jnp.asarray(v) for k, v in hf_tensors_from_params(cfg, params).items()}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    flat = _flatten(params)
+    tensors = _out_tensors(cfg, flat, dtype)
+    shards: list[list[_OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    proc, nproc = jax.process_index(), jax.process_count()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if nproc == 1:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    else:  # one name every process agrees on, made fresh by process 0
+        tmp = path.with_name(f".{path.name}.tmp-save")
+        if proc == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier("simu_jax.save_pretrained.start")
     try:
-        hf_cfg = cfg.to_hf_dict()
-        hf_cfg["dtype"] = str(jnp.dtype(next(iter(tensors.values())).dtype))
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        _write_shards(tmp, tensors, max_shard_bytes)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        for k, (fname, shard) in enumerate(zip(names, shards)):
+            owner = k % nproc == proc
+            by_name = {t.name: t for t in shard}
+            if owner:
+                write_safetensors(tmp / fname, [(t.name, t.shape, t.dtype) for t in shard],
+                                  lambda n: _host_tensor(flat[by_name[n].path], by_name[n], True))
+            else:  # join the gathers of arrays that span processes
+                for t in shard:
+                    _host_tensor(flat[t.path], t, False)
+        _barrier("simu_jax.save_pretrained.files")
+        if proc == 0:
+            hf_cfg = cfg.to_hf_dict()
+            emb = [t for t in tensors if t.name == "model.embed_tokens.weight"] or tensors
+            hf_cfg["dtype"] = str(jnp.dtype(emb[0].dtype))
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors))},
+                         "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_dir) / name).is_file():
+                        shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        _barrier("simu_jax.save_pretrained.done")
     finally:
-        if tmp.exists():
+        if proc == 0 and tmp.exists():
             shutil.rmtree(tmp)
     return path
-
-
-def _write_shards(out: Path, tensors: dict[str, jax.Array], max_shard_bytes: int) -> None:
-    shards: list[dict[str, jax.Array]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].size * tensors[name].dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.size * t.dtype.itemsize for t in tensors.values())
-    index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

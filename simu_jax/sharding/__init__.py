@@ -1,7 +1,8 @@
 """Device meshes and sharding rules (:mod:`.mesh`), several processes and batch placement
-(:mod:`.distributed`), and a memory model (:mod:`.memory`).
+(:mod:`.distributed`), a memory model (:mod:`.memory`), and Hugging Face directories read
+straight into a mesh's shardings and written back from them (:mod:`.hf_io`).
 
-Every public name of the three modules is importable from here
+Every public name of the four modules is importable from here
 (``from simu_jax.sharding import place_batch``). The Unlearner's placement on a mesh lives
 with the Unlearner (``engine.build_unlearner`` / ``engine.shard_unlearner``): this package
 does not import the engine.
@@ -9,6 +10,7 @@ does not import the engine.
 
 from simu_jax.sharding.distributed import (any_process, initialize_distributed, is_main_process, place_batch,
                                            place_like, process_index_slice, process_slice, to_host)
+from simu_jax.sharding.hf_io import load_pretrained, save_pretrained, source_dtype
 from simu_jax.sharding.memory import (LLAMA2_7B, OLMO_1B, memory_estimate, memory_table, param_counts, per_device,
                                       print_memory_table)
 from simu_jax.sharding.mesh import (DEFAULT_RULES, MESH_AXES, batch_sharding, batch_shardings, constrain_like,
@@ -53,4 +55,7 @@ __all__ = [
     "print_memory_table",
     "LLAMA2_7B",
     "OLMO_1B",
+    "load_pretrained",
+    "save_pretrained",
+    "source_dtype",
 ]
