@@ -136,7 +136,8 @@ def main(argv=None) -> int:
 
         directions = {"gradient": cos(d_newton, g_flat)}
         for name in ("fisher", "gnb", "hutchinson_1"):
-            tx = optim.sophia(1.0, b1=o.b1, b2=o.b2, rho=o.rho, batch_scale=o.batch_scale,
+            # each estimator at its own scale (docs/method.md#curvature-estimators): 5120 for fisher only
+            tx = optim.sophia(1.0, b1=o.b1, b2=o.b2, rho=o.rho, batch_scale=optim.ESTIMATOR_BATCH_SCALE[name.split('_')[0]],
                               clip_threshold=o.clip_threshold)
             update, _ = tx.update(grads, tx.init(trainable), trainable, hessian_estimate=est[name])
             directions[f"sophia_{name}"] = cos(d_newton, -np.asarray(ravel_pytree(update)[0]))
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
               f"{directions['sophia_fisher']:.3f} [{row['seconds']} s]", file=sys.stderr)
     out = {"batch": f"{EXAMPLES} forget + {EXAMPLES} retain QA pairs", "loss": "graddiff (gamma=1)",
            "ranking": "forget IG score (m=3), top-k per layer", "trainable": "down_proj rows of the selected neurons",
-           "sophia": {"rho": o.rho, "batch_scale": o.batch_scale, "b1": o.b1, "b2": o.b2}, "sizes": results}
+           "sophia": {"rho": o.rho, "batch_scale": dict(optim.ESTIMATOR_BATCH_SCALE), "b1": o.b1, "b2": o.b2}, "sizes": results}
     (root / "curvature.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

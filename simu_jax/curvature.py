@@ -46,6 +46,8 @@ __all__ = [
     "ggn_vp",
     "rademacher_like",
     "hutchinson_diagonal",
+    "grad_and_hutchinson",
+    "hutchinson_from_hvp",
     "gnb_diagonal",
     "fisher_diagonal",
     "CGInfo",
@@ -54,6 +56,9 @@ __all__ = [
     "lanczos",
     "dense_hessian",
     "hessian_diagonal_exact",
+    "SteihaugInfo",
+    "steihaug_cg",
+    "ggn_operator",
 ]
 
 
@@ -175,12 +180,47 @@ def hutchinson_diagonal(
     does not grow with ``num_probes``. Returns float32 (float64 for f64 params).
     The estimate may be negative: Sophia's ``max(rho*h, eps)`` handles that.
 
+    Scale: the diagonal of the Hessian of ``f`` itself; for a mean loss (the unlearning
+    losses are token or sequence means) that is already per-token / per-sequence, so Sophia
+    takes it with ``batch_scale=1`` (docs/method.md#curvature-estimators).
+    :func:`grad_and_hutchinson` returns the gradient from the same linearization.
+
     ``shardings``: the params' shardings (a tree like ``params``; see
     :func:`rademacher_like`). The probe ``u`` (the HVP's tangent), ``H u`` and the
     running sum are constrained to them, so on a mesh nothing probe-sized is replicated.
     """
-    dtype = _tree_acc_dtype(params)
     _, hvp_lin = jax.linearize(lambda p: jax.grad(f)(p, *args), params)
+    return hutchinson_from_hvp(hvp_lin, params, key, num_probes, shardings=shardings)
+
+
+def grad_and_hutchinson(
+    f: Callable[..., Any], params: PyTree, key: jax.Array, num_probes: int = 1, *args, has_aux: bool = False,
+    shardings: Optional[PyTree] = None,
+) -> tuple[PyTree, Any, PyTree]:
+    """``(grad, aux, h_hat)`` from ONE linearization of the gradient map (Sophia-H's step).
+
+    ``g, hvp = jax.linearize(jax.grad(f), params)`` gives the gradient as the primal output
+    and ``v -> H v`` as the linear map, so a Hutchinson curvature step costs one
+    forward-over-reverse pass plus one linear HVP per probe, not a separate gradient pass and
+    then a linearization (:func:`hutchinson_diagonal`). ``f(params, *args)`` returns a scalar,
+    or ``(scalar, aux)`` with ``has_aux`` (``aux`` is returned, not linearized; None without).
+    ``h_hat`` equals :func:`hutchinson_diagonal` for the same key (float tolerance).
+    """
+    grad_fn = jax.grad(f, has_aux=has_aux)
+    if has_aux:
+        grads, hvp_lin, aux = jax.linearize(lambda p: grad_fn(p, *args), params, has_aux=True)
+    else:
+        (grads, hvp_lin), aux = jax.linearize(lambda p: grad_fn(p, *args), params), None
+    return grads, aux, hutchinson_from_hvp(hvp_lin, params, key, num_probes, shardings=shardings)
+
+
+def hutchinson_from_hvp(
+    hvp_lin: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, num_probes: int = 1,
+    shardings: Optional[PyTree] = None,
+) -> PyTree:
+    """Mean over ``num_probes`` Rademacher probes ``u`` of ``u * hvp_lin(u)`` (``lax.scan``);
+    ``hvp_lin`` is a linear ``v -> H v`` (e.g. from ``jax.linearize`` of the gradient map)."""
+    dtype = _tree_acc_dtype(params)
 
     def body(total, k):
         u = rademacher_like(k, params, shardings)
@@ -224,6 +264,11 @@ def gnb_diagonal(
     step). ``scale_by_tokens=False`` returns that plain ``g*g``; then pass the
     token count as ``sophia(batch_scale=...)``. The two agree when the curvature
     batch has ``bs`` tokens.
+
+    Scale: with ``scale_by_tokens`` (the default) the result estimates the Gauss-Newton
+    diagonal of the *mean* CE, the token count is already in it, so Sophia takes it with
+    ``batch_scale=1``; a further ``batch_scale`` (e.g. SOUL's 5120) scales it twice
+    (docs/method.md#curvature-estimators; ``optim.OptimSpec.check`` refuses that).
     """
     def sampled_loss(p):
         z = logits_fn(p).astype(_tree_acc_dtype(p))
@@ -243,7 +288,11 @@ def gnb_diagonal(
 
 
 def fisher_diagonal(grads: PyTree) -> PyTree:
-    """Empirical Fisher diagonal ``g * g`` (float32; what the SOUL code feeds Sophia)."""
+    """Empirical Fisher diagonal ``g * g`` (float32; what the SOUL code feeds Sophia).
+
+    Scale: ``g`` is the gradient of a mean loss, so ``g*g`` is about ``1/N`` of the per-example
+    Fisher (N examples or tokens in the mean): it needs the batch constant, SOUL/SophiaG's
+    ``bs`` = 5120 (``sophia(batch_scale=...)``; SOUL ``src/optim/sophia.py:85``)."""
     return jax.tree.map(lambda g: jnp.square(g.astype(acc_dtype(g.dtype))), grads)
 
 
@@ -472,3 +521,136 @@ def hessian_diagonal_exact(f, params: PyTree, indices, *args, batch_size: Option
     """Exact ``H_ii`` for the flat coordinates ``indices`` (shape ``[k]``)."""
     rows, indices = hessian_rows(f, params, indices, args, batch_size)
     return rows[jnp.arange(indices.shape[0]), indices]
+
+
+# ----------------------------------------------------------------------------
+# Trust-region subproblem: Steihaug-Toint CG; the linearized Gauss-Newton operator
+# ----------------------------------------------------------------------------
+
+# exit codes of steihaug_cg (logged as newton/cg_exit; docs/method.md#newton)
+CG_CONVERGED = 0  # ||r|| <= max(tol * ||g||, atol): an interior (inexact) Newton step
+CG_NEGATIVE_CURVATURE = 1  # d^T B d <= 0: followed d to the trust-region boundary
+CG_BOUNDARY = 2  # the next iterate would leave the region: stopped on the boundary
+CG_MAX_ITERATIONS = 3  # maxiter directions done, still inside
+
+
+class SteihaugInfo(NamedTuple):
+    iterations: jax.Array  # CG directions processed (= products with B), the one that ended the run included
+    exit_code: jax.Array  # int32, CG_CONVERGED | CG_NEGATIVE_CURVATURE | CG_BOUNDARY | CG_MAX_ITERATIONS
+    residual_norm: jax.Array  # ||g + B p|| at the returned p (recursively updated)
+    step_norm: jax.Array  # ||p||
+    model_value: jax.Array  # m(p) - m(0) = g.p + p.B p / 2, B the (damped) operator CG used
+
+
+def steihaug_cg(
+    matvec: Callable[[PyTree], PyTree],
+    g: PyTree,
+    radius,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    maxiter: Optional[int] = None,
+    atol: float = 0.0,
+) -> tuple[PyTree, SteihaugInfo]:
+    """Approximately minimize ``m(p) = g.p + p.B p / 2`` subject to ``||p|| <= radius``.
+
+    ``B = A + damping I`` with ``matvec(v) = A v`` symmetric, possibly indefinite.
+    CG-Steihaug, Nocedal & Wright, *Numerical Optimization* (2nd ed.), Algorithm 7.2, as
+    stated there (z_0 = 0, r_0 = g, d_0 = -r_0):
+
+    * if ``d_j.B d_j <= 0`` (negative curvature): return ``p = z_j + tau d_j`` with ``tau``
+      the root of ``||z_j + tau d_j|| = radius`` that minimizes ``m`` (of the two roots,
+      the one with the lower model value; exit ``CG_NEGATIVE_CURVATURE``);
+    * ``alpha_j = r_j.r_j / d_j.B d_j``, ``z_{j+1} = z_j + alpha_j d_j``; if
+      ``||z_{j+1}|| >= radius``: return ``p = z_j + tau d_j``, ``tau >= 0`` on the boundary
+      (exit ``CG_BOUNDARY``);
+    * ``r_{j+1} = r_j + alpha_j B d_j``; if ``||r_{j+1}|| <= max(tol ||g||, atol)``: return
+      ``z_{j+1}`` (exit ``CG_CONVERGED``);
+    * ``d_{j+1} = -r_{j+1} + (r_{j+1}.r_{j+1} / r_j.r_j) d_j``.
+
+    After ``maxiter`` directions the last iterate is returned (``CG_MAX_ITERATIONS``).
+    ``g = 0`` returns ``p = 0`` with 0 iterations, exit ``CG_CONVERGED``. The first iterate
+    is the Cauchy point and ``m`` decreases monotonically along the iterates (N&W Thm 7.3),
+    so ``m(p) <= m(p_Cauchy)``. ``r = g + B z`` is carried along, so ``B p = r - g`` gives the
+    model value without an extra product. Runs in a ``lax.while_loop``; iterates in float32
+    (float64 for f64 ``g``); ``matvec`` sees ``g``'s own dtypes.
+    """
+    g_in = g
+    g = to_acc_dtype(g)
+    dtype = _tree_acc_dtype(g)
+
+    def op(v):  # damping may be traced (a trust-region / Levenberg-Marquardt state)
+        av = to_acc_dtype(matvec(_cast_tree(v, g_in)))
+        return av if isinstance(damping, (int, float)) and damping == 0 else tree_add_scale(av, damping, v)
+
+    if maxiter is None:
+        maxiter = otu.tree_size(g)
+    radius = jnp.asarray(radius, dtype)
+    gnorm = tree_norm(g)
+    threshold = jnp.maximum(tol * gnorm, atol)
+    rr0 = tree_vdot(g, g)
+    running = jnp.asarray(-1, jnp.int32)
+
+    def cond(c):
+        j, _, _, _, _, code = c
+        return (code == running) & (j < maxiter)
+
+    def body(c):
+        j, z, r, d, rr, _ = c
+        bd = op(d)
+        dbd = tree_vdot(d, bd)
+        neg = ~(dbd > 0)  # also catches NaN
+        # the two roots of ||z + tau d|| = radius (tau_neg <= 0 <= tau_pos while ||z|| <= radius)
+        zd, dd, zz = tree_vdot(z, d), tree_vdot(d, d), tree_vdot(z, z)
+        dd_safe = jnp.where(dd > 0, dd, 1.0)
+        disc = jnp.sqrt(jnp.maximum(zd * zd + dd * (radius * radius - zz), 0.0))
+        tau_pos, tau_neg = (-zd + disc) / dd_safe, (-zd - disc) / dd_safe
+        rd = tree_vdot(r, d)  # m(z + tau d) - m(z) = tau r.d + tau^2 d.Bd / 2
+        q = lambda t: t * rd + 0.5 * t * t * dbd  # noqa: E731
+        tau_nc = jnp.where(q(tau_neg) < q(tau_pos), tau_neg, tau_pos)
+        alpha = rr / jnp.where(neg, 1.0, dbd)
+        z_try = tree_add_scale(z, alpha, d)
+        cross = ~neg & (tree_norm(z_try) >= radius)
+        step = jnp.where(neg, tau_nc, jnp.where(cross, tau_pos, alpha))
+        z_new = tree_add_scale(z, step, d)
+        r_new = tree_add_scale(r, step, bd)  # g + B z_new, by linearity
+        rr_new = tree_vdot(r_new, r_new)
+        conv = jnp.sqrt(rr_new) <= threshold
+        code = jnp.where(neg, CG_NEGATIVE_CURVATURE,
+                         jnp.where(cross, CG_BOUNDARY, jnp.where(conv, CG_CONVERGED, running))).astype(jnp.int32)
+        beta = rr_new / jnp.where(rr > 0, rr, 1.0)
+        d_new = tree_add_scale(otu.tree_scale(-1.0, r_new), beta, d)
+        return j + 1, z_new, r_new, d_new, rr_new, code
+
+    code0 = jnp.where(jnp.sqrt(rr0) <= threshold, CG_CONVERGED, running).astype(jnp.int32)
+    init = (jnp.asarray(0, jnp.int32), otu.tree_zeros_like(g), g, otu.tree_scale(-1.0, g), rr0, code0)
+    j, p, r, _, rr, code = jax.lax.while_loop(cond, body, init)
+    code = jnp.where(code == running, CG_MAX_ITERATIONS, code).astype(jnp.int32)
+    model = 0.5 * (tree_vdot(g, p) + tree_vdot(p, r))  # g.p + p.(r - g)/2, B p = r - g
+    return p, SteihaugInfo(iterations=j, exit_code=code, residual_norm=jnp.sqrt(rr), step_norm=tree_norm(p),
+                           model_value=model)
+
+
+def ggn_operator(
+    logits_fn: Callable[[PyTree], PyTree],
+    loss_of_logits: Callable[[PyTree], jax.Array],
+    params: PyTree,
+) -> tuple[PyTree, Callable[[PyTree], PyTree], Callable[[PyTree], PyTree]]:
+    """The Gauss-Newton operator of ``loss_of_logits(logits_fn(params))``, linearized once.
+
+    Returns ``(z, ggn_mv, j_transpose)``: ``z = logits_fn(params)`` (any pytree of logits),
+    ``ggn_mv(v) = J^T H_L J v`` (as :func:`ggn_vp`, but the model and the logit-space
+    gradient are linearized once, so each product costs one forward-mode and one
+    transposed pass, no new forward) and ``j_transpose(c) = J^T c`` (gradients of any
+    function of the logits: ``j_transpose(grad(h)(z))``).
+    """
+    z, j_fn = jax.linearize(logits_fn, params)
+    _, h_lin = jax.linearize(jax.grad(loss_of_logits), z)
+    jt = jax.linear_transpose(j_fn, params)
+
+    def j_transpose(c):
+        return jt(c)[0]
+
+    def ggn_mv(v):
+        return j_transpose(h_lin(j_fn(v)))
+
+    return z, ggn_mv, j_transpose

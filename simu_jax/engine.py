@@ -5,7 +5,9 @@ Every method is one configuration of one mechanism (objective x optimizer x trai
     fo_*     AdamW,  all parameters            (first-order baseline)
     so_*     Sophia, all parameters            (SOUL: fisher curvature g*g)
     simu_*   Sophia, attention + critical down_proj rows (SIMU)
-    simu_newton  exact Newton-CG on the SIMU subset (exact HVPs, trust radius)
+    simu_newton  trust-region Newton (Steihaug CG, exact HVPs) on the SIMU subset
+    simu_ggn, simu_influence, so_newton, so_ggn, so_influence   Gauss-Newton / influence steps
+                 (docs/method.md#newton)
 
 with objectives graddiff | npo | idk (| ga). The step differentiates only the trainable
 subset (`selection.Partition`); Sophia's state lives on that subset only.
@@ -24,8 +26,9 @@ import optax
 
 from simu_jax import optim
 from simu_jax.base import IGNORE_INDEX
-from simu_jax.curvature import tree_norm
-from simu_jax.losses import LossSpec, token_mean_nll, unlearning_loss
+from simu_jax.curvature import ggn_operator, lanczos, rademacher_like, tree_norm
+from simu_jax.curvature import acc_dtype, grad_and_hutchinson
+from simu_jax.losses import LossSpec, kl_to_reference, token_mean_nll, unlearning_loss
 from simu_jax.optim import OptimSpec
 from simu_jax.models import apply
 from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, count_trainable, get_path,
@@ -37,7 +40,7 @@ from simu_jax.sharding import (DEFAULT_RULES, device_put_tree, opt_state_shardin
 @dataclasses.dataclass(frozen=True)
 class Method:
     objective: str  # graddiff | npo | idk | ga
-    optimizer: str  # adamw | sophia | newton
+    optimizer: str  # adamw | sophia | newton | ggn | influence
     trainable: TrainableSpec
 
 
@@ -48,6 +51,14 @@ for _obj in ("graddiff", "npo", "idk"):
     METHODS[f"simu_{_obj}"] = Method(_obj, "sophia", SIMU)
 METHODS["fo_ga"] = Method("ga", "adamw", ALL_PARAMS)
 METHODS["simu_newton"] = Method("graddiff", "newton", SIMU)
+# Newton-type steps (docs/method.md#newton): trust-region Newton on the exact Hessian ("newton"),
+# on the PSD Gauss-Newton matrix G_F + gamma G_R ("ggn"), and the influence step
+# (G_R + lambda I)^-1 grad L_F ("influence"); on the SIMU subset and on all parameters
+METHODS["simu_ggn"] = Method("graddiff", "ggn", SIMU)
+METHODS["simu_influence"] = Method("graddiff", "influence", SIMU)
+METHODS["so_newton"] = Method("graddiff", "newton", ALL_PARAMS)
+METHODS["so_ggn"] = Method("graddiff", "ggn", ALL_PARAMS)
+METHODS["so_influence"] = Method("graddiff", "influence", ALL_PARAMS)
 
 
 def get_method(name: str, trainable: TrainableSpec | None = None) -> Method:
@@ -61,23 +72,55 @@ def get_method(name: str, trainable: TrainableSpec | None = None) -> Method:
 class StepSettings:
     """Hyper-parameters of the step (hashable: part of the jit cache key): the run config's own
     ``optim`` (:class:`simu_jax.optim.OptimSpec`) and ``loss`` (:class:`simu_jax.losses.LossSpec`)
-    objects, and a debugging knob: multiply the loss by NaN at this 0-based step (tests the NaN
-    guard; -1 = off)."""
+    objects, the run's number of steps (``total_steps``: the horizon of a ``linear`` learning-rate
+    schedule, ``UnlearnConfig.steps``; None when there is no schedule) and a debugging knob:
+    multiply the loss by NaN at this 0-based step (tests the NaN guard; -1 = off). Fields left
+    unset in ``optim`` / ``loss`` are filled by :func:`resolve_settings` (the :class:`Unlearner`
+    does it; docs/method.md#soul-optimizer)."""
 
     optim: OptimSpec = OptimSpec()
     loss: LossSpec = LossSpec()
     inject_nan_at_step: int = -1
+    total_steps: int | None = None
+
+
+def resolve_settings(method: Method, s: StepSettings) -> StepSettings:
+    """``s`` with every unset ``optim`` / ``loss`` field filled for ``method``
+    (``OptimSpec.resolved``, ``LossSpec.resolved``: the Sophia preset, ``preset=None`` = the
+    paper's ``sophia`` values; ``simu-jax unlearn`` picks ``soul`` first). Idempotent."""
+    o = s.optim.resolved(method.optimizer, s.total_steps)
+    loss = s.loss.resolved(method.objective, o.preset if method.optimizer == "sophia" else None)
+    if o is s.optim and loss is s.loss:
+        return s
+    return dataclasses.replace(s, optim=o, loss=loss)
+
+
+def _learning_rate(s: StepSettings):
+    """The learning rate, or the HF linear warmup + decay schedule of the step count."""
+    o = s.optim
+    if o.schedule != "linear":
+        return o.learning_rate
+    if s.total_steps is None or o.warmup_steps is None:
+        raise ValueError("optim.schedule='linear' needs the run's length: StepSettings(total_steps=...) "
+                         "(simu-jax unlearn passes its `steps`), or set optim.schedule='constant'")
+    return optim.hf_linear_schedule(o.learning_rate, o.warmup_steps, s.total_steps)
 
 
 def build_optimizer(method: Method, s: StepSettings, mask) -> optax.GradientTransformationExtraArgs | None:
+    s = resolve_settings(method, s)
+    o = s.optim
+    decay_mask = optim.hf_decay_mask if o.weight_decay_mask == "no_norm_bias" else None
     if method.optimizer == "adamw":
-        return optim.adamw(s.optim.learning_rate, b1=s.optim.b1, b2=s.optim.adam_b2, eps=s.optim.adam_eps, weight_decay=s.optim.weight_decay,
-                           mask=mask)
+        return optim.adamw(_learning_rate(s), b1=o.b1, b2=o.adam_b2, eps=o.adam_eps, weight_decay=o.weight_decay,
+                           mask=mask, weight_decay_mask=decay_mask, grad_clip_norm=o.grad_clip_norm)
     if method.optimizer == "sophia":
-        return optim.sophia(s.optim.learning_rate, b1=s.optim.b1, b2=s.optim.b2, rho=s.optim.rho, batch_scale=s.optim.batch_scale,
-                            weight_decay=s.optim.weight_decay, clip_threshold=s.optim.clip_threshold,
-                            update_interval=s.optim.update_interval, mask=mask)
-    return None  # newton: stateless
+        return optim.sophia(_learning_rate(s), b1=o.b1, b2=o.b2, rho=o.rho, batch_scale=o.batch_scale,
+                            weight_decay=o.weight_decay, clip_threshold=o.clip_threshold,
+                            update_interval=o.update_interval, mask=mask, weight_decay_mask=decay_mask,
+                            momentum=o.momentum, grad_clip_norm=o.grad_clip_norm)
+    if method.optimizer in optim.NEWTON_OPTIMIZERS:  # trust radius + damping, carried and checkpointed
+        return optim.trust_region_state(s.optim.trust_radius, s.optim.damping)
+    return None
 
 
 def _init_split(partition: Partition, leaves: dict, down, rows):
@@ -119,6 +162,7 @@ class Unlearner:
     def __init__(self, graphdef, params: dict, method: Method, settings: StepSettings,
                  selected: np.ndarray | None = None, ref_params: dict | None = None, *, mesh=None,
                  rules=None, model_config=None):
+        settings = resolve_settings(method, settings)  # unset optim / loss fields filled (presets)
         self.graphdef, self.method, self.settings = graphdef, method, settings
         self.mesh = None
         self.partition = part = Partition(params, method.trainable, selected)
@@ -285,7 +329,8 @@ def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows,
     if ref is not None:
         ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"])  # noqa: E731
     loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.loss.gamma, beta=s.loss.beta,
-                                  retain_loss=s.loss.retain_loss, ref_logits_fn=ref_fn)
+                                  retain_loss=s.loss.retain_loss, ref_logits_fn=ref_fn,
+                                  normalization=s.loss.normalization or "token")
     if s.inject_nan_at_step >= 0:
         poison = jnp.where(step == s.inject_nan_at_step, jnp.nan, 1.0)
         terms = {**terms, "forget": terms["forget"] * poison}
@@ -297,29 +342,181 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
               probe_shardings=None):
     """One unlearning step (see `compiled_step`). `probe_shardings`: the trainable params'
     shardings on a mesh (Hutchinson probes are constrained to them), else None."""
+    s = resolve_settings(method, s)  # a no-op for an Unlearner's own (already resolved) settings
     mask = partition.optimizer_mask(trainable, rows)
     tx = build_optimizer(method, s, mask)
     loss_fn = functools.partial(_loss, graphdef, partition, method, s, rows)
-    if method.optimizer == "newton":
-        scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
-        _, terms = loss_fn(trainable, frozen, ref, batch, step)
-        trainable, info = optim.newton_cg_step(scalar, trainable, frozen, ref, batch, step, damping=s.optim.damping,
-                                               trust_radius=s.optim.trust_radius, maxiter=s.optim.cg_iters, tol=s.optim.cg_tol,
-                                               mask=mask)
-        metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"], "cg_iterations": info["cg_iterations"],
-                   "step_norm": info["step_norm"], **{f"loss/{k}": v for k, v in terms.items()}}
-        return trainable, opt_state, metrics
+    if method.optimizer in optim.NEWTON_OPTIMIZERS:
+        return _newton_type_step(graphdef, partition, method, s, trainable, opt_state, frozen, ref, rows, batch, key,
+                                 step, mask)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, ref, batch, step)
+    args = (frozen, ref, batch, step)
     extra = {}
-    if method.optimizer == "sophia":
-        estimate = _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings)
-        extra["hessian_estimate"] = optim.curvature_on_schedule(
-            estimate, step, s.optim.update_interval, trainable, key, grads, frozen, ref, batch, step)
+    if method.optimizer == "sophia" and s.optim.estimator == "hutchinson":
+        # Sophia-H: the gradient and the probes' HVPs from one linearization of the gradient map
+        (loss, terms), grads, extra["hessian_estimate"] = _grad_and_hutchinson(
+            loss_fn, s, trainable, key, step, args, probe_shardings)
+    else:
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, *args)
+        if method.optimizer == "sophia" and s.optim.estimator == "fisher":
+            extra["hessian_estimate"] = optim.FISHER  # g*g of the gradient Sophia sees (masked, clipped)
+        elif method.optimizer == "sophia":
+            estimate = _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings)
+            extra["hessian_estimate"] = optim.curvature_on_schedule(
+                estimate, step, s.optim.update_interval, trainable, key, grads, *args)
     updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
     trainable = optim.masked_apply(trainable, updates, mask)
     metrics = {"loss": loss, "grad_norm": tree_norm(grads), **{f"loss/{k}": v for k, v in terms.items()}}
+    if method.optimizer == "sophia":  # sophia/clip_fraction, sophia/update_over_lr_median, ...
+        metrics.update(optim.sophia_diagnostics(opt_state, rho=s.optim.rho, batch_scale=s.optim.batch_scale,
+                                                clip_threshold=s.optim.clip_threshold, mask=mask))
     return trainable, opt_state, metrics
+
+
+def _grad_and_hutchinson(loss_fn, s: StepSettings, trainable, key, step, args, probe_shardings=None):
+    """``((loss, terms), grads, h_hat)`` for Sophia-H: on curvature steps one
+    ``jax.linearize`` of the gradient map gives the gradient and the HVPs of the Hutchinson
+    probes (``curvature.grad_and_hutchinson``); on the others (``update_interval > 1``) a plain
+    gradient and zeros (``lax.cond``: only the taken branch runs)."""
+    def scalar(tr, *a):
+        loss, terms = loss_fn(tr, *a)
+        return loss, (loss, terms)
+
+    def curvature_step():
+        grads, aux, h_hat = grad_and_hutchinson(scalar, trainable, key, s.optim.num_probes, *args, has_aux=True,
+                                                shardings=probe_shardings)
+        return aux, grads, h_hat
+
+    if s.optim.update_interval == 1:
+        return curvature_step()
+
+    def plain_step():
+        aux, grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, *args)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype(jnp.result_type(p))), trainable)
+        return aux, grads, zeros
+
+    return jax.lax.cond(step % s.optim.update_interval == 0, curvature_step, plain_step)
+
+
+# Per-step diagnostics of the Newton-type steps, logged as "newton/<key>" (docs/method.md#newton).
+# newton/cg_exit: 0 converged (interior step), 1 negative curvature (followed to the boundary),
+# 2 boundary (CG crossed the trust radius), 3 max iterations (curvature.CG_* codes).
+NEWTON_METRICS = ("rho", "cg_exit", "cg_iterations", "cg_residual", "step_norm", "radius", "damping", "next_radius",
+                  "next_damping", "accepted", "cos_neg_grad", "predicted_decrease", "actual_decrease", "trial_loss")
+
+
+def _where_mask(mask, tree):
+    """Zero outside the optimizer mask (``jnp.where``; None = everything trainable)."""
+    if mask is None:
+        return tree
+    return jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), mask, tree)
+
+
+def _logit_losses(graphdef, partition, method, s, rows, frozen, ref, batch, step):
+    """GradDiff as a function of the logits, for the Gauss-Newton steps.
+
+    Returns ``(logits_fn, objective, forget_nll, retain_term)``: ``logits_fn(trainable)`` the
+    forget and retain logits ``{"forget": z_F, "retain": z_R}``; ``objective(z) -> (loss,
+    terms)`` the unlearning loss on them (``losses.unlearning_loss``, with `_loss`'s NaN
+    debugging poison); ``forget_nll(z) = L_F`` and ``retain_term(z) = R`` (retain NLL, or KL to
+    the reference), both convex in the logits, so their Gauss-Newton matrices are PSD."""
+    if method.objective != "graddiff":
+        raise ValueError(f"the {method.optimizer} step is defined for GradDiff only, not {method.objective!r}")
+    parts = ("forget", "retain")
+
+    def logits_fn(tr):
+        params, kwargs = partition.combine(tr, frozen, rows)
+        return {k: apply(graphdef, params, batch[k]["input_ids"], batch[k]["attention_mask"], **kwargs)
+                for k in parts}
+
+    ref_z = None
+    if ref is not None and s.loss.retain_loss == "kl":
+        ref_z = {k: jax.lax.stop_gradient(apply(graphdef, ref, batch[k]["input_ids"], batch[k]["attention_mask"]))
+                 for k in parts}
+    which = {id(batch[k]): k for k in parts}  # unlearning_loss asks for the logits of batch["forget"] / ["retain"]
+
+    def objective(z):
+        loss, terms = unlearning_loss(method.objective, lambda b: z[which[id(b)]], batch, gamma=s.loss.gamma,
+                                      beta=s.loss.beta, retain_loss=s.loss.retain_loss,
+                                      normalization=s.loss.normalization or "token",
+                                      ref_logits_fn=None if ref_z is None else (lambda b: ref_z[which[id(b)]]))
+        if s.inject_nan_at_step >= 0:
+            poison = jnp.where(step == s.inject_nan_at_step, jnp.nan, 1.0)
+            terms = {**terms, "forget": terms["forget"] * poison}
+            loss = loss * poison
+        return loss, terms
+
+    def forget_nll(z):
+        return token_mean_nll(z["forget"], batch["forget"]["labels"])
+
+    def retain_term(z):
+        if s.loss.retain_loss == "kl":
+            return kl_to_reference(z["retain"], ref_z["retain"], batch["retain"]["labels"])
+        return token_mean_nll(z["retain"], batch["retain"]["labels"])
+
+    return logits_fn, objective, forget_nll, retain_term
+
+
+def _newton_type_step(graphdef, partition, method, s, trainable, opt_state, frozen, ref, rows, batch, key, step,
+                      mask):
+    """The Newton-type steps on the trainable subset (docs/method.md#newton), ``opt_state`` a
+    ``optim.TrustRegionState``:
+
+    * ``newton``: trust-region Newton (N&W Alg. 4.1 + Steihaug CG, ``optim.trust_region_step``)
+      on the exact Hessian of the unlearning loss (``jax.linearize`` of its gradient);
+    * ``ggn``: the same trust region on the PSD Gauss-Newton matrix ``G_F + gamma G_R`` of
+      GradDiff (``-G_F + gamma G_R`` with the forget term's sign flipped), ``curvature.ggn_operator``;
+    * ``influence``: ``theta + s (G_R + lambda I)^-1 grad L_F`` (``optim.influence_step``).
+    """
+    o = s.optim
+    loss_fn = functools.partial(_loss, graphdef, partition, method, s, rows)
+    args = (frozen, ref, batch, step)
+    scalar = lambda tr, *a: loss_fn(tr, *a)[0]  # noqa: E731
+    forget_grad = None
+    if method.optimizer == "newton":
+        def value_and_grad(tr):
+            (value, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(tr, *args)
+            return g, (value, terms)
+
+        g, curvature, (loss, terms) = jax.linearize(value_and_grad, trainable, has_aux=True)
+    else:
+        logits_fn, objective, forget_nll, retain_term = _logit_losses(graphdef, partition, method, s, rows, frozen,
+                                                                      ref, batch, step)
+        if method.optimizer == "ggn":
+            psd = lambda z: forget_nll(z) + s.loss.gamma * retain_term(z)  # noqa: E731
+        else:
+            psd = retain_term
+        z, curvature, j_transpose = ggn_operator(logits_fn, psd, trainable)
+        (loss, terms), dz = jax.value_and_grad(objective, has_aux=True)(z)
+        g = j_transpose(dz)
+        if method.optimizer == "influence":
+            forget_grad = _where_mask(mask, j_transpose(jax.grad(forget_nll)(z)))
+    g = _where_mask(mask, g)
+    matvec = lambda v: _where_mask(mask, curvature(_where_mask(mask, v)))  # noqa: E731
+    if method.optimizer == "influence":
+        new, opt_state, info = optim.influence_step(scalar, trainable, opt_state, g, forget_grad, matvec, *args,
+                                                    loss=loss, mask=mask, scale=o.influence_scale,
+                                                    max_norm=o.trust_radius, maxiter=o.cg_iters, tol=o.cg_tol)
+    else:
+        new, opt_state, info = optim.trust_region_step(scalar, trainable, opt_state, g, matvec, *args, loss=loss,
+                                                       mask=mask, max_radius=o.tr_max_radius, eta=o.tr_eta,
+                                                       maxiter=o.cg_iters, tol=o.cg_tol,
+                                                       adapt_damping=o.tr_adapt_damping)
+    metrics = {"loss": loss, "grad_norm": info["grad_norm"], "cg_iterations": info["cg_iterations"],
+               "step_norm": info["step_norm"], **{f"newton/{k}": info[k] for k in NEWTON_METRICS},
+               **{f"loss/{k}": v for k, v in terms.items()}}
+    if o.lanczos_every:
+        # extreme eigenvalues of the (undamped) curvature the step used, on the trainable subset
+        # (padding slots of the compact rows add zero eigenvalues)
+        def extremes():
+            v0 = _where_mask(mask, rademacher_like(key, trainable))
+            r = lanczos(matvec, v0, o.lanczos_iters)
+            return r.min_eigenvalue.astype(jnp.float32), r.max_eigenvalue.astype(jnp.float32)
+
+        nan = jnp.asarray(jnp.nan, jnp.float32)
+        metrics["newton/lambda_min"], metrics["newton/lambda_max"] = jax.lax.cond(
+            step % o.lanczos_every == 0, extremes, lambda: (nan, nan))
+    return new, opt_state, metrics
 
 
 # Compiled once per (model, partition structure, method, settings, shapes): Unlearners that differ

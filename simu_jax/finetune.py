@@ -460,8 +460,13 @@ def run_finetune(
     dtype_kw = dict(param_dtype=jnp_dtype(cfg.model.dtype), dtype=jnp_dtype(cfg.model.compute_dtype),
                     remat=cfg.model.remat)
     if cfg.model.path is not None:
+        from simu_jax.sharding import param_shardings
+
+        # on a mesh each device reads only its block (committed one-device arrays could not be
+        # moved onto devices of other processes)
+        shardings = None if mesh is None else (lambda abstract, mc: param_shardings(abstract, mesh, model_config=mc))
         loaded = load_pretrained(resolve_model_path(cfg.model.path), dtype=dtype_kw["param_dtype"],
-                                 compute_dtype=dtype_kw["dtype"], remat=cfg.model.remat)
+                                 compute_dtype=dtype_kw["dtype"], remat=cfg.model.remat, shardings=shardings)
         _, params = split_params(loaded)
         # The graphdef of a freshly built model (not of `loaded`, which carries its source
         # directory as an attribute) so equal configs share compiled steps.

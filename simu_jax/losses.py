@@ -15,6 +15,7 @@ where R is the retain NLL, or the KL(pi_ref || pi) on retain tokens (`retain_los
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -30,11 +31,44 @@ F32 = jnp.float32
 class LossSpec:
     """The unlearning objective's hyper-parameters (``loss:`` in an unlearn config; hashable,
     part of the step's jit cache key): ``gamma`` the retain weight, ``beta`` NPO's
-    temperature, ``retain_loss`` the retain term R (``nll`` or ``kl`` to the reference)."""
+    temperature, ``retain_loss`` the retain term R (``nll`` or ``kl`` to the reference),
+    ``normalization`` how an NLL term averages its tokens (:data:`NORMALIZATIONS`).
 
-    gamma: float = field(default=1.0, metadata={"range": (0.0, None)})
+    ``gamma`` and ``normalization`` left unset (None) take the optimizer preset's values
+    (:meth:`resolved`; docs/method.md#soul-optimizer): SOUL's for ``preset="soul"``, else 1 and
+    ``token``."""
+
+    gamma: float | None = field(default=None, metadata={"range": (0.0, None)})
     beta: float = field(default=0.1, metadata={"range": (0.0, None, "()")})
     retain_loss: Literal["nll", "kl"] = "nll"
+    normalization: Literal["token", "sequence"] | None = None
+
+    def resolved(self, objective: str, preset: str | None = None) -> "LossSpec":
+        """Unset fields filled for ``objective`` under the optimizer ``preset``; explicit values kept.
+
+        ``soul``: gamma 2 for GradDiff (SOUL ``configs/TOFU/SO_GradDiff.json:15-16``), 5 for
+        IdK (SOUL's PO = ``CL+FT``, refusal labels + gamma x retain NLL,
+        ``configs/TOFU/SO_PO.json:21-22``, ``src/unlearn/CL.py:36-70``), 1 otherwise (SOUL has
+        no TOFU NPO config); normalization ``sequence``. Otherwise gamma 1, ``token``."""
+        soul = preset == "soul"
+        fill = {}
+        if self.gamma is None:
+            fill["gamma"] = SOUL_GAMMA.get(objective, 1.0) if soul else 1.0
+        if self.normalization is None:
+            fill["normalization"] = "sequence" if soul else "token"
+        return dataclasses.replace(self, **fill) if fill else self
+
+
+# How an NLL term of the objective averages over a batch of sequences:
+#   token     sum of the token NLLs / number of answer tokens in the batch (HF's causal-LM loss
+#             over the whole batch at once)
+#   sequence  mean over the batch's sequences of each sequence's token-mean NLL: SOUL's, whose
+#             Trainer runs batch_size 1 (configs/TOFU/SO_GradDiff.json:31) x 4 accumulation
+#             steps (:13): each micro-batch loss is one sequence's HF loss
+#             (src/unlearn/GA.py:49-52, outputs.loss), accelerate's backward divides it by the 4
+#             accumulation steps (src/unlearn/base.py:779), and the gradients add up
+NORMALIZATIONS = ("token", "sequence")
+SOUL_GAMMA = {"graddiff": 2.0, "idk": 5.0}
 
 
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,6 +97,24 @@ def token_mean_nll(logits, labels) -> jax.Array:
     """Mean NLL over all label tokens of the batch (HF's causal-LM loss). 0 if there are none."""
     total, count = sequence_nll(logits, labels)
     return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+
+
+def sequence_mean_nll(logits, labels) -> jax.Array:
+    """Mean over the sequences with at least one label token of each one's token-mean NLL
+    (SOUL's normalization: one sequence per micro-batch, micro-batch losses averaged). 0 if none."""
+    total, count = sequence_nll(logits, labels)
+    real = count > 0
+    per_example = total / jnp.maximum(count, 1)
+    return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+
+
+def mean_nll(logits, labels, normalization: str = "token") -> jax.Array:
+    """The NLL term of an objective under ``normalization`` (:data:`NORMALIZATIONS`)."""
+    if normalization == "token":
+        return token_mean_nll(logits, labels)
+    if normalization == "sequence":
+        return sequence_mean_nll(logits, labels)
+    raise ValueError(f"normalization={normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
 
 
 def token_accuracy(logits, labels) -> tuple[jax.Array, jax.Array]:
@@ -104,11 +156,15 @@ def unlearning_loss(
     beta: float = 0.1,
     retain_loss: str = "nll",
     ref_logits_fn: Callable[[dict], jax.Array] | None = None,
+    normalization: str = "token",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, terms) for one paired batch {'forget': ..., 'retain': ..., ['forget_idk': ...]}.
 
     `logits_fn(b)` runs the model being unlearned; `ref_logits_fn(b)` the frozen reference
     (needed by NPO and by the KL retain loss). Terms are returned for logging and NaN reports.
+    `normalization` (`token` | `sequence`, see `NORMALIZATIONS`) applies to the NLL terms (GA /
+    GradDiff forget, IdK forget, the `nll` retain term); NPO is a mean over sequences and the KL
+    retain term a mean over tokens either way.
     """
     if objective not in UNLEARN_OBJECTIVES:
         raise ValueError(f"objective={objective!r}; allowed: {', '.join(UNLEARN_OBJECTIVES)}")
@@ -116,14 +172,14 @@ def unlearning_loss(
     terms: dict[str, jax.Array] = {}
     if objective == "idk":
         idk = batch["forget_idk"]
-        terms["forget"] = token_mean_nll(logits_fn(idk), idk["labels"])
+        terms["forget"] = mean_nll(logits_fn(idk), idk["labels"], normalization)
     else:
         forget_logits = logits_fn(forget)
         if objective == "npo":
             ref = jax.lax.stop_gradient(ref_logits_fn(forget))
             terms["forget"] = npo_loss(forget_logits, ref, forget["labels"], beta)
         else:
-            terms["forget"] = -token_mean_nll(forget_logits, forget["labels"])
+            terms["forget"] = -mean_nll(forget_logits, forget["labels"], normalization)
     loss = terms["forget"]
     if objective != "ga" and gamma > 0:
         retain = batch["retain"]
@@ -132,7 +188,7 @@ def unlearning_loss(
             ref = jax.lax.stop_gradient(ref_logits_fn(retain))
             terms["retain"] = kl_to_reference(retain_logits, ref, retain["labels"])
         elif retain_loss == "nll":
-            terms["retain"] = token_mean_nll(retain_logits, retain["labels"])
+            terms["retain"] = mean_nll(retain_logits, retain["labels"], normalization)
         else:
             raise ValueError(f"retain_loss={retain_loss!r}; allowed: nll, kl")
         loss = loss + gamma * terms["retain"]

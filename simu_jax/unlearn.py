@@ -65,6 +65,16 @@ class EvalSpec:
     forget examples) reaches this many nats. `keep_best`: the written model is the one of the
     curve step with the best balance `forget NLL - retain NLL` (both in nats), not the last
     (after `--resume`, among the steps since the resume point). Both need `every > 0`.
+
+    `protocol`: whose evaluation choices the final evaluation follows (`tofu`: TOFU's
+    evaluate_util.py; `open-unlearning`; `simu`: this project's; null = the benchmark's default,
+    `evaluate.protocol.DEFAULT_PROTOCOL`: tofu for TOFU, simu for the synthetic benchmark, whose
+    models are trained here with the answer alone scored; docs/metrics.md). `max_new_tokens`:
+    new-token budget (null = the protocol's; under tofu, TOFU's 200 tokens in total, which a
+    number caps further). `reference_log`: a TOFU eval log
+    (`eval_log_aggregated.json`, e.g. a published retain model's) whose forget-set truth ratios
+    are the forget-quality reference when no `reference` model is given. `dtype`: the parameter
+    dtype of the evaluation (`protocol`: bfloat16 under tofu, as TOFU runs; `model`: the model's).
     """
 
     enabled: bool = True
@@ -74,8 +84,15 @@ class EvalSpec:
     limit: int | None = field(default=None, metadata={"range": POS})
     curve_limit: int = field(default=32, metadata={"range": POS})
     generate: bool = True
-    max_new_tokens: int = field(default=32, metadata={"range": POS})
+    max_new_tokens: int | None = field(default=32, metadata={"range": POS})
     batch_size: int = field(default=16, metadata={"range": POS})
+    protocol: Literal["tofu", "open-unlearning", "simu"] | None = None
+    reference_log: str | None = None
+    dtype: Literal["protocol", "model", "bfloat16", "float32"] = "protocol"
+
+    def __post_init__(self):
+        if self.reference_log is not None and not Path(self.reference_log).expanduser().exists():
+            raise FileNotFoundError(f"eval.reference_log: TOFU eval log not found: {self.reference_log}")
 
 
 @dataclass
@@ -105,7 +122,26 @@ def step_settings(cfg: UnlearnConfig) -> StepSettings:
     """The step's hyper-parameters: the config's own ``optim`` and ``loss`` objects (the debug
     NaN step is 1-based here, the engine counts steps from 0)."""
     nan = cfg.debug.inject_nan_at_step
-    return StepSettings(optim=cfg.optim, loss=cfg.loss, inject_nan_at_step=-1 if nan is None else nan - 1)
+    return StepSettings(optim=cfg.optim, loss=cfg.loss, inject_nan_at_step=-1 if nan is None else nan - 1,
+                        total_steps=cfg.steps)
+
+
+def resolve_config(cfg: UnlearnConfig) -> UnlearnConfig:
+    """``cfg`` with the ``optim`` / ``loss`` fields left unset filled in (what config.yaml records).
+
+    A Sophia method (so_*, simu_*) without ``optim.preset`` takes ``soul``, SOUL's optimizer as
+    its code runs (docs/method.md#soul-optimizer); then ``OptimSpec.resolved`` (with
+    ``steps`` for the schedule's warmup) and ``LossSpec.resolved``. Idempotent."""
+    from simu_jax.engine import resolve_settings
+
+    method = resolved_method(cfg)
+    o = cfg.optim
+    if method.optimizer == "sophia" and o.preset is None:
+        o = dataclasses.replace(o, preset="soul")
+    s = resolve_settings(method, dataclasses.replace(step_settings(cfg), optim=o))
+    if s.optim == cfg.optim and s.loss == cfg.loss:
+        return cfg
+    return dataclasses.replace(cfg, optim=s.optim, loss=s.loss)
 
 
 def resolved_method(cfg: UnlearnConfig):
@@ -131,17 +167,18 @@ class Prepared:
     arrays: dict  # forget / retain / forget_idk -> numpy arrays, common length
 
 
-def prepare(cfg: UnlearnConfig, bench=None) -> Prepared:
+def prepare(cfg: UnlearnConfig, bench=None, mesh=None) -> Prepared:
     """Load the target model, its tokenizer, the benchmark, and tokenize forget/retain.
 
     `bench`: a `simu_jax.data.Benchmark` to use instead of loading `cfg.data`'s (experiments on
-    custom splits, e.g. sequential forget requests); it is tokenized the same way."""
+    custom splits, e.g. sequential forget requests); it is tokenized the same way. `mesh`: the
+    weights are read straight into their shardings on it (each device reads only its block)."""
     from simu_jax.data import TRAIN_BUCKETS, pad_to_length, tokenize_qa
     from simu_jax.engine import with_refusals
 
     if cfg.model.path is None:
         raise ValueError("model.path is required: the fine-tuned target model to unlearn from")
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, shardings=None if mesh is None else _mesh_param_shardings(mesh))
     tok = loaded.tokenizer
     bench = load_benchmark(cfg.data) if bench is None else bench
     for name in ("forget", "retain"):
@@ -161,6 +198,13 @@ def prepare(cfg: UnlearnConfig, bench=None) -> Prepared:
     return Prepared(loaded.model, loaded.graphdef, loaded.params, tok, loaded.tokenizer_dir, bench, template, arrays)
 
 
+def _mesh_param_shardings(mesh):
+    """``(abstract_params, model_config) -> shardings`` on ``mesh`` (the loader's callable form)."""
+    from simu_jax.sharding import param_shardings
+
+    return lambda abstract, model_config: param_shardings(abstract, mesh, model_config=model_config)
+
+
 def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
     """The neuron mask of a run: loaded (`attribution.mask_path`) or attributed on forget + retain."""
     import numpy as np
@@ -170,7 +214,8 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
 
     a = cfg.attribution
     if a.mask_path:
-        return NeuronMask.load(a.mask_path)
+        mcfg = prep.model.config
+        return NeuronMask.load(a.mask_path, shape=(mcfg.num_hidden_layers, mcfg.intermediate_size))
 
     def batches(arrays):
         n = len(arrays["input_ids"]) if a.max_examples is None else min(a.max_examples, len(arrays["input_ids"]))
@@ -209,9 +254,10 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.models.convert import save_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
-    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, place_like, shard_params, to_host
+    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, place_like, to_host
 
     t_start = time.time()
+    cfg = resolve_config(cfg)  # presets applied: config.yaml and run.json record the values that ran
     done = RunDirectory.finished(out_dir, resume, "result.json")
     if done is not None:
         return done
@@ -222,7 +268,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary  # progress and messages from process 0 only
-    prep = prepare(cfg, bench)
+    prep = prepare(cfg, bench, mesh)
     method = resolved_method(cfg)
     mask = None
     if method.trainable.mlp == "masked":
@@ -235,9 +281,6 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
             mask = compute_mask(cfg, prep, quiet)
             if run.primary:
                 mask.save(mask_dir)
-    if mesh is not None:
-        # sharded once here and shared: the Unlearner's frozen tree aliases these arrays
-        prep.params = shard_params(prep.params, mesh, model_config=prep.model.config)
     # with a mesh, built directly on it: trainable copy and optimizer state created sharded
     unlearner = Unlearner(prep.graphdef, prep.params, method, step_settings(cfg),
                           selected=None if mask is None else mask.selected, mesh=mesh,
@@ -345,9 +388,13 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
                                           format_summary, reference_forget_truth_ratios, summary_metrics,
                                           write_results)
 
-    scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size)
+    from simu_jax.evaluate.protocol import default_protocol
+
     bench = prep.bench
-    sets = evaluation_sets(bench, cfg.eval.limit)
+    protocol = cfg.eval.protocol or default_protocol(bench.name)
+    scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size,
+                    protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype)
+    sets = evaluation_sets(bench, cfg.eval.limit, protocol=protocol)
     if bench.name == "lume":
         from simu_jax.data import load_mia_documents
 
@@ -356,13 +403,19 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
         except FileNotFoundError:
             member = nonmember = None
         summary, per_sample = evaluate_lume(scorer, sets["forget"], sets["retain"], member, nonmember,
-                                            max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate)
+                                            max_new_tokens=cfg.eval.max_new_tokens or 256, generate=cfg.eval.generate)
     else:
         ref_tr = None
         if cfg.reference:
             ref = load_model(cfg.reference)
             ref_tr = reference_forget_truth_ratios(Scorer(ref.graphdef, ref.params, prep.tokenizer, prep.template,
-                                                          batch_size=cfg.eval.batch_size), sets["forget"])
+                                                          batch_size=cfg.eval.batch_size, protocol=protocol,
+                                                          dtype=scorer.dtype),
+                                                   sets["forget"])
+        elif cfg.eval.reference_log:
+            from simu_jax.evaluate.tofu_log import log_forget_truth_ratios, read_tofu_log
+
+            ref_tr = log_forget_truth_ratios(read_tofu_log(cfg.eval.reference_log))
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens)
     write_results(out, cfg.method, summary, per_sample)
@@ -396,14 +449,18 @@ def plan(cfg: UnlearnConfig) -> str:
     from simu_jax.models.spec import model_config_from_spec
 
     method = resolved_method(cfg)
+    cfg = resolve_config(cfg)
     lines = [f"method: {cfg.method} (objective {method.objective}, optimizer {method.optimizer}, "
              f"trainable {dataclasses.asdict(method.trainable)})",
+             "optim: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.optim).items()),
+             "loss: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.loss).items()),
              f"model: {cfg.model.path}", f"benchmark: {cfg.data.benchmark}", f"steps: {cfg.steps} x batch {cfg.batch_size}"]
     try:
         from simu_jax.sharding import memory_estimate
 
         mcfg = model_config_from_spec(cfg.model)
-        est = memory_estimate(mcfg, {"adamw": "fo", "sophia": "so", "newton": "simu"}[method.optimizer]
+        est = memory_estimate(mcfg, {"adamw": "fo", "sophia": "so", "newton": "so", "ggn": "so", "influence": "so"}
+                              .get(method.optimizer, "so")  # Newton-type: CG vectors ~ Sophia's two buffers
                               if method.trainable.mlp != "masked" else "simu")
         lines.append("memory estimate (bytes): " + ", ".join(f"{k} {v:,.0f}" for k, v in est.items()
                                                           if isinstance(v, (int, float))))

@@ -155,7 +155,8 @@ def test_targets_block(result):
 
 def test_state_bytes_and_trainable_counts(result):
     steps = result["steps"]["methods"]
-    assert steps["simu_newton"]["state_bytes"] == 0  # Newton-CG keeps no optimizer state
+    # trust-region Newton keeps only scalars (count, radius, damping): no per-parameter state
+    assert steps["simu_newton"]["state_param_bytes"] == 0 and steps["simu_newton"]["state_scalar_leaves"] == 3
     assert 0 < steps["simu_graddiff"]["state_bytes"] < steps["so_graddiff"]["state_bytes"]
     assert steps["simu_graddiff"]["num_trainable"] < steps["so_graddiff"]["num_trainable"]
     assert steps["so_graddiff"]["num_trainable"] == result["steps"]["config"]["num_params"]

@@ -193,7 +193,11 @@ def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path):
 
 def test_early_stop_and_keep_best(demo, tmp_path):
     out = tmp_path / "best"
-    args = _unlearn_args(demo, out, "steps=6", "eval.every=1", "eval.keep_best=true", "eval.stop_forget_loss=3.0")
+    # a constant learning rate (the paper's Sophia, not SOUL's schedule, whose horizon is `steps`),
+    # so the first N steps of this run are a run of N steps
+    const = "optim.preset=sophia"
+    args = _unlearn_args(demo, out, const, "steps=6", "eval.every=1", "eval.keep_best=true",
+                         "eval.stop_forget_loss=3.0")
     assert main(args) == 0
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in rows if "eval/forget_loss" in r and r["step"] > 0]
@@ -206,7 +210,7 @@ def test_early_stop_and_keep_best(demo, tmp_path):
     assert best == max(scores, key=scores.get)
     # the written model is the best step's: equal to a plain run of exactly that many steps
     plain = tmp_path / "plain"
-    assert main(_unlearn_args(demo, plain, f"steps={best}")) == 0
+    assert main(_unlearn_args(demo, plain, const, f"steps={best}")) == 0
     for a, b in zip(jax.tree.leaves(_params(out)), jax.tree.leaves(_params(plain))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -265,3 +269,30 @@ def test_sigkill_then_resume_equals_uninterrupted(demo, tmp_path):
     assert main(resume[:1] + ["--resume"] + resume[1:]) == 0
     for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(killed))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_runs_log_second_order_diagnostics(demo, capsys):
+    """Every step of a Newton-type run logs its trust-region diagnostics and every Sophia step its
+    clip fraction (metrics.jsonl); the report tabulates them; --dry-run plans each Newton method."""
+    def steps(method):
+        rows = [json.loads(line) for line in (demo / "runs" / method / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r]
+
+    for method in ("simu_newton", "simu_ggn"):
+        rows = steps(method)
+        assert rows
+        for r in rows:
+            for k in ("newton/rho", "newton/cg_exit", "newton/cos_neg_grad", "newton/cg_iterations", "newton/radius",
+                      "newton/accepted", "newton/predicted_decrease", "newton/actual_decrease"):
+                assert k in r, (method, k)
+            assert r["newton/cg_exit"] in (0, 1, 2, 3) and -1 - 1e-6 <= r["newton/cos_neg_grad"] <= 1 + 1e-6
+    for method in ("so_graddiff", "simu_graddiff"):
+        for r in steps(method):
+            assert 0 <= r["sophia/clip_fraction"] <= 1, method
+    assert "## Second-order diagnostics" in (demo / "report" / "report.md").read_text()
+    common = ["--set", f"model.path={demo / 'target' / 'model'}", "data.synthetic.num_people=10",
+              "data.synthetic.num_general=10"]
+    for method in ("simu_newton", "simu_ggn", "simu_influence", "so_influence", "so_newton"):
+        assert main(["unlearn", "--dry-run", "--out", str(demo / "unused"), *common, f"method={method}"]) == 0
+        out = capsys.readouterr().out
+        assert "memory estimate (bytes)" in out and "optimizer" in out, method

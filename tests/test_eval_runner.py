@@ -372,8 +372,25 @@ def test_cli_writes_summary_json(hf, tmp_path, capsys):
     assert all(" " not in k for k in metrics)
     per = json.loads((out / "per_sample.json").read_text())
     assert len(per["forget"]["generation"]) == 3 and len(per["holdout"]["answer"]) == 3
-    assert sorted(p.name for p in out.iterdir()) == ["per_sample.json", "summary.json"]  # no temp files left
+    assert per["meta"]["protocol"] == "simu" and doc["settings"]["protocol"] == "simu"  # the synthetic default (DEFAULT_PROTOCOL)
+    # no temp files left; the per-row results also in TOFU's eval-log layout
+    assert sorted(p.name for p in out.iterdir()) == ["eval_log_aggregated.json", "per_sample.json", "summary.json"]
+    tofu_log = json.loads((out / "eval_log_aggregated.json").read_text())
+    assert {"eval_log.json", "eval_log_forget.json", "eval_general.json"} <= set(tofu_log)
+    forget_log = tofu_log["eval_log_forget.json"]
+    assert sorted(forget_log["avg_gt_loss"]) == ["0", "1", "2"]
+    np.testing.assert_allclose([forget_log["avg_gt_loss"][str(i)] for i in range(3)],
+                               per["forget"]["answer_mean_nll"], rtol=1e-12)
+    assert forget_log["generated_text"]["0"][1] == per["forget"]["generation"][0]
     assert "forget_rouge" in capsys.readouterr().out
+
+    # that log is a forget-quality reference: the model against its own log -> FQ 1
+    out2 = tmp_path / "eval2"
+    rc = cli_main(["--model", str(model_dir), "--benchmark", "synthetic", "--limit", "3", "--out", str(out2),
+                   "--reference-log", str(out / "eval_log_aggregated.json"), "--max-new-tokens", str(NEW),
+                   "--batch-size", "4", "--buckets", ",".join(map(str, BUCKETS)), "--no-generate"])
+    doc2 = json.loads((out2 / "summary.json").read_text())
+    assert doc2["metrics"]["forget_quality"] == 1.0 and doc2["reference_log"].endswith("eval_log_aggregated.json")
 
 
 def test_cli_bad_model_dirs_give_one_line_errors(tmp_path):
@@ -389,3 +406,12 @@ def test_cli_bad_model_dirs_give_one_line_errors(tmp_path):
     assert "no weights" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="lume"):
         cli_main(["--model", str(empty), "--benchmark", "lume", "--reference", str(empty)])
+    with pytest.raises(ValueError, match="not both"):
+        cli_main(["--model", str(empty), "--benchmark", "tofu", "--reference", str(empty),
+                  "--reference-log", str(empty)])
+    with pytest.raises(FileNotFoundError, match="TOFU eval log"):
+        cli_main(["--model", str(empty), "--benchmark", "synthetic", "--reference-log", str(missing)])
+    with pytest.raises(ValueError, match="--protocol applies"):
+        cli_main(["--model", str(empty), "--benchmark", "lume", "--protocol", "tofu"])
+    with pytest.raises(ValueError, match="--template must be"):
+        cli_main(["--model", str(empty), "--benchmark", "synthetic", "--template", "Q:"])

@@ -104,6 +104,21 @@ def test_rouge_l_recall_hand():
     np.testing.assert_allclose(M.rouge_l_recall([""], ["the cat"]), [0.0])
 
 
+def test_rouge1_recall_hand():
+    ref = "The cat sat on the mat"  # unigrams: the x2, cat, sat, on, mat
+    pred = "mat on the cats"  # stemmed: mat, on, the, cat -> 4 of the 6 reference unigrams
+    np.testing.assert_allclose(M.rouge1_recall([pred], [ref]), [4 / 6])
+    # order does not matter for ROUGE-1 but does for ROUGE-L (LCS "on the"... = 2)
+    both = M.rouge_recalls([pred], [ref])
+    np.testing.assert_allclose(both["rouge1_recall"], [4 / 6])
+    np.testing.assert_allclose(both["rougeL_recall"], M.rouge_l_recall([pred], [ref]))
+    assert both["rougeL_recall"][0] == pytest.approx(2 / 6)
+    # clipped counts: "the the the" matches "the" twice at most
+    np.testing.assert_allclose(M.rouge1_recall(["the the the"], [ref]), [2 / 6])
+    with pytest.raises(ValueError):
+        M.rouge1_recall(["a"], [])
+
+
 def test_exact_match_semeval_normalisation():
     got = M.exact_match([" Paris \n", "paris.", "The Paris", "PARIS"], ["paris", "paris", "paris", "Paris"])
     np.testing.assert_array_equal(got, [1.0, 0.0, 0.0, 1.0])
@@ -394,3 +409,35 @@ def test_mia_aucs_all_attacks():
     out2 = mia.mia_aucs({"token_logprobs": member["token_logprobs"]},
                         {"token_logprobs": nonmember["token_logprobs"]})
     assert set(out2) == {"loss", "min_k"}
+
+
+# --------------------------------------------------------------------------- #
+# open-unlearning's extra metrics, hand-computed
+# --------------------------------------------------------------------------- #
+def test_exact_memorization_and_extraction_strength_hand():
+    T, F = True, False
+    hits = [np.array([T, F, T, T]), np.array([F, T, T, T]), np.array([T, T, F]), np.array([T, T, T]),
+            np.array([], bool)]
+    np.testing.assert_allclose(M.exact_memorization(hits)[:4], [3 / 4, 3 / 4, 2 / 3, 1.0])
+    assert np.isnan(M.exact_memorization(hits)[4])
+    # ES = 1 - k/n, k = start of the all-correct suffix: [T,F,T,T] k=2 -> 0.5; [F,T,T,T] k=1 -> 0.75;
+    # [T,T,F]: no correct suffix, open-unlearning's loop leaves k = n-1 = 2 -> 1/3; all right -> 1
+    np.testing.assert_allclose(M.extraction_strength(hits), [0.5, 0.75, 1 / 3, 1.0, 0.0])
+
+
+def test_privleak_hand():
+    # unlearned AUC 0.8, retain model 0.6: ((1-0.8) - (1-0.6)) / (1-0.6) * 100 = -50
+    assert M.privleak(0.8, 0.6) == pytest.approx(-50.0, rel=1e-8)
+    # the default reference 0.5: AUC 0.3 -> (0.7 - 0.5) / 0.5 * 100 = 40
+    assert M.privleak(0.3) == pytest.approx(40.0, rel=1e-8)
+    assert M.privleak(0.6, 0.6) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_and_gradnorm_scores_hand():
+    np.testing.assert_allclose(mia.reference_score([1.0, 2.5], [1.5, 2.0]), [0.5, -0.5])
+    # members: target NLL below the reference's -> AUC 1 (higher = member)
+    assert mia.auc(mia.reference_score([0.1, 0.2], [1.0, 1.0]), mia.reference_score([1.0, 1.1], [1.0, 1.0])) == 1.0
+    # smaller gradients = member
+    assert mia.auc(mia.gradnorm_score([0.1, 0.3]), mia.gradnorm_score([0.2, 0.5])) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        mia.reference_score([1.0], [1.0, 2.0])

@@ -135,3 +135,21 @@ def test_format_table_flat_and_nested_rows():
     assert lines[0] == "| method | forget_rouge | model_utility | mia_auc | zzz_custom |"
     assert lines[2] == "| X | 1.000 | 0.123 | – | – |"
     assert lines[3] == "| Y | 0.000 | – | 0.500 | 2.000 |"
+
+
+def test_second_order_diagnostics_from_metrics_rows():
+    from simu_jax.evaluate.report import diagnostics
+
+    rows = [{"step": i + 1, "loss": 1.0, "newton/cos_neg_grad": c, "newton/cg_iterations": it, "newton/accepted": a,
+             "newton/rho": r} for i, (c, it, a, r) in enumerate([(1.0, 1, 1, 0.5), (0.5, 3, 1, 0.9), (0.98, 2, 0, -1.0),
+                                                                 (float("nan"), 5, 1, 0.2)])]
+    d = diagnostics(rows)
+    assert d["steps"] == 4
+    assert d["steps with cos < 0.99"] == 2 / 3 and d["cos(step, -g) (median)"] == 0.98  # NaN rows skipped
+    assert d["steps with CG > 1 iteration"] == 3 / 4 and d["CG iterations (median)"] == 2.5
+    assert d["accepted steps"] == 3 / 4 and d["rho (median)"] == 0.35
+    assert "Sophia clip fraction (median)" not in d
+    sophia = diagnostics([{"step": 1, "loss": 0.0, "sophia/clip_fraction": 0.9}, {"step": 2, "loss": 0.0,
+                                                                               "sophia/clip_fraction": 0.7}])
+    assert sophia["Sophia clip fraction (median)"] == pytest.approx(0.8)
+    assert diagnostics([{"step": 1, "loss": 0.0}]) == {}  # no second-order key: no row in the table

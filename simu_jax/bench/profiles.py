@@ -106,4 +106,6 @@ def step_settings(p: Profile, **overrides):
                 update_interval=1, estimator="fisher", damping=10.0, trust_radius=0.5, cg_iters=p.cg_iters,
                 cg_tol=1e-12)
     base.update(overrides)
+    if base["estimator"] != "fisher":  # SOUL's batch scale belongs to its g*g estimate only
+        base["batch_scale"] = 1.0
     return StepSettings(optim=OptimSpec(**base), loss=LossSpec(gamma=1.0))

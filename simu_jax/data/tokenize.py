@@ -8,7 +8,9 @@ Conventions (Hugging Face style):
   compiles only a few shapes.
 * QA pairs: the prompt and the answer are tokenized separately and their ids
   concatenated, so the answer boundary is exact and the prompt tokens are the same
-  ones the model later sees at generation time (:func:`tokenize_prompts`).
+  ones the model later sees at generation time (:func:`tokenize_prompts`). Evaluation under
+  an official protocol (TOFU, open-unlearning) tokenizes question and answer as one string
+  instead: :func:`tokenize_qa_joint` (training is unchanged).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "bucket_length",
     "tokenize_prompts",
     "tokenize_qa",
+    "tokenize_qa_joint",
     "tokenize_texts",
     "train_bpe_tokenizer",
 ]
@@ -192,6 +195,80 @@ def tokenize_qa(
         input_ids[i, : len(s)] = s
         attention_mask[i, : len(s)] = 1
         labels[i, start : len(s)] = s[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tokenize_qa_joint(
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    template: QATemplate = QATemplate(),
+    max_length: int | None = None,
+    answer_key: str = "answer",
+    *,
+    style: str = "tofu",
+    question_key: str = "question",
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Tokenize QA records for *evaluation* the way an official benchmark does: question and
+    answer encoded as one string (so the seam tokens are the ones the joint text gives).
+
+    ``style="tofu"`` (``locuslab/tofu`` ``data_module.py:8-32``
+    ``convert_raw_data_to_model_format``): ``new_question = question_start + question +
+    question_end``, ``new_answer = answer_start + answer``; ``ids = tokenizer(new_question +
+    new_answer, add_special_tokens=True)`` cut to ``max_length``; labels are ``ids + [eos]``
+    (``ids`` alone when the cut hit ``max_length``) with the first
+    ``len(tokenizer.tokenize(new_question, add_special_tokens=True))`` positions masked, so the
+    answer tag, the answer and the EOS are scored.
+
+    ``style="open-unlearning"`` (``src/data/utils.py:92-124`` ``preprocess_chat_instance``):
+    ``prompt = template.prompt(question)`` (with the answer tag); ``ids = tokenizer(prompt +
+    answer, add_special_tokens=True)`` cut to ``max_length``, EOS appended unless already last;
+    the first ``len(tokenizer(prompt, add_special_tokens=True))`` positions masked: the answer
+    and the EOS are scored.
+
+    Returns int32 ``input_ids``, ``attention_mask``, ``labels`` [N, T] like :func:`tokenize_qa`
+    (right-padded; ``T`` a bucket, or ``pad_to``). Training keeps using :func:`tokenize_qa`.
+    """
+    if style not in ("tofu", "open-unlearning"):
+        raise ValueError(f"style must be 'tofu' or 'open-unlearning', got {style!r}")
+    eos = _eos_id(tokenizer)
+    seqs, labs = [], []
+    for r in records:
+        q, a = str(r[question_key]), str(r[answer_key])
+        if style == "tofu":
+            new_question = f"{template.question_start}{q}{template.question_end}"
+            full = new_question + template.answer_start + a
+            n_mask = len(tokenizer.tokenize(new_question, add_special_tokens=True))
+            ids = list(tokenizer(full, add_special_tokens=True)["input_ids"])
+            if max_length is not None:
+                ids = ids[:max_length]
+            label = list(ids) if max_length is not None and len(ids) == max_length else ids + [eos]
+            seq = label if len(label) > len(ids) else ids
+        else:
+            prompt = template.prompt(q)
+            ids = list(tokenizer(prompt + a, add_special_tokens=True)["input_ids"])
+            p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            if max_length is not None:
+                ids, p_ids = ids[:max_length], p_ids[:max_length]
+            if ids[-1] != eos:
+                ids = ids + [eos]
+            n_mask = len(p_ids)
+            seq = label = ids
+        label = [IGNORE_INDEX] * min(n_mask, len(label)) + label[n_mask:]
+        seqs.append(seq)
+        labs.append(label)
+    T = _target_length([len(s) for s in seqs], buckets, None, pad_to)
+    if any(len(s) > T for s in seqs):
+        raise ValueError(f"QA sequences longer than pad_to={T}")
+    n = len(seqs)
+    input_ids = np.full((n, T), _pad_id(tokenizer), dtype=np.int32)
+    attention_mask = np.zeros((n, T), dtype=np.int32)
+    labels = np.full((n, T), IGNORE_INDEX, dtype=np.int32)
+    for i, (s, lab) in enumerate(zip(seqs, labs)):
+        input_ids[i, : len(s)] = s
+        attention_mask[i, : len(s)] = 1
+        labels[i, : len(lab)] = lab
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

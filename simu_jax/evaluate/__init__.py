@@ -2,7 +2,9 @@
 
 ``metrics`` and ``mia`` are numpy/scipy only; :mod:`simu_jax.evaluate.scoring` runs a model
 (``Scorer``), :mod:`simu_jax.evaluate.runner` turns its statistics into the reported suites and
-is ``simu-jax evaluate``; :mod:`simu_jax.evaluate.report` (matplotlib) reads run directories.
+is ``simu-jax evaluate``; :mod:`simu_jax.evaluate.protocol` holds the evaluation protocols
+(``tofu``, ``open-unlearning``, ``simu``), :mod:`simu_jax.evaluate.tofu_log` TOFU's eval-log
+layout; :mod:`simu_jax.evaluate.report` (matplotlib) reads run directories.
 Definitions and their official sources: ``docs/metrics.md``.
 """
 
@@ -12,6 +14,8 @@ from simu_jax.evaluate.metrics import (
     TOFU_SETS,
     answer_probability,
     exact_match,
+    exact_memorization,
+    extraction_strength,
     forget_quality,
     harmonic_mean,
     ks_test,
@@ -20,7 +24,10 @@ from simu_jax.evaluate.metrics import (
     mia_score,
     model_utility,
     normalized_true_probability,
+    privleak,
+    rouge1_recall,
     rouge_l_recall,
+    rouge_recalls,
     semeval_final_score,
     tofu_summary,
     truth_ratio,
@@ -28,10 +35,12 @@ from simu_jax.evaluate.metrics import (
 )
 from simu_jax.evaluate.mia import (
     auc,
+    gradnorm_score,
     loss_score,
     mia_aucs,
     min_k_plus_plus_score,
     min_k_score,
+    reference_score,
     token_logprobs_from_logits,
     token_stats_from_logits,
     zlib_length,

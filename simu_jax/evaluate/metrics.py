@@ -44,10 +44,15 @@ __all__ = [
     "ks_test",
     "forget_quality",
     "rouge_l_recall",
+    "rouge1_recall",
+    "rouge_recalls",
     "exact_match",
     "harmonic_mean",
     "model_utility",
     "tofu_summary",
+    "exact_memorization",
+    "extraction_strength",
+    "privleak",
     "lume_kind_from_id",
     "lume_summary",
     "mia_score",
@@ -249,15 +254,44 @@ def forget_quality(unlearned_truth_ratios: Any, retain_model_truth_ratios: Any) 
 # --------------------------------------------------------------------------- #
 # text metrics
 # --------------------------------------------------------------------------- #
-_SCORERS: dict[bool, Any] = {}
+_SCORERS: dict[tuple[bool, tuple[str, ...]], Any] = {}
 
 
-def _rouge_scorer(use_stemmer: bool):
-    if use_stemmer not in _SCORERS:
+def _rouge_scorer(use_stemmer: bool, types: tuple[str, ...] = ("rougeL",)):
+    key = (bool(use_stemmer), tuple(types))
+    if key not in _SCORERS:
         from rouge_score import rouge_scorer
 
-        _SCORERS[use_stemmer] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-    return _SCORERS[use_stemmer]
+        _SCORERS[key] = rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+    return _SCORERS[key]
+
+
+def rouge_recalls(
+    predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True
+) -> dict[str, np.ndarray]:
+    """Per-sample ROUGE-1 and ROUGE-L recall in one pass: ``{"rouge1_recall", "rougeL_recall"}``.
+
+    Exactly TOFU ``evaluate_util.py`` ``eval_rouge_recall`` (lines 348-358):
+    ``RougeScorer(['rouge1', 'rougeL'], use_stemmer=True).score(gt, gen)`` and the
+    ``.recall`` of each; TOFU's eval logs carry both per row.
+    """
+    preds = list(predictions)
+    refs = list(references)
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions vs {len(refs)} references")
+    scorer = _rouge_scorer(bool(use_stemmer), ("rouge1", "rougeL"))
+    scores = [scorer.score(str(r), str(p)) for p, r in zip(preds, refs)]
+    return {
+        "rouge1_recall": np.array([s["rouge1"].recall for s in scores], dtype=np.float64),
+        "rougeL_recall": np.array([s["rougeL"].recall for s in scores], dtype=np.float64),
+    }
+
+
+def rouge1_recall(
+    predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True
+) -> np.ndarray:
+    """Per-sample ROUGE-1 recall (unigram overlap / reference unigrams), TOFU's ``rouge1_recall``."""
+    return rouge_recalls(predictions, references, use_stemmer)["rouge1_recall"]
 
 
 def rouge_l_recall(
@@ -416,6 +450,66 @@ def tofu_summary(
         out["Forget Quality"] = p
         out["KS Test Forget"] = stat
     return out
+
+
+# --------------------------------------------------------------------------- #
+# open-unlearning's extra TOFU metrics
+# --------------------------------------------------------------------------- #
+def _hit_rows(hits: Any) -> list[np.ndarray]:
+    if isinstance(hits, np.ndarray) and hits.ndim == 1 and hits.dtype != object:
+        hits = [hits]
+    return [np.asarray(h, dtype=bool).ravel() for h in hits]
+
+
+def exact_memorization(hits: Any) -> np.ndarray:
+    """Per-sample Exact Memorization: the fraction of label tokens that are the argmax of the
+    teacher-forced prediction, ``(argmax == label).sum() / n``.
+
+    ``hits``: one bool array per sample over its label tokens *without the last one* (the EOS
+    prediction), as open-unlearning's ``tokenwise_vocab_logprobs``
+    (``src/evals/metrics/utils.py:173-175``) feeds ``exact_memorization``
+    (``memorization.py:177-219``). A sample without tokens gives NaN (open-unlearning: None,
+    left out of the mean).
+    """
+    return np.array([h.mean() if h.size else np.nan for h in _hit_rows(hits)], dtype=np.float64)
+
+
+def extraction_strength(hits: Any) -> np.ndarray:
+    """Per-sample Extraction Strength ``1 - k/n``: ``k`` is the first position from which every
+    remaining label token is the argmax (the shortest correct suffix starts there).
+
+    Exactly open-unlearning ``memorization.py:229-255``, including its loop's quirk: when even
+    the last token is wrong the loop ends with ``k = n - 1`` (so ES = ``1/n``, not 0). ``hits``
+    as for :func:`exact_memorization`; a sample without tokens gives 0 (as there).
+    """
+    out = []
+    for h in _hit_rows(hits):
+        n = h.size
+        if n == 0:
+            out.append(0.0)
+            continue
+        k = n - 1
+        for j in range(n):
+            if h[j:].all():
+                k = j
+                break
+        out.append(1.0 - k / n)
+    return np.array(out, dtype=np.float64)
+
+
+def privleak(forget_auc: float, reference_auc: float = 0.5) -> float:
+    """open-unlearning's ``privleak`` (``privacy.py:35-52``; MUSE's PrivLeak): the relative gap
+    in percent between the unlearned model's MIA AUC and the retain model's,
+    ``((1 - auc) - (1 - ref)) / ((1 - ref) + 1e-10) * 100``.
+
+    ``forget_auc``: Min-K% AUC forget vs holdout (``configs/eval/tofu_metrics/privleak.yaml``:
+    ``pre_compute: mia_min_k``; our ``mia_auc_min_k`` has open-unlearning's orientation, 1 =
+    forget rows clearly members). ``reference_auc``: the retain model's AUC, default 0.5
+    (``ref_value: 0.5``, used when no retain logs are given). 0 = like the retain model;
+    negative = forget rows still recognisable as members.
+    """
+    score, ref = 1.0 - float(forget_auc), 1.0 - float(reference_auc)
+    return (score - ref) / (ref + 1e-10) * 100.0
 
 
 # --------------------------------------------------------------------------- #

@@ -40,6 +40,8 @@ __all__ = [
     "token_logprobs_from_logits",
     "zlib_length",
     "mia_aucs",
+    "reference_score",
+    "gradnorm_score",
 ]
 
 
@@ -207,6 +209,26 @@ def min_k_plus_plus_score(
     squeeze, lp, m, (mu_a, sig_a) = _prepare(token_logprobs, mask, mu, sigma)
     z = (lp - mu_a) / np.maximum(sig_a, sigma_floor)
     return _finish(_mean_lowest_k(z, m, k), squeeze)
+
+
+def reference_score(target_mean_nll: Any, reference_mean_nll: Any) -> np.ndarray:
+    """Reference-model attack: ``ref_nll - target_nll`` (higher = member: the target finds the
+    text likelier than a reference model does). The negation of open-unlearning's
+    ``target_loss - ref_loss`` (``mia/reference.py:23-25``, mean NLL over the label tokens,
+    ``evaluate_probability``)."""
+    t = np.asarray(target_mean_nll, dtype=np.float64)
+    r = np.asarray(reference_mean_nll, dtype=np.float64)
+    if t.shape != r.shape:
+        raise ValueError(f"target and reference NLLs differ in shape: {t.shape} vs {r.shape}")
+    return r - t
+
+
+def gradnorm_score(grad_norms: Any) -> np.ndarray:
+    """Gradient-norm attack: ``-gradnorm`` (higher = member: members have smaller gradients).
+    open-unlearning ``mia/gradnorm.py:19-38`` scores the norm itself with members labelled 0,
+    which gives the same AUC. ``grad_norms`` [N]: per sample, the mean over parameter tensors
+    of each tensor's p-norm of the gradient of the mean label-token NLL (EOS dropped)."""
+    return -np.asarray(grad_norms, dtype=np.float64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

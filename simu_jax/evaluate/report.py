@@ -50,8 +50,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+import statistics
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -298,6 +297,56 @@ def _plot_neurons(runs: list[dict[str, Any]], path: Path) -> bool:
 # --------------------------------------------------------------------------- #
 # report
 # --------------------------------------------------------------------------- #
+# How second-order each run was, from its per-step metrics.jsonl rows (docs/method.md#sophia,
+# #newton): (column, key, statistic over the steps that logged the key).
+DIAGNOSTICS: tuple[tuple[str, str, str], ...] = (
+    ("steps", "loss", "count"),
+    ("Sophia clip fraction (median)", "sophia/clip_fraction", "median"),
+    ("negative curvature fraction (median)", "sophia/negative_curvature_fraction", "median"),
+    ("cos(step, -g) (median)", "newton/cos_neg_grad", "median"),
+    ("steps with cos < 0.99", "newton/cos_neg_grad", "below_0.99"),
+    ("CG iterations (median)", "newton/cg_iterations", "median"),
+    ("steps with CG > 1 iteration", "newton/cg_iterations", "above_1"),
+    ("accepted steps", "newton/accepted", "mean"),
+    ("rho (median)", "newton/rho", "median"),
+)
+
+
+def diagnostics(history: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
+    """The :data:`DIAGNOSTICS` of one run's metrics.jsonl rows (keys the run never logged are absent)."""
+    out: dict[str, float] = {}
+    for column, key, stat in DIAGNOSTICS:
+        vals = [float(r[key]) for r in history or [] if _is_number(r.get(key)) and math.isfinite(float(r[key]))]
+        if not vals:
+            continue
+        if stat == "count":
+            out[column] = float(len(vals))
+        elif stat == "median":
+            out[column] = float(statistics.median(vals))
+        elif stat == "mean":
+            out[column] = float(sum(vals) / len(vals))
+        elif stat == "below_0.99":
+            out[column] = sum(v < 0.99 for v in vals) / len(vals)
+        elif stat == "above_1":
+            out[column] = sum(v > 1 for v in vals) / len(vals)
+    return out if len(out) > 1 else {}  # a step count alone says nothing about curvature
+
+
+def _diagnostics_table(runs: list[dict[str, Any]]) -> list[str]:
+    rows = [(r["label"], diagnostics(r["history"])) for r in runs]
+    rows = [(label, d) for label, d in rows if d]
+    if not rows:
+        return []
+    cols = [c for c, _, _ in DIAGNOSTICS if any(c in d for _, d in rows)]
+    lines = ["## Second-order diagnostics", "",
+             "Per run, over its steps (`metrics.jsonl`); fractions of steps for the 'steps with' columns.", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for label, d in rows:
+        cells = [(f"{int(d[c])}" if c == "steps" else f"{d[c]:.3f}") if c in d else "–" for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``report.md`` and the PNG plots for ``run_dirs`` into ``out_dir``.
 
@@ -342,6 +391,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             extras.append("mask summary")
         lines.append(f"- **{r['label']}**: `{r['dir']}`" + (f" ({', '.join(extras)})" if extras else ""))
     lines.append("")
+    lines += _diagnostics_table(runs)
     titles = {
         "tradeoff.png": "Forget / retain trade-off",
         "curves.png": "Training curves",

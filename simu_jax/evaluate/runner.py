@@ -29,7 +29,11 @@ The numbers use snake_case keys, which are what ``summary.json`` (and so
   set present (``forget``, ``retain``, ``real_authors``, ``world_facts`` or
   ``general``), ``model_utility``, ``forget_quality`` and ``ks_test_forget``
   (with a reference), ``mia_auc_loss``, ``mia_auc_zlib``, ``mia_auc_min_k``,
-  ``mia_auc_min_k_pp`` (with a holdout set).  The TOFU display names
+  ``mia_auc_min_k_pp`` (with a holdout set), open-unlearning's ``forget_extraction_strength``,
+  ``forget_exact_memorization``, ``privleak`` (with a holdout set), ``mia_auc_reference`` and
+  ``reference_mia_auc_min_k`` (with a reference model), ``mia_auc_gradnorm`` (``--gradnorm``).
+  The protocol (``--protocol``, :mod:`simu_jax.evaluate.protocol`) decides rows, scored tokens,
+  tokenization, generation and MIA settings.  The TOFU display names
   (``"Forget Prob"``, ``"Model Utility"``, ...) from
   :func:`~simu_jax.evaluate.metrics.tofu_summary` are kept alongside.
 * LUME: ``forget_regurgitation``, ``forget_knowledge``, ``retain_regurgitation``,
@@ -59,13 +63,17 @@ from simu_jax.data.tokenize import DEFAULT_BUCKETS
 from simu_jax.evaluate import metrics as M
 from simu_jax.evaluate import mia as MIA
 from simu_jax.evaluate.metrics import METRIC_ORDER
+from simu_jax.evaluate.protocol import PROTOCOL_NAMES, default_protocol, get_protocol
 from simu_jax.evaluate.scoring import Scorer
 
 __all__ = [
     "QA_SETS",
     "Scorer",
     "cli_main",
+    "TEMPLATES",
     "build_parser",
+    "check_template",
+    "parse_template",
     "evaluate_lume",
     "evaluate_qa_benchmark",
     "forget_truth_ratios",
@@ -146,13 +154,31 @@ def evaluate_qa_benchmark(
     sets: Mapping[str, Sequence[Mapping[str, Any]]],
     reference_forget_truth_ratios: Any | None = None,
     generate: bool = True,
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     *,
-    mia_k: float = 0.2,
+    mia_k: float | None = None,
     perturbed_mean: str = "geometric",
     log: Callable[[str], None] | None = None,
+    reference_scorer: Scorer | None = None,
+    gradnorm: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """TOFU-style evaluation of one model on QA sets.
+
+    open-unlearning's extra metrics: ``forget_extraction_strength`` and
+    ``forget_exact_memorization`` (means over the forget rows, :func:`metrics.extraction_strength`,
+    :func:`metrics.exact_memorization`) always; with a holdout set ``privleak`` (against the
+    retain model's Min-K% AUC when ``reference_scorer``, the retain-only model, is given, else
+    open-unlearning's default 0.5), with ``reference_scorer`` also ``mia_auc_reference``
+    (:func:`mia.reference_score`), and with ``gradnorm=True`` ``mia_auc_gradnorm`` (one gradient
+    per row: slow on big models).
+
+    The protocol is the scorer's (``scorer.protocol``, :mod:`simu_jax.evaluate.protocol`): it
+    fixes the tokenization of scored sequences (in the scorer), the generation prompt and
+    budget, and the MIA's ``k`` and zlib texts. ``max_new_tokens``: new-token budget (default:
+    the protocol's, 200; under ``tofu`` the budget is TOFU's total length of 200 tokens per
+    batch of 30 rows and ``max_new_tokens``, when given, caps it further). ``mia_k``: default the
+    protocol's (0.4 under tofu / open-unlearning, 0.2 under simu). The rows are scored as given:
+    :func:`evaluation_sets` makes the protocol's cut (TOFU: the first 300).
 
     ``sets`` maps set names to records (``question``, ``answer``, ``paraphrased_answer``,
     ``perturbed_answer`` list):
@@ -200,6 +226,12 @@ def evaluate_qa_benchmark(
     for name, recs in sets.items():
         _check_set(name, recs)
 
+    proto = scorer.protocol
+    if mia_k is None:
+        mia_k = proto.mia_k
+    if max_new_tokens is not None and int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    gen_template = scorer.generation_template()
     notes: list[str] = []
     per_set_stats: dict[str, dict[str, np.ndarray]] = {}
     per_sample: dict[str, Any] = {}
@@ -210,17 +242,32 @@ def evaluate_qa_benchmark(
         recs = list(sets[name])
         t0 = time.perf_counter()
         st: dict[str, np.ndarray] = {}
+        counts: dict[str, Any] = {}
         if name == "forget" and "holdout" in sets:
             mia_member = scorer.qa_token_logprobs(recs, with_stats=True)
-            st["answer_mean_nll"] = mia_member["mean_nll"]
+            ans = {"mean_nll": mia_member["mean_nll"],
+                   "count": np.array([len(a) for a in mia_member["token_logprobs"]], np.int64)}
         else:
-            st["answer_mean_nll"] = scorer.answer_mean_nll(recs)
+            ans = scorer.answer_scores(recs)
+        st["answer_mean_nll"] = ans["mean_nll"]
+        counts["answer_num_tokens"] = ans["count"]
         if name in ("forget", "retain"):
-            st["paraphrased_mean_nll"] = scorer.answer_mean_nll(recs, "paraphrased_answer")
-        st["perturbed_mean_nll"] = scorer.perturbed_mean_nll(recs)
-        gens = scorer.generate_answers(recs, max_new_tokens) if generate else None
-        if gens is not None:
-            st["rougeL_recall"] = M.rouge_l_recall(gens, [str(r["answer"]) for r in recs])
+            para = scorer.answer_scores(recs, "paraphrased_answer")
+            st["paraphrased_mean_nll"] = para["mean_nll"]
+            counts["paraphrased_num_tokens"] = para["count"]
+        pert = scorer.perturbed_scores(recs)
+        st["perturbed_mean_nll"] = pert["mean_nll"]
+        counts["perturbed_num_tokens"] = pert["count"]
+        gens = rouge1 = None
+        if generate:
+            if proto.generation_total is not None:
+                budget: Any = scorer.generation_budgets(recs, proto.generation_total, proto.generation_batch,
+                                                        max_new_tokens)
+            else:
+                budget = int(max_new_tokens if max_new_tokens is not None else (proto.max_new_tokens or 200))
+            gens = scorer.generate_answers(recs, budget)
+            rouge = M.rouge_recalls(gens, [str(r["answer"]) for r in recs])
+            st["rougeL_recall"], rouge1 = rouge["rougeL_recall"], rouge["rouge1_recall"]
         else:
             st["rougeL_recall"] = np.full(len(recs), np.nan)
         per_set_stats["world_facts" if name == "general" else name] = st
@@ -229,17 +276,29 @@ def evaluate_qa_benchmark(
         ps: dict[str, Any] = {
             "question": [str(r["question"]) for r in recs],
             "answer": [str(r["answer"]) for r in recs],
+            "prompt": [gen_template.prompt(str(r["question"])) for r in recs],
             "generation": gens,
             "answer_mean_nll": st["answer_mean_nll"],
             "answer_prob": np.exp(-st["answer_mean_nll"]),
             "perturbed_mean_nll": st["perturbed_mean_nll"],
             "truth_ratio": R,
             "rougeL_recall": st["rougeL_recall"] if generate else None,
+            "rouge1_recall": rouge1,
+            **counts,
         }
         if "paraphrased_mean_nll" in st:
             ps["paraphrased_mean_nll"] = st["paraphrased_mean_nll"]
         per_sample[name] = ps
         log(f"  {name}: {len(recs)} records in {time.perf_counter() - t0:.1f}s")
+
+    if "forget" in sets:  # open-unlearning's memorisation metrics on the forget rows
+        hits = scorer.token_hits(list(sets["forget"]))
+        es, em = M.extraction_strength(hits), M.exact_memorization(hits)
+        per_sample["forget"]["extraction_strength"], per_sample["forget"]["exact_memorization"] = es, em
+        extra = {"forget_extraction_strength": float(np.mean(es)),
+                 "forget_exact_memorization": float(np.nanmean(em)) if np.isfinite(em).any() else float("nan")}
+    else:
+        extra = {}
 
     ref = None
     if reference_forget_truth_ratios is not None:
@@ -259,6 +318,7 @@ def evaluate_qa_benchmark(
         notes.append("Model Utility needs retain and general (or retain, real_authors and world_facts)")
 
     summary: dict[str, Any] = dict(tofu)
+    summary.update(extra)
     for name in QA_SETS:
         for metric, suffix in _METRIC_SUFFIX.items():
             key = f"{_SET_DISPLAY[name]} {metric}"
@@ -287,12 +347,32 @@ def evaluate_qa_benchmark(
                     "answer_mean_nll": stats["mean_nll"],
                 }
             ps_.update(token_logprobs=stats["token_logprobs"], mu=stats["mu"], sigma=stats["sigma"], mia_scores=sc)
+        ref_auc = 0.5
+        if reference_scorer is not None:
+            fr = list(sets["forget"])
+            r_mem = reference_scorer.qa_token_logprobs(fr, with_stats=True)
+            r_non = reference_scorer.qa_token_logprobs(hold, with_stats=True)
+            ref_auc = _mia_family(r_mem, r_non, mia_k, drop_last=True)[0]["min_k"]
+            summary["mia_auc_reference"] = MIA.auc(MIA.reference_score(mia_member["mean_nll"], r_mem["mean_nll"]),
+                                                   MIA.reference_score(mia_nonmember["mean_nll"], r_non["mean_nll"]))
+            summary["reference_mia_auc_min_k"] = ref_auc
+        else:
+            notes.append("privleak against open-unlearning's default retain AUC 0.5 (no reference model)")
+        summary["privleak"] = M.privleak(summary["mia_auc_min_k"], ref_auc)
+        if gradnorm:
+            g_mem = scorer.grad_norms(list(sets["forget"]))
+            g_non = scorer.grad_norms(hold)
+            summary["mia_auc_gradnorm"] = MIA.auc(MIA.gradnorm_score(g_mem), MIA.gradnorm_score(g_non))
+            per_sample["forget"]["grad_norm"], per_sample["holdout"]["grad_norm"] = g_mem, g_non
         log(f"  holdout / MIA: {len(hold)} records in {time.perf_counter() - t0:.1f}s")
     elif "forget" in sets:
         notes.append("no holdout set: MIA not computed")
     summary["notes"] = notes
-    per_sample["meta"] = {"mia_k": mia_k, "perturbed_mean": perturbed_mean, "generate": bool(generate),
-                          "max_new_tokens": int(max_new_tokens), "counts": {k: len(v) for k, v in sets.items()}}
+    per_sample["meta"] = {"protocol": proto.name, "mia_k": mia_k, "perturbed_mean": perturbed_mean,
+                          "generate": bool(generate),
+                          "max_new_tokens": int(max_new_tokens) if max_new_tokens is not None else proto.max_new_tokens,
+                          "generation_total": proto.generation_total,
+                          "counts": {k: len(v) for k, v in sets.items()}}
     return summary, per_sample
 
 
@@ -457,7 +537,9 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str, Any], per_sample: Any,
                   **extra: Any) -> Path:
     """Write ``summary.json`` (``{"method", "metrics": {snake_case: float}, ...}``) and
-    ``per_sample.json`` into ``out_dir``, each via a temporary file and ``os.replace``.
+    ``per_sample.json`` into ``out_dir``, each via a temporary file and ``os.replace``; for a QA
+    benchmark also ``eval_log_aggregated.json``, the per-row results in TOFU's eval-log layout
+    (:mod:`simu_jax.evaluate.tofu_log`), readable as ``--reference-log``.
 
     NaN / inf become ``null``. The non-numeric parts of the summary (TOFU display names,
     ``per_task``, ``notes``, ...) go under ``"details"``; ``extra`` adds top-level keys.
@@ -468,6 +550,10 @@ def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str,
     details = {k: v for k, v in summary.items() if k not in metrics and k != "notes"}
     doc = {"method": method, "metrics": metrics, **extra, "details": details, "notes": list(summary.get("notes", []))}
     _atomic_write_json(out / "per_sample.json", per_sample)
+    if isinstance(per_sample, Mapping):
+        from simu_jax.evaluate.tofu_log import write_tofu_log
+
+        write_tofu_log(out, per_sample)  # QA benchmarks: eval_log_aggregated.json (TOFU's layout)
     _atomic_write_json(out / "summary.json", doc)
     return out
 
@@ -501,7 +587,8 @@ def subset(records: Sequence, limit: int | None, seed: int | None, salt: int) ->
     return [records[i] for i in idx]
 
 
-def evaluation_sets(bench, limit: int | None = None, seed: int | None = None) -> dict[str, list]:
+def evaluation_sets(bench, limit: int | None = None, seed: int | None = None,
+                    protocol: Any | None = None) -> dict[str, list]:
     """The sets a benchmark is scored on, by name, in report order (the one path from a
     :class:`simu_jax.data.Benchmark` to its evaluation, used by ``simu-jax unlearn``,
     ``simu-jax evaluate``, the demo and the experiments).
@@ -510,7 +597,12 @@ def evaluation_sets(bench, limit: int | None = None, seed: int | None = None) ->
     ``world_facts`` (from ``bench.general``) or the synthetic ``general`` set, and ``holdout``
     (the MIA non-members) when there is one. LUME: ``forget`` and ``retain`` (rows keep LUME's
     ``input``/``output`` fields). ``limit``/``seed``: see :func:`subset`; TOFU's real_authors and
-    world_facts are never cut."""
+    world_facts are never cut.
+
+    ``protocol`` (QA benchmarks; :mod:`simu_jax.evaluate.protocol`): its row cut comes first
+    (``tofu``: the first 300 rows of every set, TOFU ``evaluate_util.py:130-133``), and under a
+    protocol without ``random_limit`` (tofu, open-unlearning) ``limit`` keeps the first rows
+    (``seed`` is ignored), so TOFU's cut is reproduced."""
     if bench.name == "lume":
         sets = {"forget": bench.forget, "retain": bench.retain_eval}
     else:
@@ -522,6 +614,12 @@ def evaluation_sets(bench, limit: int | None = None, seed: int | None = None) ->
             sets["general"] = bench.general
         if bench.holdout:
             sets["holdout"] = bench.holdout
+    proto = get_protocol(protocol) if protocol is not None and bench.name != "lume" else None
+    if proto is not None:
+        if proto.rows is not None:
+            sets = {k: list(v)[: proto.rows] for k, v in sets.items()}
+        if not proto.random_limit:
+            seed = None
     uncut = ("real_authors", "world_facts") if seed is None else ()
     return {k: list(v) if k in uncut else subset(v, limit, seed, i) for i, (k, v) in enumerate(sets.items())}
 
@@ -534,20 +632,40 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
     p.add_argument("--benchmark", required=True, choices=("synthetic", "tofu", "lume"))
     p.add_argument("--reference", help="retain-only model directory, for TOFU forget quality (synthetic/tofu)")
+    p.add_argument("--reference-log", help="a TOFU eval log (eval_log_aggregated.json, ours or TOFU's published "
+                                           "one) of a retain-only model: its forget-set truth ratios are the "
+                                           "forget-quality reference (instead of --reference)")
+    p.add_argument("--protocol", choices=PROTOCOL_NAMES,
+                   help="whose evaluation choices to follow (rows, scored tokens, tokenization, generation, MIA "
+                        "k): tofu (default; TOFU's evaluate_util.py), open-unlearning, simu (this project's "
+                        "earlier choices); synthetic/tofu only, see docs/metrics.md")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "model"),
+                   help="parameter dtype to score and generate in (default: the protocol's: bfloat16 under tofu, "
+                        "as TOFU runs its models; the model's own under open-unlearning / simu)")
+    p.add_argument("--template", help="QA template: 'tofu' (Question: q\\nAnswer: a, the default), 'llama2' "
+                                      "([INST] q [/INST]a) or 'QUESTION_START|QUESTION_END|ANSWER_START' with "
+                                      "\\n for a newline; refused when the tokenizer cannot encode it")
     p.add_argument("--data", help="data directory (tofu/ or lume/ folder, or the shared data root); "
                                   "default: the shared data directory")
     p.add_argument("--mia-data", help="LUME: folder with member.jsonl / nonmember.jsonl "
                                       "(default: found under the data root)")
     p.add_argument("--out", help="output directory for summary.json and per_sample.json (default: print only)")
     p.add_argument("--method", help="method name written to summary.json (default: the model directory name)")
-    p.add_argument("--limit", type=int, help="evaluate at most N records per set (a seeded random subset)")
+    p.add_argument("--limit", type=int, help="evaluate at most N records per set (the first N; under "
+                                             "--protocol simu a seeded random subset)")
     p.add_argument("--no-generate", action="store_true", help="skip greedy generation (no ROUGE / LUME task scores)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the --limit subset (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the --limit subset under --protocol simu "
+                                                       "(default 0)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic benchmark (default 0)")
     p.add_argument("--tofu-split", default="forget10", choices=("forget01", "forget05", "forget10"),
                    help="TOFU forget split; its holdout split is the MIA non-member set (default forget10)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, help="generation length (default: synthetic 64, tofu 200, lume 256)")
+    p.add_argument("--gradnorm", action="store_true", help="also the GradNorm MIA (one gradient per forget / "
+                                                           "holdout row; slow on large models)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length (default: --protocol tofu: TOFU's 200 "
+                                                      "tokens in total, prompt included; open-unlearning 200; "
+                                                      "simu: synthetic 64, tofu 200; lume 256); under tofu it "
+                                                      "caps the total budget further")
     p.add_argument("--max-length", type=int, help="token limit (default: the model's max_position_embeddings)")
     p.add_argument("--buckets", help="comma-separated padded lengths, e.g. 128,512 (default: 32,64,128,...); "
                                      "each batch is padded to the smallest that fits, one compilation per length")
@@ -570,6 +688,47 @@ def _data_spec(args):
         pct = args.tofu_split[len("forget"):]
         return DataSpec(benchmark="tofu", source=str(base), forget=args.tofu_split, holdout=f"holdout{pct}")
     return DataSpec(benchmark="lume", source=args.data)
+
+
+TEMPLATES = {
+    "tofu": ("Question: ", "\n", "Answer: "),  # TOFU config/model_config.yaml phi / stablelm / pythia
+    "llama2": ("[INST] ", " [/INST]", ""),  # TOFU config/model_config.yaml llama2-7b
+}
+
+
+def parse_template(spec: str):
+    """A :class:`~simu_jax.data.QATemplate` from ``--template``: a name in :data:`TEMPLATES` or
+    ``QUESTION_START|QUESTION_END|ANSWER_START`` (``\\n`` / ``\\t`` stand for newline / tab)."""
+    from simu_jax.data.tokenize import QATemplate
+
+    if spec in TEMPLATES:
+        return QATemplate(*TEMPLATES[spec])
+    parts = str(spec).split("|")
+    if len(parts) != 3:
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)} or 'QUESTION_START|QUESTION_END|"
+                         f"ANSWER_START', got {spec!r}")
+    parts = [x.replace("\\n", "\n").replace("\\t", "\t") for x in parts]
+    if not parts[1] and not parts[2]:
+        raise ValueError(f"--template {spec!r}: question end and answer start are both empty, so the question "
+                         "and the answer would run together")
+    return QATemplate(*parts)
+
+
+def check_template(tokenizer, template) -> None:
+    """Refuse (``ValueError``, one line) a template the tokenizer cannot carry: a tag that encodes
+    to the unknown token, or that does not decode back to itself (TOFU's generation splits the
+    decoded text at the answer tag)."""
+    unk = tokenizer.unk_token_id
+    for what, tag in (("question start", template.question_start), ("question end", template.question_end),
+                      ("answer start", template.answer_start)):
+        if not tag:
+            continue
+        ids = tokenizer(tag, add_special_tokens=False)["input_ids"]
+        if not ids or (unk is not None and unk in ids):
+            raise ValueError(f"template {what} {tag!r} does not fit the tokenizer (it encodes to the unknown token)")
+        back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if back != tag:
+            raise ValueError(f"template {what} {tag!r} does not fit the tokenizer (it decodes back as {back!r})")
 
 
 def _mia_documents(args, notes: list[str]):
@@ -609,6 +768,21 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--buckets must be integers >= 2, got {args.buckets!r}")
     if args.reference and args.benchmark == "lume":
         raise ValueError("--reference (forget quality) applies to the synthetic and tofu benchmarks, not lume")
+    if args.reference_log and args.benchmark == "lume":
+        raise ValueError("--reference-log (forget quality) applies to the synthetic and tofu benchmarks, not lume")
+    if args.reference and args.reference_log:
+        raise ValueError("pass --reference (a model) or --reference-log (its TOFU eval log), not both")
+    if args.protocol and args.benchmark == "lume":
+        raise ValueError("--protocol applies to the synthetic and tofu benchmarks; lume follows SemEval's script")
+    if args.template and args.benchmark == "lume":
+        raise ValueError("--template applies to the synthetic and tofu benchmarks; lume prompts are plain text")
+    proto = get_protocol(args.protocol, default=default_protocol(args.benchmark))
+    template = parse_template(args.template) if args.template else None
+    ref_log = None
+    if args.reference_log:
+        from simu_jax.evaluate.tofu_log import log_forget_truth_ratios, read_tofu_log
+
+        ref_log = log_forget_truth_ratios(read_tofu_log(args.reference_log))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -620,18 +794,30 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         if not d.is_dir():
             raise FileNotFoundError(f"model directory not found: {d}")
     notes: list[str] = []
-    from simu_jax.data import load_benchmark
+    from simu_jax.data import load_benchmark, qa_template
     from simu_jax.models.spec import load_model
 
-    sets = evaluation_sets(load_benchmark(_data_spec(args)), args.limit, args.seed)
+    spec = _data_spec(args)
+    if template is None:
+        template = qa_template(spec) if args.benchmark != "lume" else parse_template("tofu")
+    sets = evaluation_sets(load_benchmark(spec), args.limit, args.seed,
+                           protocol=proto if args.benchmark != "lume" else None)
     if args.benchmark == "lume":
         member, nonmember = _mia_documents(args, notes)
     log(f"loading {model_dir}")
     loaded = load_model(model_dir)
-    scorer = Scorer(loaded.graphdef, loaded.params, loaded.tokenizer, batch_size=args.batch_size,
-                    max_length=args.max_length, buckets=buckets)
+    if args.template:
+        check_template(loaded.tokenizer, template)
+    dtype = "protocol" if args.dtype is None else (None if args.dtype == "model" else args.dtype)
+    scorer = Scorer(loaded.graphdef, loaded.params, loaded.tokenizer, template, batch_size=args.batch_size,
+                    max_length=args.max_length, buckets=buckets, protocol=proto, dtype=dtype)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     default_new = {"synthetic": 64, "tofu": 200, "lume": 256}[args.benchmark]
-    max_new = args.max_new_tokens or default_new
+    if args.benchmark == "lume" or proto.name == "simu":
+        max_new = args.max_new_tokens or default_new
+    else:  # the protocol's budget (tofu: 200 tokens in total), capped by --max-new-tokens
+        max_new = args.max_new_tokens
 
     if args.benchmark == "lume":
         forget, retain = sets["forget"], sets["retain"]
@@ -639,16 +825,22 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         summary, per_sample = evaluate_lume(scorer, forget, retain, member, nonmember, max_new,
                                             generate=not args.no_generate, log=log)
     else:
-        ref_R = None
+        ref_R = ref_log
+        if ref_log is not None and len(ref_log) != len(sets["forget"]):
+            notes.append(f"--reference-log has {len(ref_log)} forget rows, this evaluation {len(sets['forget'])}: "
+                         "forget quality compares different row sets")
         if ref_dir is not None:
             log(f"reference model {ref_dir}: forget-set truth ratios")
             ref = load_model(ref_dir)
-            ref_scorer = Scorer(ref.graphdef, ref.params, ref.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                                buckets=buckets)
+            ref_scorer = Scorer(ref.graphdef, ref.params, ref.tokenizer, template, batch_size=args.batch_size,
+                                max_length=args.max_length, buckets=buckets, protocol=proto, dtype=dtype)
             ref_R = reference_forget_truth_ratios(ref_scorer, sets["forget"])
+        else:
+            ref_scorer = None
         log(f"evaluating {args.benchmark}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, ref_R, generate=not args.no_generate,
-                                                    max_new_tokens=max_new, log=log)
+                                                    max_new_tokens=max_new, log=log, reference_scorer=ref_scorer,
+                                                    gradnorm=args.gradnorm)
         if ref_R is not None:
             per_sample["reference_forget_truth_ratio"] = ref_R
     summary["notes"] = notes + list(summary.get("notes", []))
@@ -657,9 +849,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         method = args.method or model_dir.resolve().name
         out = write_results(args.out, method, summary, per_sample, benchmark=args.benchmark,
                             model=str(model_dir.resolve()), reference=str(ref_dir.resolve()) if ref_dir else None,
+                            reference_log=str(Path(args.reference_log).expanduser().resolve())
+                            if args.reference_log else None,
                             settings={"limit": args.limit, "seed": args.seed, "synthetic_seed": args.synthetic_seed,
                                       "max_new_tokens": max_new, "batch_size": args.batch_size,
-                                      "generate": not args.no_generate},
+                                      "generate": not args.no_generate, "protocol": proto.name,
+                                      "dtype": scorer.dtype,
+                                      "template": [template.question_start, template.question_end,
+                                                   template.answer_start]},
                             elapsed_s=round(time.perf_counter() - t_start, 2))
         log(f"wrote {out / 'summary.json'} and {out / 'per_sample.json'}")
     return 0

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from simu_jax.base import pad_token_id
-from simu_jax.data.tokenize import DEFAULT_BUCKETS, QATemplate, bos_prefix, tokenize_prompts, tokenize_qa, tokenize_texts
+from simu_jax.data.tokenize import (DEFAULT_BUCKETS, QATemplate, bos_prefix, tokenize_prompts, tokenize_qa,
+                                    tokenize_qa_joint, tokenize_texts)
+from simu_jax.evaluate.protocol import Protocol, get_protocol
 from simu_jax.losses import token_logprobs as label_logprobs
 from simu_jax.models.transformer import apply, merge_params
 
@@ -55,6 +57,38 @@ def _label_pass(graphdef, params, input_ids, attention_mask, labels, with_stats=
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "p"))
+def _grad_norm(graphdef, params, input_ids, attention_mask, labels, p=2.0):
+    """Mean over the HF parameter tensors (a stacked ``layers`` leaf counts once per layer) of
+    the p-norm of the gradient of the mean label-token NLL of one row."""
+
+    def loss(prm):
+        logp, valid = label_logprobs(apply(graphdef, prm, input_ids, attention_mask), labels)
+        return -jnp.sum(logp) / jnp.maximum(jnp.sum(valid), 1)
+
+    grads = jax.grad(loss)(params)
+    norms = []
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        g = g.astype(jnp.float32)
+        stacked = any(getattr(k, "key", None) == "layers" for k in path)
+        flat = g.reshape(g.shape[0], -1) if stacked else g.reshape(1, -1)
+        if p == float("inf"):
+            n = jnp.max(jnp.abs(flat), axis=1)
+        elif p == 1.0:
+            n = jnp.sum(jnp.abs(flat), axis=1)
+        else:
+            n = jnp.sqrt(jnp.sum(flat * flat, axis=1))
+        norms.append(n)
+    return jnp.mean(jnp.concatenate(norms))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _hit_pass(graphdef, params, input_ids, attention_mask, labels):
+    """[B, T-1]: teacher-forced argmax == next label (False where no label)."""
+    logits = apply(graphdef, params, input_ids, attention_mask)
+    return (jnp.argmax(logits[:, :-1], axis=-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
+
+
 def _fill_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """Fill a short batch up to ``rows`` with copies of its last row (outputs are dropped)."""
     out = {}
@@ -79,19 +113,35 @@ class Scorer:
             ``max_position_embeddings``). Longer QA sequences lose their end (a warning).
         buckets: padded lengths (each batch is padded to the smallest bucket that fits it);
             fewer buckets = fewer compiled programs, more buckets = less padding.
+        protocol: whose tokenization scored QA sequences follow and how label texts are taken
+            (:mod:`simu_jax.evaluate.protocol`; default ``"simu"``: prompt and answer encoded
+            apart, answer + EOS scored). ``"tofu"`` / ``"open-unlearning"``: joint tokenization
+            (:func:`simu_jax.data.tokenize.tokenize_qa_joint`) capped at the protocol's length.
+        dtype: the parameter dtype to score and generate in: ``"protocol"`` (default: the
+            protocol's, bfloat16 under ``tofu`` as TOFU runs its models), ``None`` (the model's
+            own) or a name (``"float32"``, ``"bfloat16"``). Logits are float32 either way.
 
     Rows are processed longest-first so a batch holds rows of similar length; outputs come
     back in input order.
     """
 
     def __init__(self, graphdef, params, tokenizer, template: QATemplate = QATemplate(), batch_size: int = 16,
-                 max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 protocol: str | Protocol = "simu", dtype: str | None = "protocol"):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.graphdef = graphdef
-        self.params = params
         self.tokenizer = tokenizer
         self.template = template
+        self.protocol = get_protocol(protocol)
+        self.dtype = self.protocol.dtype if dtype == "protocol" else dtype
+        if self.dtype is not None:
+            try:
+                dt = jnp.dtype(self.dtype)
+            except TypeError:
+                raise ValueError(f"dtype must be a floating dtype name such as 'bfloat16', got {self.dtype!r}") from None
+            params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        self.params = params
         self.batch_size = int(batch_size)
         self.buckets = tuple(int(b) for b in buckets)
         self.config = merge_params(graphdef, params).config
@@ -136,12 +186,32 @@ class Scorer:
             if answer_key not in r or r[answer_key] is None:
                 raise ValueError(f"record without {answer_key!r}: question={str(r.get('question'))[:60]!r}")
 
-        def encode(idx):
-            return tokenize_qa(self.tokenizer, [records[i] for i in idx], self.template, max_length=self.max_length,
-                               answer_key=answer_key, buckets=self.buckets)
-
+        encode = functools.partial(self._encode_qa, records, answer_key)
         lengths = [len(str(r["question"])) + len(str(r[answer_key])) for r in records]
         return self._labelled(len(records), lengths, encode, with_stats)
+
+    def _qa_limit(self) -> int:
+        cap = self.protocol.qa_max_length
+        return min(self.max_length, int(cap)) if cap is not None else self.max_length
+
+    def _encode_qa(self, records, answer_key: str, idx) -> dict[str, np.ndarray]:
+        """Tokenized rows ``idx`` of ``records`` under the protocol's QA tokenization."""
+        rows = [records[i] for i in idx]
+        if self.protocol.tokenization == "split":
+            return tokenize_qa(self.tokenizer, rows, self.template, max_length=self._qa_limit(),
+                               answer_key=answer_key, buckets=self.buckets)
+        return tokenize_qa_joint(self.tokenizer, rows, self.template, max_length=self._qa_limit(),
+                                 answer_key=answer_key, style=self.protocol.tokenization, buckets=self.buckets)
+
+    def label_texts(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> list[str]:
+        """The decoded scored (label) tokens of each record, special tokens skipped: what
+        open-unlearning compresses for zlib (``extract_target_texts_from_processed_data``)."""
+        records = list(records)
+        if not records:
+            return []
+        arr = self._encode_qa(records, answer_key, np.arange(len(records)))
+        return [self.tokenizer.decode([int(t) for t in lab[lab != -100]], skip_special_tokens=True)
+                for lab in arr["labels"]]
 
     @staticmethod
     def _mean_nll(rows) -> np.ndarray:
@@ -161,11 +231,25 @@ class Scorer:
             return np.zeros((0,), np.float64)
         return self._mean_nll(self._qa_rows(records, answer_key, with_stats=False))
 
-    def perturbed_mean_nll(self, records: Sequence[Mapping[str, Any]], key: str = "perturbed_answer") -> np.ndarray:
-        """[N, K] mean NLL of each of the K perturbed answers (``record[key]``, a list).
+    def answer_scores(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> dict[str, np.ndarray]:
+        """``{"mean_nll": [N], "count": [N]}``: :meth:`answer_mean_nll` and the number of scored
+        tokens (TOFU's ``num_token_gt``)."""
+        if not records:
+            return {"mean_nll": np.zeros((0,), np.float64), "count": np.zeros((0,), np.int64)}
+        rows = self._qa_rows(records, answer_key, with_stats=False)
+        return {"mean_nll": self._mean_nll(rows), "count": np.array([int(r["count"]) for r in rows], np.int64)}
 
-        All records must have the same K (TOFU: 5 on forget/retain, 3-4 elsewhere).
-        """
+    def perturbed_scores(self, records: Sequence[Mapping[str, Any]], key: str = "perturbed_answer") -> dict[str, np.ndarray]:
+        """``{"mean_nll": [N, K], "count": [N, K]}`` of the K perturbed answers (TOFU's
+        ``average_perturb_loss`` and ``num_token_perturb``)."""
+        flat, k = self._flat_perturbed(records, key)
+        if not records:
+            return {"mean_nll": np.zeros((0, 0), np.float64), "count": np.zeros((0, 0), np.int64)}
+        sc = self.answer_scores(flat)
+        return {"mean_nll": sc["mean_nll"].reshape(len(records), k), "count": sc["count"].reshape(len(records), k)}
+
+    @staticmethod
+    def _flat_perturbed(records, key):
         flat, ks = [], set()
         for r in records:
             answers = r.get(key)
@@ -178,9 +262,17 @@ class Scorer:
             flat += [{"question": r["question"], "answer": a} for a in answers]
         if len(ks) > 1:
             raise ValueError(f"records have different numbers of {key!r} entries: {sorted(ks)}")
+        return flat, (ks.pop() if ks else 0)
+
+    def perturbed_mean_nll(self, records: Sequence[Mapping[str, Any]], key: str = "perturbed_answer") -> np.ndarray:
+        """[N, K] mean NLL of each of the K perturbed answers (``record[key]``, a list).
+
+        All records must have the same K (TOFU: 5 on forget/retain, 3-4 elsewhere).
+        """
+        flat, k = self._flat_perturbed(records, key)
         if not records:
             return np.zeros((0, 0), np.float64)
-        return self.answer_mean_nll(flat).reshape(len(records), ks.pop())
+        return self.answer_mean_nll(flat).reshape(len(records), k)
 
     def token_accuracy(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> np.ndarray:
         """[N] teacher-forced accuracy: fraction of answer tokens (+ EOS) that are the argmax."""
@@ -206,10 +298,52 @@ class Scorer:
         """Per-token log-probs of the answer tokens (+ EOS) given the question.
 
         Returns ``{"token_logprobs": [N ragged arrays], "mu", "sigma" (with_stats),
-        "texts": answers, "mean_nll": [N]}``: the stats mapping :func:`mia.mia_aucs` takes.
+        "texts", "mean_nll": [N]}``: the stats mapping :func:`mia.mia_aucs` takes. ``texts`` (for
+        zlib) are the answers, or under a protocol with ``zlib_text="labels"`` the decoded label
+        tokens (:meth:`label_texts`).
         """
         rows = self._qa_rows(records, answer_key, with_stats=True)
-        return self._stats(rows, [str(r[answer_key]) for r in records], with_stats)
+        if self.protocol.zlib_text == "labels":
+            texts = self.label_texts(records, answer_key)
+        else:
+            texts = [str(r[answer_key]) for r in records]
+        return self._stats(rows, texts, with_stats)
+
+    def token_hits(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer") -> list[np.ndarray]:
+        """Per row, a bool array over its label tokens without the last (the EOS prediction):
+        whether the teacher-forced argmax is the label. The input of
+        :func:`metrics.exact_memorization` / :func:`metrics.extraction_strength` (open-unlearning
+        ``tokenwise_vocab_logprobs``, ``src/evals/metrics/utils.py:149-190``)."""
+        records = list(records)
+        out: list[np.ndarray | None] = [None] * len(records)
+        for idx in self._batches([len(str(r["question"])) + len(str(r[answer_key])) for r in records]):
+            arrays = _fill_rows(self._encode_qa(records, answer_key, idx), self.batch_size)
+            hit = np.asarray(jax.device_get(_hit_pass(self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
+                                                      jnp.asarray(arrays["attention_mask"]),
+                                                      jnp.asarray(arrays["labels"]))))
+            valid = arrays["labels"][:, 1:] != -100
+            for j, i in enumerate(idx):
+                h = hit[j][valid[j]]
+                out[i] = h[:-1].astype(bool)
+        return out  # type: ignore[return-value]
+
+    def grad_norms(self, records: Sequence[Mapping[str, Any]], answer_key: str = "answer", p: float = 2.0) -> np.ndarray:
+        """[N] GradNorm attack statistic (open-unlearning ``mia/gradnorm.py:19-34``, one row at a
+        time): the mean over parameter tensors of the p-norm (1, 2 or inf) of the gradient of
+        the row's mean NLL over its label tokens without the last (``tokenwise_logprobs``)."""
+        p = float(p)
+        if p not in (1.0, 2.0, float("inf")):
+            raise ValueError(f"p must be 1, 2 or inf, got {p}")
+        out = []
+        for i in range(len(records)):
+            arrays = self._encode_qa(records, answer_key, [i])
+            lab = arrays["labels"].copy()
+            pos = np.nonzero(lab[0] != -100)[0]
+            if pos.size:
+                lab[0, pos[-1]] = -100  # drop the EOS prediction
+            out.append(float(_grad_norm(self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
+                                        jnp.asarray(arrays["attention_mask"]), jnp.asarray(lab), p=p)))
+        return np.asarray(out, dtype=np.float64)
 
     def token_logprobs(self, texts: Sequence[str], with_stats: bool = False) -> dict[str, Any]:
         """Per-token log-probs of plain documents (every token after the first, as HF ``out.loss``).
@@ -238,27 +372,38 @@ class Scorer:
 
     # ----------------------------------------------------------------- generation
 
-    def _generate(self, prompts: Sequence[Any], template: QATemplate, max_new_tokens: int) -> list[str]:
+    def _generate(self, prompts: Sequence[Any], template: QATemplate, max_new_tokens: "int | Sequence[int]") -> list[str]:
         from simu_jax.models.generate import generate
 
         prompts = list(prompts)
         if not prompts:
             return []
-        max_new_tokens = int(max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        limit = self.max_length - max_new_tokens if self.max_length > max_new_tokens else self.max_length
+        if isinstance(max_new_tokens, (int, np.integer)):
+            budgets = [int(max_new_tokens)] * len(prompts)
+            if budgets[0] < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        else:  # one budget per row (<= 0: nothing generated)
+            budgets = [int(b) for b in max_new_tokens]
+            if len(budgets) != len(prompts):
+                raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
+        most = max(max(budgets), 1)
+        limit = self.max_length - most if self.max_length > most else self.max_length
         texts = [p["question"] if isinstance(p, Mapping) else str(p) for p in prompts]
-        out: list[str | None] = [None] * len(texts)
-        for idx in self._batches([len(t) for t in texts]):
+        out: list[str | None] = [""] * len(texts)
+        todo = [i for i, b in enumerate(budgets) if b >= 1]
+        for part in self._batches([len(texts[i]) for i in todo]):
+            idx = [todo[k] for k in part]
+            # every batch generates the set's longest budget (one compiled program per prompt
+            # bucket; the loop stops once all rows are done) and each row is cut to its own
+            new_tokens = most
             enc = tokenize_prompts(self.tokenizer, [texts[i] for i in idx], template, max_length=limit,
                                    buckets=self.buckets)
             enc = _fill_rows(enc, self.batch_size)
             new = np.asarray(generate(
-                (self.graphdef, self.params), enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                (self.graphdef, self.params), enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id))
             for j, i in enumerate(idx):
-                out[i] = self._decode(new[j])
+                out[i] = self._decode(new[j][: budgets[i]])
         return out  # type: ignore[return-value]
 
     def _decode(self, ids: np.ndarray) -> str:
@@ -267,12 +412,49 @@ class Scorer:
             ids = ids[: ids.index(self.eos_token_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def generate_answers(self, records: Sequence[Mapping[str, Any] | str], max_new_tokens: int = 200) -> list[str]:
+    def generation_template(self, prompt: str | None = None) -> QATemplate:
+        """The template generation prompts use: the QA template, or with ``prompt="question"``
+        (TOFU's ``run_generation``) the same without the answer tag."""
+        prompt = self.protocol.generation_prompt if prompt is None else prompt
+        if prompt == "question":
+            return QATemplate(self.template.question_start, self.template.question_end, "")
+        if prompt != "prompt":
+            raise ValueError(f"prompt must be 'prompt' or 'question', got {prompt!r}")
+        return self.template
+
+    def prompt_lengths(self, records: Sequence[Mapping[str, Any] | str], prompt: str | None = None) -> list[int]:
+        """Token length (with BOS) of each generation prompt."""
+        t = self.generation_template(prompt)
+        qs = [r["question"] if isinstance(r, Mapping) else str(r) for r in records]
+        if not qs:
+            return []
+        n = len(bos_prefix(self.tokenizer))
+        return [n + len(ids) for ids in self.tokenizer([t.prompt(q) for q in qs], add_special_tokens=False)["input_ids"]]
+
+    def generation_budgets(self, records: Sequence[Mapping[str, Any] | str], total: int, group: int | None = None,
+                           max_new_tokens: int | None = None, prompt: str | None = None) -> list[int]:
+        """New-token budget of each row under a *total* length budget (HF ``generate(max_length=total)``
+        on left-padded batches): ``total`` minus the longest prompt among the ``group`` consecutive
+        rows the row is batched with (``group=None``: its own prompt), capped at ``max_new_tokens``."""
+        lengths = self.prompt_lengths(records, prompt)
+        g = int(group) if group else 1
+        out = []
+        for i in range(len(lengths)):
+            s = (i // g) * g
+            b = int(total) - max(lengths[s:s + g])
+            out.append(min(b, int(max_new_tokens)) if max_new_tokens is not None else b)
+        return out
+
+    def generate_answers(self, records: Sequence[Mapping[str, Any] | str], max_new_tokens: "int | Sequence[int]" = 200,
+                         prompt: str | None = None) -> list[str]:
         """Greedy answers to the questions (records or strings) under the QA template.
 
-        Decoded up to the first EOS, special tokens skipped, surrounding whitespace stripped.
+        ``max_new_tokens``: one budget, or one per row (:meth:`generation_budgets`; a row with a
+        budget <= 0 gets ``""``). ``prompt``: ``"prompt"`` (with the answer tag) or ``"question"``
+        (without); default the protocol's. Decoded up to the first EOS, special tokens skipped,
+        surrounding whitespace stripped.
         """
-        return self._generate(records, self.template, max_new_tokens)
+        return self._generate(records, self.generation_template(prompt), max_new_tokens)
 
     def generate_continuations(self, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
         """Greedy continuations of plain-text prompts (no template; LUME / SemEval style)."""

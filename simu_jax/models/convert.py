@@ -544,8 +544,8 @@ def write_safetensors(file: str | Path, tensors: list[tuple[str, tuple[int, ...]
             del a
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
+def _barrier(name: str, nproc: int) -> None:
+    if nproc > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
@@ -565,7 +565,8 @@ def save_pretrained(
 
     `model`: a CausalLM, its graphdef (with `params`) or its ModelConfig. `params` overrides
     the model's own (e.g. after unlearning): jax arrays (on any sharding, several processes
-    included) or host arrays. `dtype`: the dtype of the written tensors (default: each
+    included: then every process must call this) or host arrays (then the caller writes alone,
+    e.g. process 0 after gathering). `dtype`: the dtype of the written tensors (default: each
     parameter's own). Each HF tensor is sliced out of its stacked leaf, cast and gathered on
     device one at a time and streamed into its file, so a host holds one tensor, never the
     model. Files are split by `max_shard_bytes` (with an index when there are several); with
@@ -593,7 +594,10 @@ def save_pretrained(
         size += t.nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    proc, nproc = jax.process_index(), jax.process_count()
+    # Collective only when some array spans other processes' devices (then every process calls
+    # this); host arrays or this process's own arrays are written by the caller alone.
+    spans = any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in flat.values())
+    proc, nproc = (jax.process_index(), jax.process_count()) if spans else (0, 1)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if nproc == 1:
@@ -603,7 +607,7 @@ def save_pretrained(
         if proc == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _barrier("simu_jax.save_pretrained.start")
+        _barrier("simu_jax.save_pretrained.start", nproc)
     try:
         for k, (fname, shard) in enumerate(zip(names, shards)):
             owner = k % nproc == proc
@@ -614,7 +618,7 @@ def save_pretrained(
             else:  # join the gathers of arrays that span processes
                 for t in shard:
                     _host_tensor(flat[t.path], t, False)
-        _barrier("simu_jax.save_pretrained.files")
+        _barrier("simu_jax.save_pretrained.files", nproc)
         if proc == 0:
             hf_cfg = cfg.to_hf_dict()
             emb = [t for t in tensors if t.name == "model.embed_tokens.weight"] or tensors
@@ -635,7 +639,7 @@ def save_pretrained(
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, path)
-        _barrier("simu_jax.save_pretrained.done")
+        _barrier("simu_jax.save_pretrained.done", nproc)
     finally:
         if proc == 0 and tmp.exists():
             shutil.rmtree(tmp)

@@ -204,12 +204,14 @@ def _check_model_dir(path: Path) -> None:
 
 
 def load_model(source: "ModelSpec | str | os.PathLike", *, dtype: str | None = None,
-               compute_dtype: str | None = None, remat: str | None = None) -> LoadedModel:
+               compute_dtype: str | None = None, remat: str | None = None, shardings=None) -> LoadedModel:
     """Load a model and its tokenizer from an HF directory or hub id (or ``ModelSpec.path``).
 
     Dtypes and remat come from the spec, else the keyword arguments (``"float32"`` by default).
     Errors are one line naming the directory: missing directory, config, weights or tokenizer,
-    or a tokenizer larger than the model's vocabulary.
+    or a tokenizer larger than the model's vocabulary. ``shardings``: where the weights are read
+    to (see :func:`simu_jax.models.convert.load_params`: default one device; on a mesh, a callable
+    ``(abstract_params, config) -> shardings``, so each device reads only its block).
     """
     if isinstance(source, ModelSpec):
         if source.path is None:
@@ -221,7 +223,8 @@ def load_model(source: "ModelSpec | str | os.PathLike", *, dtype: str | None = N
     path = resolve_model_path(spec.path)
     _check_model_dir(path)
     kw = dict(param_dtype=jnp_dtype(spec.dtype), dtype=jnp_dtype(spec.compute_dtype), remat=spec.remat)
-    loaded = load_pretrained(path, dtype=kw["param_dtype"], compute_dtype=kw["dtype"], remat=spec.remat)
+    loaded = load_pretrained(path, dtype=kw["param_dtype"], compute_dtype=kw["dtype"], remat=spec.remat,
+                             shardings=shardings)
     _, params = split_params(loaded)
     # The graph of a freshly built model (not of `loaded`, which carries its source directory
     # as an attribute), so equal configs share compiled steps.

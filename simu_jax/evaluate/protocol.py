@@ -1,0 +1,120 @@
+"""Evaluation protocols: whose choices a QA evaluation follows (``--protocol``, ``eval.protocol``).
+
+The metric *formulas* are the same under every protocol (``docs/metrics.md``); what differs is
+which rows are scored, which tokens carry the loss, how question and answer are tokenized, how
+answers are generated and how the MIA family is set up. Sources: ``locuslab/tofu`` @ bdc209e
+and ``locuslab/open-unlearning`` @ d3d7cf9 (file:line in ``docs/metrics.md`` and below).
+
+=====================  ===============================  ================================  ===========================
+choice                 ``tofu``                         ``open-unlearning``               ``simu`` (before issue 17)
+=====================  ===============================  ================================  ===========================
+rows                   first 300 of each set            all                               all (``--limit``: random)
+scored tokens          answer tag + answer + EOS        answer + EOS                      answer + EOS
+tokenization           question + answer as one string  prompt + answer as one string     prompt, answer apart
+scored-length cap      200 tokens                       512 tokens                        the model's context
+generation prompt      question only (no answer tag)    prompt with the answer tag        prompt with the answer tag
+generation budget      200 tokens in total (batch 30)   200 new tokens                    200 new tokens
+MIA Min-K% k           0.4 (open-unlearning's)          0.4                               0.2
+zlib text              decoded label tokens             decoded label tokens              the answer string
+parameter dtype        bfloat16                         the model's                       the model's
+=====================  ===============================  ================================  ===========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = ["PROTOCOLS", "PROTOCOL_NAMES", "Protocol", "get_protocol"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One protocol's choices (see the module table).
+
+    * ``rows``: score the first ``rows`` records of each set (TOFU ``ds_size: 300``,
+      ``config/eval_everything.yaml``; ``evaluate_util.py:130-133`` ``data.select(range(min(ds_size,
+      len)))``); ``None`` = all.
+    * ``random_limit``: ``--limit N`` draws a seeded random subset (else: the first N).
+    * ``tokenization``: ``"split"`` (prompt and answer encoded apart, ids concatenated, labels on
+      the answer + EOS), ``"tofu"`` (``data_module.py:8-32``) or ``"open-unlearning"``
+      (``src/data/utils.py:92-124``); see :func:`simu_jax.data.tokenize.tokenize_qa_joint`.
+    * ``qa_max_length``: token cap of a scored sequence (TOFU: ``max_length=cfg.generation.max_length``
+      = 200, ``evaluate_util.py:105``; open-unlearning ``max_length: 512``,
+      ``configs/data/datasets/TOFU_QA_forget.yaml:10``).
+    * ``generation_prompt``: ``"question"`` = ``question_start + question + question_end`` (TOFU
+      ``run_generation``, ``evaluate_util.py:307-312``: the decoded input split at ``'Answer: '``;
+      the tag is re-appended only for llama2, whose answer tag is empty), ``"prompt"`` = with the
+      answer tag (open-unlearning ``predict_with_generate``, ``src/data/utils.py:119-120``).
+    * ``generation_total``: total length budget (prompt + new tokens) of HF ``generate(max_length=)``
+      (TOFU ``generation.max_length: 200``, ``max_new_tokens: null``; ``evaluate_util.py:330``),
+      counted, as there, from the left-padded batch of ``generation_batch`` consecutive rows
+      (TOFU ``batch_size: 30``, ``evaluate_util.py:136-138``). ``None`` = a new-token budget.
+    * ``max_new_tokens``: default new-token budget (open-unlearning
+      ``configs/generation/default.yaml:4``: 200); ``None`` = only the total budget.
+    * ``mia_k``: Min-K% / Min-K%++ fraction (open-unlearning ``configs/eval/tofu_metrics/mia_min_k.yaml:7``,
+      ``mia_min_k_plus_plus.yaml:6``: 0.4). TOFU itself has no MIA; under ``tofu`` the MIA family
+      follows open-unlearning's TOFU configs.
+    * ``dtype``: the parameter dtype the model is scored and generates in (TOFU:
+      ``torch_dtype=torch.bfloat16``, ``evaluate_util.py:237``); ``None`` = the model's own
+      (open-unlearning: per model config, ``src/model/__init__.py:20-39``: bfloat16 for its Llama
+      configs, float32 for ``phi-1_5.yaml``).
+    * ``zlib_text``: ``"labels"`` = the decoded label tokens (open-unlearning ``zlib.py:22``,
+      ``extract_target_texts_from_processed_data``, ``utils.py:333-340``), ``"answer"`` = the
+      answer string.
+    """
+
+    name: str
+    rows: int | None
+    random_limit: bool
+    tokenization: Literal["split", "tofu", "open-unlearning"]
+    qa_max_length: int | None
+    generation_prompt: Literal["question", "prompt"]
+    generation_total: int | None
+    generation_batch: int | None
+    max_new_tokens: int | None
+    mia_k: float
+    zlib_text: Literal["labels", "answer"]
+    dtype: str | None = None
+
+    def with_(self, **kw) -> "Protocol":
+        return replace(self, **kw)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "tofu": Protocol("tofu", rows=300, random_limit=False, tokenization="tofu", qa_max_length=200,
+                     generation_prompt="question", generation_total=200, generation_batch=30, max_new_tokens=None,
+                     mia_k=0.4, zlib_text="labels", dtype="bfloat16"),
+    "open-unlearning": Protocol("open-unlearning", rows=None, random_limit=False, tokenization="open-unlearning",
+                                qa_max_length=512, generation_prompt="prompt", generation_total=None,
+                                generation_batch=None, max_new_tokens=200, mia_k=0.4, zlib_text="labels"),
+    "simu": Protocol("simu", rows=None, random_limit=True, tokenization="split", qa_max_length=None,
+                     generation_prompt="prompt", generation_total=None, generation_batch=None, max_new_tokens=200,
+                     mia_k=0.2, zlib_text="answer"),
+}
+PROTOCOL_NAMES: tuple[str, ...] = tuple(PROTOCOLS)
+
+
+# The protocol a benchmark is evaluated with unless one is named. TOFU's own protocol for TOFU
+# (its published models were trained TOFU-style: question and answer tokenized as one string,
+# the answer tag scored). The synthetic benchmark's models are trained here by `simu-jax
+# finetune`, which scores the answer tokens only with prompt and answer tokenized apart; under
+# `tofu` such a model is scored on an answer tag it never learned to produce (forget prob 0.024
+# against 0.764 under `simu` on the quick demo's target), so it keeps `simu` until finetune can
+# train TOFU-style.
+DEFAULT_PROTOCOL: dict[str, str] = {"tofu": "tofu", "synthetic": "simu", "lume": "simu"}
+
+
+def default_protocol(benchmark: str) -> str:
+    """The protocol name :data:`DEFAULT_PROTOCOL` gives ``benchmark`` (``simu`` when unlisted)."""
+    return DEFAULT_PROTOCOL.get(benchmark, "simu")
+
+
+def get_protocol(protocol: "str | Protocol | None", default: str = "simu") -> Protocol:
+    """A :class:`Protocol` from its name (``None`` = ``default``); unknown names raise ``ValueError``."""
+    if isinstance(protocol, Protocol):
+        return protocol
+    name = default if protocol is None else str(protocol)
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {name!r}; expected one of {', '.join(PROTOCOL_NAMES)}")
+    return PROTOCOLS[name]
