@@ -220,6 +220,17 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _refuse_unused(cfg: ModelConfig, tensors, used: set) -> None:
+    """A checkpoint tensor the config does not use is an error (a tied lm_head copy is not)."""
+    unexpected = sorted(set(tensors) - used)
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # some tied checkpoints still store the copy
+    if unexpected:
+        raise WeightMismatchError(
+            f"checkpoint has {len(unexpected)} tensor(s) the config does not use, e.g. {', '.join(unexpected[:3])}"
+        )
+
+
 def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], param_dtype=jnp.float32) -> dict:
     """Our pure param dict (numpy leaves) from HF-named tensors; strict about names and shapes."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg, param_dtype=param_dtype))
@@ -245,13 +256,7 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], par
             used.add(name)
         value = np.stack(pieces) if stacked else pieces[0]
         flat[path] = value.astype(spec.dtype)
-    unexpected = sorted(set(tensors) - used)
-    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
-        unexpected.remove("lm_head.weight")  # some tied checkpoints still store the copy
-    if unexpected:
-        raise WeightMismatchError(
-            f"checkpoint has {len(unexpected)} tensor(s) the config does not use, e.g. {', '.join(unexpected[:3])}"
-        )
+    _refuse_unused(cfg, tensors, used)
     return _unflatten(flat)
 
 
@@ -303,13 +308,7 @@ def _match_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo], shapes: 
             infos.append((name, info))
             used.add(name)
         plan[path] = (infos, stacked, transpose)
-    unexpected = sorted(set(tensors) - used)
-    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
-        unexpected.remove("lm_head.weight")  # some tied checkpoints still store the copy
-    if unexpected:
-        raise WeightMismatchError(
-            f"checkpoint has {len(unexpected)} tensor(s) the config does not use, e.g. {', '.join(unexpected[:3])}"
-        )
+    _refuse_unused(cfg, tensors, used)
     return plan
 
 
