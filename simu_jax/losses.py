@@ -65,8 +65,10 @@ class LossSpec:
 #   sequence  mean over the batch's sequences of each sequence's token-mean NLL: SOUL's, whose
 #             Trainer runs batch_size 1 (configs/TOFU/SO_GradDiff.json:31) x 4 accumulation
 #             steps (:13): each micro-batch loss is one sequence's HF loss
-#             (src/unlearn/GA.py:49-52, outputs.loss), accelerate's backward divides it by the 4
-#             accumulation steps (src/unlearn/base.py:779), and the gradients add up
+#             (src/unlearn/GA.py:49-52, outputs.loss), passed to `accelerator.backward`
+#             (src/unlearn/base.py:779), which under the Trainer's gradient accumulation divides
+#             it by the 4 steps (Accelerate's behaviour, not read in its source here), and the
+#             gradients add up
 NORMALIZATIONS = ("token", "sequence")
 SOUL_GAMMA = {"graddiff": 2.0, "idk": 5.0}
 
