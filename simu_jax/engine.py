@@ -361,7 +361,7 @@ def step_impl(graphdef, partition, method, s, trainable, opt_state, frozen, ref,
         if method.optimizer == "sophia" and s.optim.estimator == "fisher":
             extra["hessian_estimate"] = optim.FISHER  # g*g of the gradient Sophia sees (masked, clipped)
         elif method.optimizer == "sophia":
-            estimate = _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings)
+            estimate = _estimator(graphdef, partition, s, rows, loss_fn)
             extra["hessian_estimate"] = optim.curvature_on_schedule(
                 estimate, step, s.optim.update_interval, trainable, key, grads, *args)
     updates, opt_state = tx.update(grads, opt_state, trainable, **extra)
@@ -533,13 +533,10 @@ def compiled_step(*args):
     return _jitted_step()(*args)
 
 
-def _estimator(graphdef, partition, s, rows, loss_fn, probe_shardings=None):
-    if s.optim.estimator == "fisher":
-        return optim.make_curvature_estimator("fisher")
-    if s.optim.estimator == "hutchinson":
-        scalar = lambda tr, fr, rf, b, st: loss_fn(tr, fr, rf, b, st)[0]  # noqa: E731
-        return optim.make_curvature_estimator("hutchinson", loss_fn=scalar, num_probes=s.optim.num_probes,
-                                               shardings=probe_shardings)
+def _estimator(graphdef, partition, s, rows, loss_fn):
+    """The scheduled curvature estimator of Sophia-G (`gnb`). `fisher` (the gradient's g*g) and
+    `hutchinson` (one linearization with the gradient, `_grad_and_hutchinson`) are built in
+    `step_impl` itself."""
     if s.optim.estimator == "gnb":
         # Gauss-Newton-Bartlett of the model's own next-token distribution on the forget and
         # retain inputs (answer tokens): curvature of the output, independent of the
