@@ -180,7 +180,15 @@ def memory(out_json: str, path: str, spec: str) -> None:
     for x in leaves:
         for s in x.addressable_shards:
             held[s.device] += s.data.nbytes
+    # the transient the loader allows itself: one host block (a device's share of one leaf, in
+    # float32) while it is handed to its device, plus the pages of the one source tensor mapped
+    # while that block is read (see convert._slice_reader)
+    from simu_jax.models.convert import checkpoint_tensors
+
+    block = max(max(s.data.nbytes for s in x.addressable_shards) for x in leaves)
+    source = max(int(np.prod(t.shape)) * t.dtype.itemsize for t in checkpoint_tensors(path).values())
     res = {"model_bytes": model_bytes, "held_bytes": sum(held.values()), "load_peak_bytes": peak,
+           "largest_block_bytes": block, "largest_source_tensor_bytes": source,
            "load_seconds": seconds, "max_device_share": max(held.values()) / (model_bytes / len(held))}
     if mesh is not None:  # the first save also compiles its gather programs (kept: a constant)
         for run in ("cold", "warm"):
@@ -475,8 +483,12 @@ def test_peak_host_memory_of_loading_and_saving(worker):
     mem = worker[0]["memory"]
     for spec, res in mem.items():
         assert 60e6 < res["model_bytes"] < 120e6, res
-        ratio = res["load_peak_bytes"] / res["held_bytes"]
-        assert ratio < 1.2, (spec, ratio, res)
+        # no second copy of the model: the peak is what the devices hold plus one block and one
+        # mapped source tensor (the measured transient depends on whether the host block is
+        # aliased or copied by the device transfer), plus 4 MB of interpreter allocations
+        transient = res["largest_block_bytes"] + res["largest_source_tensor_bytes"] + 4 * 2**20
+        assert res["load_peak_bytes"] < res["held_bytes"] + transient, (spec, res)
+        assert res["load_peak_bytes"] < 1.35 * res["held_bytes"], (spec, res)
     assert mem["fsdp=8"]["max_device_share"] < 1.01, mem  # each device ~1/8 (norms are replicated)
     # saving streams one tensor at a time: about two of the largest tensor (the device result and
     # its host copy; here the 16 MB embedding of an 84 MB model), once the gathers are compiled
