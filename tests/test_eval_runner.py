@@ -415,3 +415,44 @@ def test_cli_bad_model_dirs_give_one_line_errors(tmp_path):
         cli_main(["--model", str(empty), "--benchmark", "lume", "--protocol", "tofu"])
     with pytest.raises(ValueError, match="--template must be"):
         cli_main(["--model", str(empty), "--benchmark", "synthetic", "--template", "Q:"])
+
+
+def test_tofu_without_data_reads_the_local_copy_or_else_the_hub(tmp_path, monkeypatch):
+    """`--benchmark tofu` without --data: the copy under the data root when there, else every
+    split from the hub dataset locuslab/TOFU (datasets.load_dataset faked: no network here);
+    an explicit --data that is missing is a one-line error; LUME has no hub copy to fall back on."""
+    import datasets
+
+    from simu_jax.data import TOFU_HUB_NAME, load_benchmark
+    from simu_jax.data import benchmark as bench_mod
+    from simu_jax.evaluate import runner
+
+    args = runner.build_parser().parse_args(["--model", "m", "--benchmark", "tofu", "--tofu-split", "forget05"])
+    spec = runner._data_spec(args)
+    assert spec.source is None and spec.forget == "forget05" and spec.holdout == "holdout05"
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        row = {"question": f"{config}?", "answer": "a", "paraphrased_answer": "a", "perturbed_answer": ["b"]}
+        return [row, row]
+
+    monkeypatch.setattr(bench_mod, "default_data_dir", lambda: tmp_path)  # no tofu/ under the data root
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    bench = load_benchmark(spec)
+    assert {c[0] for c in calls} == {TOFU_HUB_NAME} and {c[2] for c in calls} == {"train"}
+    assert [c[1] for c in calls] == ["forget05_perturbed", "retain95", "holdout05", "retain_perturbed",
+                                     "real_authors_perturbed", "world_facts_perturbed"]
+    assert bench.forget[0]["question"] == "forget05_perturbed?" and bench.info["source"] == TOFU_HUB_NAME
+
+    with pytest.raises(FileNotFoundError, match="TOFU data directory not found") as e:
+        runner._data_spec(runner.build_parser().parse_args(["--model", "m", "--benchmark", "tofu",
+                                                     "--data", str(tmp_path / "nope")]))
+    assert "\n" not in str(e.value)
+    import simu_jax.data as data_pkg
+
+    monkeypatch.setattr(data_pkg, "default_data_dir", lambda: tmp_path)  # what _data_spec imports
+    with pytest.raises(FileNotFoundError, match="not on the Hugging Face hub") as e:
+        runner._data_spec(runner.build_parser().parse_args(["--model", "m", "--benchmark", "lume"]))
+    assert "\n" not in str(e.value)

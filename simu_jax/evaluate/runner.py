@@ -645,8 +645,9 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
     p.add_argument("--template", help="QA template: 'tofu' (Question: q\\nAnswer: a, the default), 'llama2' "
                                       "([INST] q [/INST]a) or 'QUESTION_START|QUESTION_END|ANSWER_START' with "
                                       "\\n for a newline; refused when the tokenizer cannot encode it")
-    p.add_argument("--data", help="data directory (tofu/ or lume/ folder, or the shared data root); "
-                                  "default: the shared data directory")
+    p.add_argument("--data", help="data directory (tofu/ or lume/ folder, or the data root); default: the "
+                                  "copy under $SIMU_JAX_DATA_DIR (or the checkout's ../shared/data) if there, "
+                                  "else for tofu the hub dataset locuslab/TOFU")
     p.add_argument("--mia-data", help="LUME: folder with member.jsonl / nonmember.jsonl "
                                       "(default: found under the data root)")
     p.add_argument("--out", help="output directory for summary.json and per_sample.json (default: print only)")
@@ -680,13 +681,21 @@ def _data_spec(args):
     if args.benchmark == "synthetic":
         return DataSpec(benchmark="synthetic", synthetic=SyntheticConfig(seed=args.synthetic_seed))
     if args.benchmark == "tofu":
-        base = Path(args.data).expanduser() if args.data else default_data_dir() / "tofu"
-        if not base.is_dir():
-            raise FileNotFoundError(f"TOFU data directory not found: {base}")
-        if not (base / "retain_perturbed.json").is_file() and (base / "tofu").is_dir():
-            base = base / "tofu"
         pct = args.tofu_split[len("forget"):]
-        return DataSpec(benchmark="tofu", source=str(base), forget=args.tofu_split, holdout=f"holdout{pct}")
+        source = None  # as data.source: null: the local copy under the data root if there, else the hub
+        if args.data:
+            base = Path(args.data).expanduser()
+            if not base.is_dir():
+                raise FileNotFoundError(f"TOFU data directory not found: {base}")
+            if not (base / "retain_perturbed.json").is_file() and (base / "tofu").is_dir():
+                base = base / "tofu"
+            source = str(base)
+        return DataSpec(benchmark="tofu", source=source, forget=args.tofu_split, retain=f"retain{100 - int(pct)}",
+                        holdout=f"holdout{pct}")  # TOFU's pairs: forget05 / retain95 / holdout05
+    if args.data is None and not (default_data_dir() / "lume").is_dir():
+        raise FileNotFoundError(
+            f"LUME data not found under {default_data_dir()} (it is not on the Hugging Face hub: copy data/ of "
+            "github.com/amazon-science/lume-llm-unlearning and pass --data DIR, or set SIMU_JAX_DATA_DIR)")
     return DataSpec(benchmark="lume", source=args.data)
 
 
