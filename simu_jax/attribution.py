@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from simu_jax.base import IGNORE_INDEX
+from simu_jax.data.tokenize import TRAIN_BUCKETS, bucket_length, sequence_lengths
 from simu_jax.losses import mean_nll_per_example
 from simu_jax.runio import write_json_atomic
 from simu_jax.models import apply, apply_with_aux
+from simu_jax.models.layers import F32
 
 SCORE_METHODS = ("ig", "grad_x_act", "grad_down")
 
@@ -44,29 +46,52 @@ def _answer_positions(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
 
 
+def _loglik(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """sum_i L_i: each sample's mean answer-token log-likelihood, summed over the batch."""
+    return -jnp.sum(mean_nll_per_example(logits, labels))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "all_positions"))
-def _ig_layer_scores(graphdef, params, batch, layer, *, steps: int, all_positions: bool = False):
-    """IG scores [I] of one layer (traced index, so one compilation serves all layers)."""
+def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = False):
+    """IG scores [L, I] of every layer on one batch (module docstring: cost and equations)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    _, aux = apply_with_aux(graphdef, params, ids, mask, return_mlp_acts=True)
-    acts = aux["mlp_acts"][layer]  # [B, T, I], unscaled
-    n_layers = aux["mlp_acts"].shape[0]
-    is_layer = (jnp.arange(n_layers) == layer)[:, None, None, None]
+    (b, t), (n_layers, width, _) = ids.shape, params["model"]["layers"]["mlp"]["down_proj"]["kernel"].shape
 
-    def loss_at(alpha, delta):
-        scale = jnp.where(is_layer, alpha, 1.0)
-        logits = apply(graphdef, params, ids, mask, mlp_scale=scale, mlp_delta=jnp.where(is_layer, delta[None], 0.0))
-        return -jnp.sum(mean_nll_per_example(logits, labels))
+    # alpha = 1 is the unscaled network for every layer at once: one forward + backward gives
+    # g_l = dLL/da_l at a_l for all l, plus the activations a_l and layer inputs x_l to reuse
+    def at_one(delta):
+        logits, aux = apply_with_aux(graphdef, params, ids, mask, mlp_delta=delta, return_mlp_acts=True,
+                                     return_layer_inputs=True)
+        return _loglik(logits, labels), aux
 
-    zeros = jnp.zeros_like(acts)
-    alphas = jnp.arange(1, steps + 1, dtype=jnp.float32) / steps  # right Riemann sum of the IG path
+    grads, aux = jax.grad(at_one, has_aux=True)(jnp.zeros((n_layers, b, t, width), F32))
 
-    def accumulate(total, alpha):
-        return total + jax.grad(loss_at, argnums=1)(alpha, zeros), None
+    if steps > 1:  # alpha_j = j/m, j = 1..m-1, stacked on the batch axis: row block j has alpha_j
+        alphas = jnp.repeat(jnp.arange(1, steps, dtype=F32) / steps, b)  # [(m-1) B]
 
-    grads = jax.lax.scan(accumulate, zeros, alphas)[0] / steps
-    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[..., None]
-    return jnp.sum(jnp.where(where, acts.astype(jnp.float32) * grads, 0.0), axis=(0, 1))
+        def rep(z):  # the batch repeated once per alpha
+            return jnp.tile(z, (steps - 1,) + (1,) * (z.ndim - 1))
+
+        def scaled_grad(layer):
+            """sum_{j<m} dLL/da_l at (alpha_j a_l, other layers untouched) [B, T, I]: only layers
+            >= l change, so rerun them from the cached input x_l (CausalLM.run's suffix run)."""
+            is_layer = (jnp.arange(n_layers) == layer)[:, None, None, None]
+            scale = jnp.where(is_layer, alphas[None, :, None, None], 1.0)  # [L, (m-1) B, 1, 1]
+
+            def at_alphas(delta):
+                logits, _ = apply_with_aux(graphdef, params, rep(ids), rep(mask), mlp_scale=scale, mlp_delta=delta,
+                                           start_layer=layer, hidden=rep(aux["layer_inputs"][layer]))
+                return _loglik(logits, rep(labels))
+
+            g = jax.grad(at_alphas)(jnp.zeros((n_layers, (steps - 1) * b, t, width), F32))[layer]
+            return g.reshape(steps - 1, b, t, width).sum(0)
+
+        grads = grads + jax.lax.map(scaled_grad, jnp.arange(n_layers))
+
+    # Att(l, k) = sum over the scored positions of a_l * (1/m) sum_j g_l(alpha_j)
+    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[None, ..., None]
+    acts = aux["mlp_acts"].astype(F32)
+    return jnp.sum(jnp.where(where, acts * grads / steps, 0.0), axis=(1, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -80,6 +105,18 @@ def _down_grad(graphdef, params, batch):
     return jax.grad(loss)(params["model"]["layers"]["mlp"]["down_proj"]["kernel"])
 
 
+def _trimmed(batch: dict) -> dict:
+    """The batch cut to the smallest `TRAIN_BUCKETS` width that keeps every real token and label
+    (a few shapes, so a few compilations). Rows are right-padded (attention_mask 0, labels -100)
+    and a real position attends only to earlier ones, so the cut columns change no score."""
+    arrays = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
+    width = arrays["input_ids"].shape[1]
+    used = max(int(sequence_lengths(arrays["attention_mask"]).max(initial=0)),
+               int(sequence_lengths(arrays["labels"] != IGNORE_INDEX).max(initial=0)))
+    keep = min(width, bucket_length(used, TRAIN_BUCKETS))
+    return {k: v[:, :keep] for k, v in arrays.items()}
+
+
 def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "ig", steps: int = 3,
                   all_positions: bool = False) -> np.ndarray:
     """Attribution scores [L, I] summed over all batches (padding rows contribute nothing).
@@ -91,17 +128,15 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
         raise ValueError(f"attribution method={method!r}; allowed: {', '.join(SCORE_METHODS)}")
     if steps < 1:
         raise ValueError(f"attribution steps m must be >= 1, got {steps}")
-    n_layers = params["model"]["layers"]["mlp"]["down_proj"]["kernel"].shape[0]
     total, down_grad = None, None
     for batch in batches:
-        batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
+        batch = {k: jnp.asarray(v) for k, v in _trimmed(batch).items()}
         if method == "grad_down":
             g = _down_grad(graphdef, params, batch)
             down_grad = g if down_grad is None else down_grad + g
             continue
         m = 1 if method == "grad_x_act" else steps
-        per_layer = jnp.stack([_ig_layer_scores(graphdef, params, batch, l, steps=m, all_positions=all_positions)
-                               for l in range(n_layers)])
+        per_layer = _ig_scores(graphdef, params, batch, steps=m, all_positions=all_positions)
         total = per_layer if total is None else total + per_layer
     if method == "grad_down":
         if down_grad is None:

@@ -18,7 +18,10 @@ MLP hook (for neuron attribution): the activation feeding `down_proj`,
 `a = silu(gate(x)) * up(x)` of shape [B, T, I], can be returned (`return_mlp_acts`), scaled
 by a per-layer factor (`mlp_scale`, leading axis L, broadcast against [B, T, I]) and
 perturbed additively (`mlp_delta`, [L, B, T, I]); the gradient w.r.t. `mlp_delta` at zero is
-dL/da at the scaled point. `mlp_rows = (idx [L, K], rows [L, K, H])` adds
+dL/da at the scaled point. `return_layer_inputs` also returns every layer's input residual
+x_l [L, B, T, H]; `run(start_layer=l, hidden=x_l)` then reruns only layers l..L-1 and the head
+from it (earlier layers skipped by `lax.cond`, one compiled program for every traced l), which
+is all that changes when only layers >= l are scaled. `mlp_rows = (idx [L, K], rows [L, K, H])` adds
 `a[..., idx] @ rows` to each layer's `down_proj` output: SIMU trains a neuron subset this way,
 as a compact [L, K, H] array, with the corresponding kernel rows zeroed in the frozen params.
 """
@@ -216,13 +219,22 @@ class CausalLM(nnx.Module):
         mlp_delta: jax.Array | None = None,
         mlp_rows: tuple[jax.Array, jax.Array] | None = None,
         return_mlp_acts: bool = False,
+        return_layer_inputs: bool = False,
+        start_layer: jax.Array | int | None = None,
+        hidden: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts'}.
+        """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts', 'layer_inputs'}.
 
         Without a cache, `attention_mask` is [B, T] (1 = real token) and default positions are
         `cumsum(mask) - 1` (what HF generate uses, so left padding is handled). With a cache
         (k, v each [L, B, S, KV, D]), `attention_mask` covers all S cache slots, the T new
         tokens are written at slots [cache_index, cache_index + T), and `positions` must be given.
+
+        Suffix run: `start_layer` (an int or traced scalar) with `hidden`, the residual entering
+        that layer ([B, T, H], e.g. `aux['layer_inputs'][l]` of a full run on the same ids), runs
+        layers start_layer..L-1 and the head on it: logits(x) = head(f_{L-1}(...f_l(x_l))). The
+        layers before it are skipped by `lax.cond` (only the taken branch executes, forward and
+        backward); their `mlp_acts` are zeros and their cache slots are left as they are.
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -237,21 +249,39 @@ class CausalLM(nnx.Module):
         mask = causal[None] & key_valid[:, None, :]
         cos, sin = rope_cos_sin(cfg, positions)
 
-        x = self.model.embed_tokens.embedding[...][input_ids].astype(self.dtype)
+        if (start_layer is None) != (hidden is None):
+            raise ValueError("a suffix run needs both start_layer and hidden")
+        if hidden is None:
+            x = self.model.embed_tokens.embedding[...][input_ids].astype(self.dtype)
+        else:
+            x = hidden.astype(self.dtype)
         graphdef, layer_state = nnx.split(self.model.layers)
 
         def body(x, xs):
-            layer_params, kv_cache, scale, delta, rows = xs
-            layers = nnx.merge(graphdef, layer_params)
-            x, kv_cache, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows)
-            return x, (kv_cache, neurons if return_mlp_acts else None)
+            index, layer_params, kv_cache, scale, delta, rows = xs
+
+            def run_layer(x):
+                layers = nnx.merge(graphdef, layer_params)
+                y, new_kv, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows)
+                return y, new_kv, neurons if return_mlp_acts else None
+
+            def skip_layer(x):
+                neurons = jnp.zeros((b, t, cfg.intermediate_size), x.dtype) if return_mlp_acts else None
+                return x, kv_cache, neurons
+
+            if start_layer is None:
+                y, kv_cache, neurons = run_layer(x)
+            else:
+                y, kv_cache, neurons = jax.lax.cond(index >= start_layer, run_layer, skip_layer, x)
+            return y, (kv_cache, neurons, x if return_layer_inputs else None)
 
         policy = REMAT_POLICIES[self.remat]
         if policy == "full":
             body = jax.checkpoint(body)
         elif policy is not None:
             body = jax.checkpoint(body, policy=policy)
-        x, (new_cache, mlp_acts) = jax.lax.scan(body, x, (layer_state, cache, mlp_scale, mlp_delta, mlp_rows))
+        xs = (jnp.arange(cfg.num_hidden_layers), layer_state, cache, mlp_scale, mlp_delta, mlp_rows)
+        x, (new_cache, mlp_acts, layer_inputs) = jax.lax.scan(body, x, xs)
 
         if cfg.norm_kind == "rmsnorm":
             x = self.model.norm(x)
@@ -262,7 +292,7 @@ class CausalLM(nnx.Module):
         else:
             head = self.lm_head.kernel[...]
         logits = dense(x, head.astype(x.dtype), preferred_element_type=F32)
-        return logits, {"cache": new_cache, "mlp_acts": mlp_acts}
+        return logits, {"cache": new_cache, "mlp_acts": mlp_acts, "layer_inputs": layer_inputs}
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, remat="none") -> CausalLM:

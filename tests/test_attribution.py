@@ -1,0 +1,111 @@
+"""Integrated-gradients neuron attribution against the definition, written out plainly."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simu_jax.attribution import neuron_scores
+from simu_jax.losses import mean_nll_per_example
+from simu_jax.models import ModelConfig, apply, apply_with_aux, init_model, split_params
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, initializer_range=0.3)
+LENGTHS = (16, 13, 10, 6)  # right-padded rows of different lengths
+B, T = len(LENGTHS), 16
+
+
+def padded_batch(seed: int, width: int = T) -> dict:
+    """Rows of LENGTHS tokens, answers in their second half, right-padded to `width` columns."""
+    ids = np.zeros((B, width), np.int32)
+    ids[:, :T] = np.random.default_rng(seed).integers(1, TINY["vocab_size"], size=(B, T))
+    pos = np.arange(width)[None]
+    n = np.asarray(LENGTHS)[:, None]
+    mask = (pos < n).astype(np.int32)
+    labels = np.where((pos >= n // 2) & (pos < n), ids, -100).astype(np.int32)
+    return {"input_ids": np.where(mask == 1, ids, 0), "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module", params=["llama", "olmo2"])
+def model(request):
+    return split_params(init_model(ModelConfig(model_type=request.param, **TINY), seed=1))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def naive_grad(graphdef, params, batch, layer, alpha):
+    """jax.grad of sum_i L_i w.r.t. an additive delta on layer l's activations, with layer l scaled
+    by alpha and the other layers untouched (the old algorithm, one (layer, alpha) at a time)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    _, aux = apply_with_aux(graphdef, params, ids, mask, return_mlp_acts=True)
+    acts = aux["mlp_acts"]
+    is_layer = (jnp.arange(acts.shape[0]) == layer)[:, None, None, None]
+
+    def loglik(delta):
+        logits = apply(graphdef, params, ids, mask, mlp_scale=jnp.where(is_layer, alpha, 1.0),
+                       mlp_delta=jnp.where(is_layer, delta[None], 0.0))
+        return -jnp.sum(mean_nll_per_example(logits, labels))
+
+    return acts[layer], jax.grad(loglik)(jnp.zeros(acts.shape[1:], jnp.float32))
+
+
+def naive_scores(graphdef, params, batch, steps: int) -> np.ndarray:
+    """Att(l, k) = sum over answer positions of a_l * (1/m) sum_{j=1..m} dLL/da_l at alpha_j = j/m."""
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    answer = np.zeros(batch["labels"].shape, bool)
+    answer[:, :-1] = np.asarray(batch["labels"])[:, 1:] != -100  # position t predicts answer token t + 1
+    out = []
+    for layer in range(TINY["num_hidden_layers"]):
+        grads = [naive_grad(graphdef, params, batch, layer, j / steps) for j in range(1, steps + 1)]
+        acts = np.asarray(grads[0][0])
+        out.append((acts * sum(np.asarray(g) for _, g in grads) / steps)[answer].sum(0))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_ig_equals_naive_definition(model, steps):
+    graphdef, params = model
+    batch = padded_batch(0)
+    got = neuron_scores(graphdef, params, [batch], method="ig" if steps > 1 else "grad_x_act", steps=steps)
+    want = naive_scores(graphdef, params, batch, steps)
+    # same float32 ops, summed in another order (alphas batched, a suffix rerun from the cached
+    # layer input, the alpha sums regrouped): differences are rounding, ~1e-7 of the scale of the
+    # summed terms; 1e-5 of each layer's largest score leaves two orders of margin
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale.max())
+    assert np.all(np.abs(got - want) <= 1e-5 * scale)
+
+
+def test_padding_columns_change_no_score(model):
+    """Extra all-padding columns (trimmed to a bucket before scoring) leave the scores as they are."""
+    graphdef, params = model
+    narrow = neuron_scores(graphdef, params, [padded_batch(2)], steps=3)
+    wide = neuron_scores(graphdef, params, [padded_batch(2, width=40)], steps=3)
+    np.testing.assert_allclose(wide, narrow, rtol=1e-5, atol=1e-6 * np.abs(narrow).max())
+
+
+def test_suffix_run_reproduces_forward(model):
+    """run(start_layer=l, hidden=x_l) from a full run's cached layer inputs gives its logits."""
+    graphdef, params = model
+    batch = padded_batch(1)
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    logits, aux = jax.jit(lambda: apply_with_aux(graphdef, params, ids, mask, return_layer_inputs=True,
+                                                 return_mlp_acts=True))()
+    embed = params["model"]["embed_tokens"]["embedding"][ids]
+    np.testing.assert_array_equal(np.asarray(aux["layer_inputs"][0]), np.asarray(embed))
+
+    @jax.jit
+    def suffix(layer, hidden):
+        return apply_with_aux(graphdef, params, ids, mask, start_layer=layer, hidden=hidden, return_mlp_acts=True)
+
+    for layer in range(TINY["num_hidden_layers"]):
+        out, sub = suffix(layer, aux["layer_inputs"][layer])
+        np.testing.assert_allclose(np.asarray(out), np.asarray(logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(sub["mlp_acts"][layer:]), np.asarray(aux["mlp_acts"][layer:]),
+                                   rtol=1e-4, atol=1e-5)
+        assert not np.asarray(sub["mlp_acts"][:layer]).any()  # the skipped layers did not run
+    with pytest.raises(ValueError, match="both start_layer and hidden"):
+        apply_with_aux(graphdef, params, ids, mask, start_layer=1)
