@@ -437,7 +437,7 @@ def run_finetune(
     from simu_jax.models import abstract_model, count_params, init_model, split_params
     from simu_jax.models.convert import load_pretrained, save_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
-    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, to_host
+    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, to_host
 
     t_start = time.time()
     done = RunDirectory.finished(out_dir, resume, "final_metrics.json")
@@ -448,6 +448,11 @@ def run_finetune(
     if cfg.mesh:
         initialize_distributed()
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
+        # no silent replication: refused before anything is written (a model whose vocabulary
+        # comes from the tokenizer is checked once that is built)
+        check_layout(mesh, batch_sizes={"batch_size": cfg.batch_size})
+        if cfg.model.path is not None or "vocab_size" in (cfg.model.config or {}):
+            check_layout(mesh, model_config=model_config_from_spec(cfg.model))
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary
@@ -473,6 +478,8 @@ def run_finetune(
         model = abstract_model(loaded.config, **dtype_kw)
         del loaded
     else:
+        if mesh is not None:
+            check_layout(mesh, model_config=prep.model_config)
         model = abstract_model(prep.model_config, **dtype_kw)
         params = host_init_params(nnx.to_pure_dict(nnx.state(model)), prep.model_config.initializer_range,
                                   cfg.model.seed)

@@ -254,7 +254,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.models.convert import save_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
-    from simu_jax.sharding import initialize_distributed, make_mesh, place_batch, place_like, to_host
+    from simu_jax.models.spec import model_config_from_spec
+    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, place_like, to_host
 
     t_start = time.time()
     cfg = resolve_config(cfg)  # presets applied: config.yaml and run.json record the values that ran
@@ -265,6 +266,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     if cfg.mesh:
         initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ..., or a cluster launcher)
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
+        # no silent replication: refused before anything is read or written
+        check_layout(mesh, model_config=model_config_from_spec(cfg.model), batch_sizes={"batch_size": cfg.batch_size})
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary  # progress and messages from process 0 only

@@ -248,6 +248,19 @@ def test_mesh_run_matches_single_device(demo, tmp_path):
     assert off <= 1e-4 * total, f"{off} of {total} coordinates differ by more than 1% of one step"
 
 
+def test_mesh_that_would_replicate_the_batch_is_refused_before_anything_is_written(demo, tmp_path):
+    """batch_size=4 on fsdp=8: every pair of devices would compute the same rows; refused in one
+    line, exit 1, no run directory."""
+    out = tmp_path / "refused"
+    cmd, env = _cli(_unlearn_args(demo, out) + ["--mesh", "fsdp=8"],
+                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr[-2000:]
+    assert "batch_size = 4 rows do not divide the batch axes fsdp=8 = 8" in err[0]
+    assert not out.exists()
+
+
 def test_sigkill_then_resume_equals_uninterrupted(demo, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = ["steps=8"]

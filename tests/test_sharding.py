@@ -124,6 +124,31 @@ def test_logical_axes_and_specs_for_every_param():
     assert fs["model/layers/self_attn/k_proj/kernel"] == P(None, "fsdp", "tensor")
 
 
+def test_layouts_that_would_replicate_silently_are_refused_in_one_line():
+    """A dimension its rule puts on mesh axes it does not divide (the fallback would replicate
+    it there) and a per-step batch that does not divide the batch axes are refused, naming
+    the tensor / config key and the axis; by-design fallbacks (SIMU's K rows, an axis already
+    used by an earlier dimension) are not."""
+    big = ModelConfig(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000)
+    S.check_layout({"data": 2, "fsdp": 4, "tensor": 8}, model_config=big, batch_sizes={"batch_size": 16})
+    with pytest.raises(ValueError) as e:  # 4096 / 24 is not whole: fsdp would shard no weight
+        S.check_layout({"data": 1, "fsdp": 24, "tensor": 1}, model_config=big)
+    msg = str(e.value)
+    assert "\n" not in msg and "(embed, 4096) does not divide fsdp=24" in msg and "(and 8 more)" in msg, msg
+    problems = S.replication_problems(split_params(abstract_model(big))[1], {"data": 1, "fsdp": 2, "tensor": 16},
+                                      model_config=big)  # 8 kv heads on tensor=16
+    assert problems == [f"model/layers/self_attn/{p}_proj/kernel dim 2 (kv_heads, 8 heads) does not divide tensor=16"
+                        for p in ("k", "v")]
+    with pytest.raises(ValueError, match=r"batch_size = 8 rows do not divide the batch axes fsdp=16 = 16") as e:
+        S.check_layout({"data": 1, "fsdp": 16, "tensor": 1}, batch_sizes={"batch_size": 8})
+    with pytest.raises(ValueError, match=r"batch_size = 6 rows do not divide the batch axes data=2 x fsdp=4 = 8"):
+        S.check_layout({"data": 2, "fsdp": 4, "tensor": 1}, batch_sizes={"batch_size": 6})
+    sizes = {"data": 1, "fsdp": 2, "tensor": 4}
+    assert S.replication_problems({"down_rows": np.zeros((2, 6, 32))}, sizes) == []  # K = 6 on tensor=4: by design
+    assert S.replication_problems({"lm_head/kernel": np.zeros((8, 8))}, sizes, {**S.DEFAULT_RULES, "vocab": "fsdp"}) == []
+
+
 def test_divisibility_fallback_and_batch_rule():
     sizes = {"data": 2, "fsdp": 4, "tensor": 1}
     assert S.logical_to_spec(("batch", "length"), (8, 16), sizes) == P(("data", "fsdp"))

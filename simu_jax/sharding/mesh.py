@@ -61,6 +61,8 @@ __all__ = [
     "logical_to_spec",
     "param_partition_specs",
     "param_shardings",
+    "replication_problems",
+    "check_layout",
     "device_put_tree",
     "shard_params",
     "opt_state_shardings",
@@ -287,6 +289,68 @@ def param_partition_specs(params, rules: Mapping[str, Any] = DEFAULT_RULES, mesh
         return logical_to_spec(logical_axes(path, len(shape)), shape, mesh, rules, div)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+# Dimensions whose fallback to replication is by design: SIMU's compact rows (K is whatever the
+# mask gives, and [L, K, H] is small next to the kernels it stands for).
+_REPLICATION_ALLOWED = {("down_rows", "mlp")}
+
+
+def replication_problems(params, mesh, rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None) -> list[str]:
+    """Each parameter dimension that the rules put on mesh axes (of size > 1) it does not divide,
+    so the divisibility rule replicates it over them (module doc): ``"<path> dim <d> (<logical>,
+    <n>) does not divide <axes>"``; ``[]`` when every dimension gets the layout it asks for."""
+    sizes = _axis_sizes(mesh)
+    div = _divisors(model_config) or {}
+    problems: list[str] = []
+
+    def one(path, x):
+        shape = np.shape(x)
+        names = logical_axes(path, len(shape))
+        spec = tuple(logical_to_spec(names, shape, mesh, rules, div)) + (None,) * len(shape)
+        used: set[str] = set()
+        for d, (name, size) in enumerate(zip(names, shape)):
+            got = set(_mesh_axes(spec[d]))
+            asked = [a for a in (() if name is None else _mesh_axes(rules.get(name)))
+                     if sizes.get(a, 1) > 1 and a not in used]
+            used.update(got)
+            missing = [a for a in asked if a not in got]
+            leaf = "/".join(_path_names(path))
+            if missing and (_path_names(path)[-1], name) not in _REPLICATION_ALLOWED:
+                what = f"{div[name]} heads" if name in div else str(size)
+                problems.append(f"{leaf} dim {d} ({name}, {what}) does not divide "
+                                + ",".join(f"{a}={sizes[a]}" for a in missing))
+
+    jax.tree_util.tree_map_with_path(one, params)
+    return problems
+
+
+def check_layout(mesh, *, params=None, rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None,
+                 batch_sizes: Mapping[str, int] | None = None) -> None:
+    """Refuse (``ValueError``, one line) a layout that would replicate silently: a parameter
+    dimension that does not divide the mesh axes its rule names (:func:`replication_problems`),
+    or a per-step batch whose rows do not divide the batch axes (every device of the missing
+    axes would compute the same rows). ``batch_sizes``: ``{config key: rows}``; ``params``:
+    the (abstract) params, by default those of ``model_config``'s model."""
+    if params is None and model_config is not None:
+        from simu_jax.models import abstract_model, split_params
+
+        params = split_params(abstract_model(model_config))[1]
+    sizes = _axis_sizes(mesh)
+    spec = ",".join(f"{a}={n}" for a, n in sizes.items())
+    batch_axes = [a for a in _mesh_axes(rules.get("batch")) if sizes.get(a, 1) > 1]
+    n_batch = math.prod(sizes[a] for a in batch_axes)
+    for key, rows in (batch_sizes or {}).items():
+        if rows % n_batch:
+            raise ValueError(f"{key} = {rows} rows do not divide the batch axes "
+                             f"{' x '.join(f'{a}={sizes[a]}' for a in batch_axes)} = {n_batch} of the mesh {spec}: "
+                             f"devices would compute the same rows; use a multiple of {n_batch}")
+    if params is not None:
+        problems = replication_problems(params, mesh, rules, model_config)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"mesh {spec}: {problems[0]}{more}, so it would be replicated there; choose axis "
+                             "sizes that divide the model's dimensions")
 
 
 def param_shardings(params, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES, model_config=None):
