@@ -267,7 +267,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ..., or a cluster launcher)
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
         # no silent replication: refused before anything is read or written
-        check_layout(mesh, model_config=model_config_from_spec(cfg.model), batch_sizes={"batch_size": cfg.batch_size})
+        check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None,
+                     batch_sizes={"batch_size": cfg.batch_size})
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary  # progress and messages from process 0 only
