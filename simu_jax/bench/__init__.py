@@ -1,4 +1,4 @@
-"""`simu-jax bench`: second-order cost, masked savings, JAX against the PyTorch peer, compile time.
+"""`simu-jax bench`: second-order cost, masked savings, attribution, JAX against the PyTorch peer, compile time.
 
 One run, one machine, one config per section, the same threads and batch on both sides.
 Every time is the **median** of ``repeats`` timed runs after ``warmup`` runs, each blocked on
@@ -15,9 +15,11 @@ reports for it (``jax.monitoring`` compile events). Sections:
   gradient; plus the gradient and HVP on the SIMU subset (attention + selected ``down_proj``
   rows, the rest closed over) to show what the mask saves. At the largest size also two other
   exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
-  gradient map reused for 4 products (``hvp_lin4``, what Newton-CG and Hutchinson do); for every
-  program, XLA's cost analysis (flops, bytes) of the compiled executable; ``hvp_analysis`` puts
-  time ratios next to flop ratios (is the HVP flop-bound?).
+  gradient map reused for 4 products in a loop (``hvp_lin4``, what Newton-CG and Hutchinson
+  do); for every program, XLA's cost analysis (flops, bytes) of the compiled executable and the
+  matmul flops of its jaxpr over all layers (``harness.matmul_flops``: XLA:CPU counts the layer
+  scan's body once); ``hvp_analysis`` puts time ratios next to flop ratios (is the HVP
+  flop-bound?).
 * ``remat``: the gradient and HVP of the step config with models built with another remat
   policy (``dots``), in turns with the default model's.
 * ``steps``: one ``Unlearner.step`` of ``fo_graddiff`` (AdamW), ``so_graddiff`` (Sophia, SOUL's
@@ -30,12 +32,19 @@ reports for it (``jax.monitoring`` compile events). Sections:
   ``simu_state_bytes_over_so`` compares the per-parameter state (what scales with the trainable
   set, the quantity the trainable fraction bounds); ``simu_state_bytes_over_so_raw`` is the
   ratio of all bytes.
+* ``attribution``: IG attribution (``attribution.neuron_scores``, m = 3) of the step config's
+  forget rows (one batch) on an 8-layer model with the step config's other sizes, in turns
+  with the gradient of the same rows' token-mean NLL (all parameters) of that model
+  (``attribution_over_grad``; fewer repeats, ``attribution_repeats``: one IG call costs several
+  gradients).
 * ``peer``: ``torch_peer.py --serve`` (in this package) in a subprocess: transformers ``LlamaForCausalLM``
   (eager attention) with the same weights (``models.convert.save_pretrained``) and batch, a
   SOUL-style SophiaG step (g*g every step), a Sophia-H step (double-backward HVP), and the
   forward / gradient / HVP alone, each in turns with the JAX program doing the same work, with
-  ``torch.set_num_threads`` = the size of XLA's CPU thread pool (``OMP_WAIT_POLICY=PASSIVE``;
-  the full run also measures torch's default OpenMP environment).
+  ``torch.set_num_threads`` = the size of XLA's CPU thread pool and ``OMP_WAIT_POLICY=PASSIVE``.
+  A second peer with torch's default OpenMP environment runs the SO step and the gradient
+  (``DEFAULT_ENV_CALLS``) in the same turns; the headline JAX / PyTorch ratios of those two
+  are against the faster setting (``peer_fastest``; the winner is ``torch_fastest_env``).
 * ``compile``: trace + lower + XLA compile of the ``simu_graddiff`` step at 4, 8 and 16 layers,
   measured on the first call of a fresh ``Unlearner`` after ``jax.clear_caches()`` (the
   persistent compilation cache is off), from JAX's own compile events.
@@ -45,6 +54,11 @@ compiles on one thread each and releases the GIL); all timed runs then run one a
 the compile section runs alone at the end. ``--quick`` (tiny sizes, one model size, the
 programs the headline keys need, 2 repeats, the peer and the compile section overlapped with
 the rest) is what the test suite runs: it checks that the JSON is complete, never speed.
+
+The summary (``SUMMARY_KEYS``, computed from the sections by ``summarize``) holds the headline
+ratios and ``bench_wall_s``; ``TARGETS`` (key, comparison ``<=`` / ``>=``, bound: a number or
+another summary key + slack) are checked by ``check_targets``; ``UNTARGETED`` says why a figure
+has no target.
 ``--profile-only --json FILE`` adds ``profile_run`` to an existing result: where the step
 config's gradient, HVP, SO and SIMU steps spend their time per kind of XLA op (jax.profiler,
 XLA:CPU per-op trace events) and the torch SO step per aten op (torch.profiler).
@@ -60,22 +74,23 @@ the phases in order), ``profiling`` (``--profile-only``) and ``cli`` (``cli_main
 from __future__ import annotations
 
 from simu_jax.bench.cli import cli_main
-from simu_jax.bench.harness import COMPILE_EVENTS, AotCall, CompileRecorder, Job, first_calls, hvp_analysis, \
-    round_robin, state_bytes_split, summarize
+from simu_jax.bench.harness import COMPARE, COMPILE_EVENTS, PEER_ENVS, AotCall, CompileRecorder, Job, \
+    check_targets, first_calls, hvp_analysis, peer_fastest, round_robin, state_bytes_split, summarize
 from simu_jax.bench.machine import available_cores, loadavg, machine_info, xla_cpu_threads
-from simu_jax.bench.peer import PEER_CALLS, PeerServer, find_peer_script, torch_missing
-from simu_jax.bench.problems import compile_job, init_params, make_batch, model_config, random_neuron_mask, \
-    remat_jobs, second_order_jobs, step_jobs, step_setup
+from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer, find_peer_script, torch_missing
+from simu_jax.bench.problems import attribution_jobs, compile_job, init_params, make_batch, model_config, \
+    random_neuron_mask, remat_jobs, second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import FULL, QUICK, QUICK_XLA_FLAGS, SECOND_ORDER_OPS, STEP_METHODS, SUMMARY_KEYS, \
-    TARGETS, Profile
+    TARGETS, UNTARGETED, Profile
 from simu_jax.bench.profiling import PROFILE_XLA_FLAGS, op_category, profile_call, profile_run
 from simu_jax.bench.runner import run
 
 __all__ = [
-    "COMPILE_EVENTS", "FULL", "PEER_CALLS", "PROFILE_XLA_FLAGS", "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS",
-    "STEP_METHODS", "SUMMARY_KEYS", "TARGETS", "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile",
-    "available_cores", "cli_main", "compile_job", "find_peer_script", "first_calls", "hvp_analysis", "init_params",
-    "loadavg", "machine_info", "make_batch", "model_config", "op_category", "profile_call", "profile_run",
-    "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs", "state_bytes_split", "step_jobs",
-    "step_setup", "summarize", "torch_missing", "xla_cpu_threads",
+    "COMPARE", "COMPILE_EVENTS", "DEFAULT_ENV_CALLS", "FULL", "PEER_CALLS", "PEER_ENVS", "PROFILE_XLA_FLAGS",
+    "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS", "UNTARGETED",
+    "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile", "attribution_jobs", "available_cores",
+    "check_targets", "cli_main", "compile_job", "find_peer_script", "first_calls", "hvp_analysis", "init_params",
+    "loadavg", "machine_info", "make_batch", "model_config", "op_category", "peer_fastest", "profile_call",
+    "profile_run", "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs",
+    "state_bytes_split", "step_jobs", "step_setup", "summarize", "torch_missing", "xla_cpu_threads",
 ]

@@ -10,18 +10,20 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import operator
 import statistics
 import threading
 import time
 from typing import Any, Callable
 
 import jax
+import jax.extend
 import numpy as np
 
 from simu_jax.bench.profiles import SUMMARY_KEYS, TARGETS
 
-__all__ = ["COMPILE_EVENTS", "AotCall", "CompileRecorder", "Job", "block", "first_calls", "hvp_analysis",
-           "round_robin", "state_bytes_split", "stats", "summarize"]
+__all__ = ["COMPARE", "COMPILE_EVENTS", "PEER_ENVS", "AotCall", "CompileRecorder", "Job", "block", "check_targets",
+           "first_calls", "hvp_analysis", "matmul_flops", "peer_fastest", "round_robin", "state_bytes_split", "stats", "summarize"]
 
 COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -91,9 +93,15 @@ class Job:
 
 
 class AotCall:
-    """`jax.jit(fn)` on fixed args, lowered and compiled on the first call (the same compile
-    events as a plain first call), so that XLA's cost analysis of the very program that is
-    timed is available afterwards (`cost`: flops and bytes accessed, None if the backend has none)."""
+    """`jax.jit(fn)` on fixed args, traced, lowered and compiled on the first call (the same
+    compile events as a plain first call), so that the flops of the very program that is timed
+    are known afterwards (`cost`: XLA's cost analysis, `gflop` and `gbytes_accessed`, and
+    `matmul_gflop`, the dot_general flops of its jaxpr over every iteration of its scans; None
+    if the backend has no cost analysis).
+
+    XLA:CPU's cost analysis counts the body of a while loop once: the layer scan's flops are one
+    layer's, so `gflop` undercounts a multi-layer model; `matmul_gflop` counts every layer.
+    """
 
     def __init__(self, fn: Callable, *args):
         self.jitted, self.args = jax.jit(fn), args
@@ -102,14 +110,40 @@ class AotCall:
 
     def __call__(self):
         if self.exe is None:
-            self.exe = self.jitted.lower(*self.args).compile()
+            traced = self.jitted.trace(*self.args)
+            self.exe = traced.lower().compile()
+            ca = None
             with contextlib.suppress(Exception):
                 ca = self.exe.cost_analysis()
                 ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-                if ca and "flops" in ca:
-                    self.cost = {"gflop": float(ca["flops"]) / 1e9,
-                                 "gbytes_accessed": float(ca.get("bytes accessed", float("nan"))) / 1e9}
+            if ca and "flops" in ca:
+                self.cost = {"gflop": float(ca["flops"]) / 1e9,
+                             "gbytes_accessed": float(ca.get("bytes accessed", float("nan"))) / 1e9,
+                             "matmul_gflop": matmul_flops(traced.jaxpr) / 1e9}
         return self.exe(*self.args)
+
+
+def matmul_flops(jaxpr) -> float:
+    """Flops of the dot_generals of a (closed) jaxpr: 2 * batch * M * K * N each, a scan's body
+    times its length, a cond's costliest branch, every other inner jaxpr once (a while loop's
+    body too: its trip count is not known before it runs)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+            free_rhs = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+            total += 2.0 * float(np.prod(lhs)) * float(np.prod(free_rhs))
+            continue
+        inner = [matmul_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        elif eqn.primitive.name == "cond":
+            total += max(inner)
+        else:
+            total += sum(inner)
+    return total
 
 
 def stats(runs: list[float], **extra) -> dict[str, Any]:
@@ -151,24 +185,27 @@ def first_calls(jobs: list[Job], recorder: CompileRecorder, workers: int) -> Non
 
 
 def hvp_analysis(row: dict[str, Any]) -> dict[str, Any]:
-    """HVP cost against the gradient's, in time and in XLA's flop count, for one model size."""
+    """HVP cost against the gradient's, for one model size: in time, in matmul flops over all
+    layers (`flops_over_grad`, what `hvp_time_ratio_over_flop_ratio` divides by) and in XLA's
+    flop count (`xla_flops_over_grad`: the layer scan counted once, see `AotCall`)."""
     t = {k: v["median_s"] for k, v in row["times"].items()}
-    c = {k: v["gflop"] for k, v in row.get("cost_analysis", {}).items()}
-    out: dict[str, Any] = {"time_over_grad": {}, "flops_over_grad": {}}
-    for op in ("forward", "hvp", "hvp_revrev", "ggn_vp"):
-        if op in t:
-            out["time_over_grad"][op] = t[op] / t["grad"]
-        if op in c and "grad" in c:
-            out["flops_over_grad"][op] = c[op] / c["grad"]
-    if "hvp_lin4" in t:
-        out["time_over_grad"]["hvp_lin4_per_product"] = t["hvp_lin4"] / 4 / t["grad"]
-        out["time_over_grad"]["hvp_linearized_marginal"] = (t["hvp_lin4"] - t["hvp"]) / 3 / t["grad"]
-    if "hvp_lin4" in c and "hvp" in c and "grad" in c:
-        out["flops_over_grad"]["hvp_lin4_per_product"] = c["hvp_lin4"] / 4 / c["grad"]
-        out["flops_over_grad"]["hvp_linearized_marginal"] = (c["hvp_lin4"] - c["hvp"]) / 3 / c["grad"]
+    out: dict[str, Any] = {"time_over_grad": _hvp_ratios(t)}
+    for name, field in (("flops_over_grad", "matmul_gflop"), ("xla_flops_over_grad", "gflop")):
+        c = {k: v[field] for k, v in row.get("cost_analysis", {}).items() if field in v}
+        out[name] = _hvp_ratios(c) if "grad" in c else {}
     if "hvp" in out["flops_over_grad"]:
         # > 1: the HVP runs at a lower flop rate than the gradient (overhead); ~1: flop-bound
         out["hvp_time_ratio_over_flop_ratio"] = out["time_over_grad"]["hvp"] / out["flops_over_grad"]["hvp"]
+    return out
+
+
+def _hvp_ratios(x: dict[str, float]) -> dict[str, float]:
+    """Each program's figure (seconds or flops) over the gradient's; the linearized variant per
+    product and per product after the first."""
+    out = {op: x[op] / x["grad"] for op in ("forward", "hvp", "hvp_revrev", "ggn_vp") if op in x}
+    if "hvp_lin4" in x and "hvp" in x:
+        out["hvp_lin4_per_product"] = x["hvp_lin4"] / 4 / x["grad"]
+        out["hvp_linearized_marginal"] = (x["hvp_lin4"] - x["hvp"]) / 3 / x["grad"]
     return out
 
 
@@ -182,24 +219,62 @@ def state_bytes_split(opt_state) -> dict[str, int]:
             "state_scalar_leaves": len(scalar)}
 
 
+COMPARE = {"<=": operator.le, ">=": operator.ge}
+PEER_ENVS = {"torch": "PASSIVE", "torch_default_env": "default"}  # peer call entry -> its OpenMP setting
+
+
+def peer_fastest(call: dict[str, Any]) -> tuple[str, float]:
+    """(OpenMP setting, median seconds) of the peer's faster thread setting for one call of the
+    peer section (`OMP_WAIT_POLICY=PASSIVE`, and torch's default environment where measured)."""
+    envs = {env: call[entry]["median_s"] for entry, env in PEER_ENVS.items() if entry in call}
+    env = min(envs, key=envs.get)
+    return env, envs[env]
+
+
+def check_targets(values: dict[str, Any]) -> dict[str, Any]:
+    """Each target of `TARGETS` on `values` (a summary, or a result holding the summary keys); a
+    figure `values` lacks (a result of an older bench) has value, bound and met None."""
+    targets = {}
+    for key, op, bound, what in TARGETS:
+        ref, slack = bound if isinstance(bound, tuple) else (None, 0.0)
+        value = values.get(key)
+        b = bound if ref is None else (values[ref] + slack if ref in values else None)
+        targets[key] = {"value": value, "op": op, "bound": b, "bound_from": ref, "slack": slack,
+                        "met": None if value is None or b is None else bool(COMPARE[op](value, b)), "what": what}
+    return targets
+
+
 def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The headline (`SUMMARY_KEYS`) of a result's sections, and each target of `TARGETS` on it."""
-    big = result["second_order"]["sizes"][-1]["times"]
+    sizes = result["second_order"]["sizes"]
+    big, at_step = sizes[-1], sizes[result["profile"]["step_size"]]
     steps = result["steps"]["methods"]
     calls = result["peer"]["calls"]
     comp = result["compile"]["layers"]
+    att = result["attribution"]["times"]
 
-    def jt(name):  # JAX / PyTorch, from the interleaved runs of the peer section
-        return calls[name]["jax"]["median_s"] / calls[name]["torch"]["median_s"]
+    def jt(name):  # JAX / PyTorch at its faster thread setting, from the interleaved runs of the peer section
+        return calls[name]["jax"]["median_s"] / peer_fastest(calls[name])[1]
+
+    def step(label):
+        return steps[label]["median_s"]
 
     summary = {
-        "hvp_over_grad": big["hvp"]["median_s"] / big["grad"]["median_s"],
-        "simu_over_so_step": steps["simu_graddiff"]["median_s"] / steps["so_graddiff"]["median_s"],
         "jax_over_torch_so_step": jt("so_step"),
+        "jax_over_torch_grad": jt("grad"),
         "torch_over_jax_so_step": 1.0 / jt("so_step"),
         "jax_over_torch_hvp": jt("sophia_h_step"),
         "torch_over_jax_hvp": 1.0 / jt("sophia_h_step"),
         "jax_over_torch_hvp_raw": jt("hvp"),
+        "simu_over_so_step": step("simu_graddiff") / step("so_graddiff"),
+        "simu_over_so_grad_flops": (at_step["cost_analysis"]["grad_simu"]["matmul_gflop"]
+                                    / at_step["cost_analysis"]["grad"]["matmul_gflop"]),
+        "sophia_h_over_so_step": step("so_graddiff_hutchinson") / step("so_graddiff"),
+        "hvp_over_grad": big["times"]["hvp"]["median_s"] / big["times"]["grad"]["median_s"],
+        "hvp_flops_over_grad": big["hvp_analysis"]["flops_over_grad"]["hvp"],
+        "hvp_time_over_flops": big["hvp_analysis"]["hvp_time_ratio_over_flop_ratio"],
+        "hvp_marginal_lin_over_grad": big["hvp_analysis"]["time_over_grad"]["hvp_linearized_marginal"],
+        "attribution_over_grad": att["ig"]["median_s"] / att["grad"]["median_s"],
         "compile_s_4_layers": comp["4"]["median_s"],
         "compile_s_8_layers": comp["8"]["median_s"],
         "compile_s_16_layers": comp["16"]["median_s"],
@@ -209,12 +284,8 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "simu_state_bytes_over_so_raw": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
         "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
         "newton_per_cg_iter_s": steps["simu_newton"]["per_cg_iter_s"],
+        "bench_wall_s": result["wall_s"],
+        "bench_wall_budget_s": result["profile"]["wall_budget_s"],
     }
     assert tuple(summary) == SUMMARY_KEYS
-    targets = {}
-    for key, bound, what in TARGETS:
-        b = summary[bound] if isinstance(bound, str) else bound
-        targets[key] = {"value": summary[key], "op": "<=", "bound": b,
-                        "bound_from": bound if isinstance(bound, str) else None,
-                        "met": bool(summary[key] <= b), "what": what}
-    return summary, targets
+    return summary, check_targets(summary)

@@ -17,7 +17,7 @@ from simu_jax.base import IGNORE_INDEX
 from simu_jax.bench.harness import AotCall, Job
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
 
-__all__ = ["compile_job", "count_params", "default_remat", "graddiff_loss", "init_params", "make_batch",
+__all__ = ["attribution_jobs", "compile_job", "count_params", "default_remat", "graddiff_loss", "init_params", "make_batch",
            "model_config", "random_neuron_mask", "remat_jobs", "second_order_jobs", "second_order_size",
            "step_jobs", "step_setup"]
 
@@ -139,9 +139,9 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
     def hvp_revrev(prm, vv, b):  # reverse-over-reverse: grad_p <grad f(p), v>
         return jax.grad(lambda q: C.tree_vdot(jax.grad(loss)(q, b), vv))(prm)
 
-    def hvp_lin4(prm, vs, b):  # one linearization of the gradient map, 4 products (as CG / Hutchinson use it)
+    def hvp_lin4(prm, vs, b):  # one linearization of the gradient map, 4 products in a loop (as CG runs them)
         _, h = jax.linearize(lambda q: jax.grad(loss)(q, b), prm)
-        return [h(vv) for vv in vs]
+        return jax.lax.map(h, vs)
 
     programs = {
         "forward": (loss, (params, batch)),
@@ -161,6 +161,7 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
             elif op == "hvp_lin4":
                 vs = [v] + [jax.tree.map(lambda x, i=i: jnp.asarray(np.random.default_rng(10 + i).standard_normal(
                     x.shape, np.float32)), params) for i in range(3)]
+                vs = jax.tree.map(lambda *xs: jnp.stack(xs), *vs)
                 programs[op] = (hvp_lin4, (params, vs, batch))
             else:
                 raise ValueError(f"unknown HVP variant {op!r}")
@@ -173,6 +174,26 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
            "heads": cfg.num_attention_heads, "num_params": count_params(params),
            "num_params_simu": count_params(trainable), "tokens_per_call": 2 * p.batch * p.seq}
     return row, jobs
+
+
+def attribution_jobs(p: Profile) -> list[Job]:
+    """IG attribution (`attribution.neuron_scores`, m = `p.attribution_steps`) of the step config's
+    forget rows on a `p.attribution_layers`-layer model (the step config's other sizes), and the
+    gradient of the same rows' token-mean NLL (GradDiff's forget half; all parameters) of that model."""
+    from simu_jax.attribution import neuron_scores
+    from simu_jax.losses import token_mean_nll
+    from simu_jax.models import apply
+
+    cfg = model_config(p, *p.sizes[p.step_size], layers=p.attribution_layers)
+    graphdef, params = init_params(cfg, seed=0)
+    rows = jax.tree.map(jnp.asarray, make_batch(p, seed=0)["forget"])
+
+    def nll(prm, b):
+        return token_mean_nll(apply(graphdef, prm, b["input_ids"], b["attention_mask"]), b["labels"])
+
+    return [Job("attribution/ig", lambda: neuron_scores(graphdef, params, [rows], method="ig",
+                                                        steps=p.attribution_steps)),
+            Job("attribution/grad", AotCall(jax.grad(nll), params, rows))]
 
 
 def remat_jobs(p: Profile) -> list[Job]:

@@ -1,8 +1,8 @@
 """One bench run: its steps (phases) in order, each writing its section of the result.
 
 ``run(profile)`` = setup (the step config, the torch peer started, every job built) ->
-compile_programs (first calls, ``cores`` at a time) -> second_order -> remat -> steps -> peer
--> parity -> compile -> summary. See the package docstring for what each section measures.
+compile_programs (first calls, ``cores`` at a time) -> second_order -> remat -> steps ->
+attribution -> peer -> parity -> compile -> summary. See the package docstring for what each section measures.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from simu_jax.bench.harness import AotCall, CompileRecorder, Job, block, first_calls, hvp_analysis, round_robin, \
-    state_bytes_split, summarize
+from simu_jax.bench.harness import AotCall, CompileRecorder, Job, block, first_calls, hvp_analysis, peer_fastest, \
+    round_robin, state_bytes_split, summarize
 from simu_jax.bench.machine import loadavg, machine_info
-from simu_jax.bench.peer import PEER_CALLS, PeerServer
-from simu_jax.bench.problems import compile_job, count_params, default_remat, remat_jobs, second_order_jobs, \
-    step_jobs, step_setup
+from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer
+from simu_jax.bench.problems import attribution_jobs, compile_job, count_params, default_remat, remat_jobs, \
+    second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
 
 __all__ = ["BenchRun", "run"]
@@ -30,7 +30,7 @@ __all__ = ["BenchRun", "run"]
 METHOD_NOTE = ("medians of `repeats` timed runs after `warmup` runs; the programs compared in a section run in "
                "turns (A B C, C B A, ...), JAX and the PyTorch peer included, so they see the same machine "
                "load; the first (compiling) call of each program is reported apart (first_call_s, compile)")
-HEAVY_COMPILES = ("newton", "hutchinson", "hvp", "ggn")  # longest compiles first: the pool ends together
+HEAVY_COMPILES = ("newton", "hutchinson", "hvp", "ggn", "attribution/ig")  # longest compiles first: the pool ends together
 
 
 def run(profile: Profile, log=print) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
         bench.second_order()
         bench.remat()
         bench.steps()
+        bench.attribution()
         bench.peer()
         bench.parity()
         bench.compile()
@@ -93,12 +94,16 @@ class BenchRun:
         p = self.profile
         with self.phase("setup"):
             self.step_problem = step_setup(p)
-            self.main_peer = PeerServer(p, self.step_problem["model"], self.step_problem["batch"], self.threads)
-            self.peers.append(self.main_peer)
-            self.main_peer.start()
+            model, batch = self.step_problem["model"], self.step_problem["batch"]
+            self.main_peer = PeerServer(p, model, batch, self.threads)
+            self.default_peer = PeerServer(p, model, batch, self.threads, omp_wait_policy=None)
+            self.peers += [self.main_peer, self.default_peer]
+            for peer in self.peers:
+                peer.start()
             self.so_rows = second_order_jobs(p)
             self.st_jobs = step_jobs(p, self.step_problem)
             self.rm_jobs = remat_jobs(p)
+            self.att_jobs = attribution_jobs(p)
             if p.overlap:
                 for n in p.compile_layers:
                     if n == p.layers and p.compile_dims == p.sizes[p.step_size] and "simu_graddiff" in p.methods:
@@ -106,7 +111,7 @@ class BenchRun:
                     else:
                         self.comp_jobs[n] = compile_job(p, n)
         self.by_name = ({j.name: j for _, js in self.so_rows for j in js} | {j.name: j for *_, j in self.st_jobs}
-                        | {j.name: j for j in self.rm_jobs})
+                        | {j.name: j for j in self.rm_jobs + self.att_jobs})
 
     def compile_programs(self) -> None:
         """The first (compiling) call of every job, longest compiles first, `cores` at a time."""
@@ -123,9 +128,7 @@ class BenchRun:
         with self.phase("second_order"):
             sizes = []
             for row, js in self.so_rows:
-                times = round_robin({j.name.rsplit("/", 1)[1]: j.once for j in js}, p.repeats, p.warmup)
-                for j in js:
-                    times[j.name.rsplit("/", 1)[1]].update(first_call_s=j.first_call_s, compile=j.compile)
+                times = _in_turns(js, p.repeats, p.warmup)
                 row["times"] = times
                 g = times["grad"]["median_s"]
                 row["ratios_to_grad"] = {n: t["median_s"] / g for n, t in times.items() if n != "grad"}
@@ -142,9 +145,12 @@ class BenchRun:
                 "hutchinson_probes": 1, "sizes": sizes,
                 "hvp_variants": ("hvp_revrev: reverse-over-reverse, grad of <grad f, v>; "
                                  "hvp_lin4: jax.linearize of the gradient map once, then 4 "
-                                 "products (Newton-CG and Hutchinson reuse it this way); "
+                                 "products in a loop (Newton-CG and Hutchinson reuse it this way); "
                                  "cost_analysis: XLA's flop / byte count of the compiled "
-                                 "program")}
+                                 "program (gflop: XLA:CPU counts a loop body once, so the layer "
+                                 "scan's flops are one layer's) and matmul_gflop, the dot_general "
+                                 "flops of its jaxpr with every scan iteration counted (the flop "
+                                 "ratios of hvp_analysis and simu_over_so_grad_flops)")}
 
     def remat(self) -> None:
         """Gradient and HVP of the other remat policies' models, in turns with the default model's."""
@@ -218,20 +224,37 @@ class BenchRun:
         self.log(f"  {label}: {t['median_s'] * 1e3:.1f} ms, state {row['state_bytes'] / 2**20:.2f} MiB")
         return row
 
+    def attribution(self) -> None:
+        """IG attribution of the forget rows in turns with the gradient on the same rows (same model)."""
+        p = self.profile
+        with self.phase("attribution"):
+            times = _in_turns(self.att_jobs, p.attribution_repeats, p.warmup)
+            self.result["attribution"] = {
+                "what": ("simu_jax.attribution.neuron_scores(method='ig') of the steps' forget rows (one batch) on a "
+                         "model with the steps' sizes and `layers` layers, in turns with jax.grad of the same rows' "
+                         "token-mean NLL (GradDiff's forget half, all parameters) of that model"),
+                "layers": p.attribution_layers, "ig_steps": p.attribution_steps, "rows": p.batch, "seq": p.seq,
+                "repeats": p.attribution_repeats, "times": times}
+            self.log(f"  IG {times['ig']['median_s'] * 1e3:.1f} ms, gradient {times['grad']['median_s'] * 1e3:.1f} ms")
+
     def peer(self) -> None:
-        """Each peer call in turns with the JAX program doing the same work (and, in the full run,
-        the SO step again with torch's default OpenMP environment)."""
-        p, peer = self.profile, self.main_peer
+        """Each peer call in turns with the JAX program doing the same work; the SO step and the
+        gradient also with the peer in torch's default OpenMP environment, in the same turns."""
+        p, peer, pd = self.profile, self.main_peer, self.default_peer
         with self.phase("peer"):
             step_key = f"h{p.sizes[p.step_size][0]}"
             pairs = [(name, prog.format(step=step_key)) for name, prog in PEER_CALLS
                      if prog.format(step=step_key) in self.by_name]
-            info = peer.ready()
-            first = {name: peer.call(name) for name, _ in pairs}  # so_step first: at the shared initial weights
+            info, info_default = peer.ready(), pd.ready()
+            # so_step first: at the shared initial weights
+            first = {name: peer.call(name) for name, _ in pairs}
+            first_default = {name: pd.call(name) for name, _ in pairs if name in DEFAULT_ENV_CALLS}
             entries = {}
             for name, prog in pairs:
                 entries[f"jax/{name}"] = self.by_name[prog].once
                 entries[f"torch/{name}"] = functools.partial(lambda n: peer.call(n)["s"], name)
+                if name in first_default:
+                    entries[f"torch_default_env/{name}"] = functools.partial(lambda n: pd.call(n)["s"], name)
             phase_runs: list[dict] = []
 
             def so_torch():
@@ -242,35 +265,28 @@ class BenchRun:
             entries["torch/so_step"] = so_torch
             times = round_robin(entries, p.repeats, p.warmup)
             timed_phases = phase_runs[-p.repeats:]
-            calls = {name: {"jax_program": prog, "jax": times[f"jax/{name}"],
-                            "torch": {**times[f"torch/{name}"], "first_call_s": first[name]["s"]}}
-                     for name, prog in pairs}
+            calls = {}
+            for name, prog in pairs:
+                c = calls[name] = {"jax_program": prog, "jax": times[f"jax/{name}"],
+                                   "torch": {**times[f"torch/{name}"], "first_call_s": first[name]["s"]}}
+                if name in first_default:
+                    c["torch_default_env"] = {**times[f"torch_default_env/{name}"],
+                                              "first_call_s": first_default[name]["s"]}
+                    c["torch_fastest_env"] = peer_fastest(c)[0]
             self.result["peer"] = {
-                "machine": info["machine"], "num_params": info["num_params"],
+                "machine": info["machine"], "default_env_machine": info_default["machine"],
+                "num_params": info["num_params"],
                 "model": "transformers LlamaForCausalLM, attn_implementation=eager, float32",
+                "envs": {"torch": "OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)",
+                         "torch_default_env": "torch's default OpenMP environment (idle threads spin)"},
                 "first_loss": first["so_step"]["out"], "calls": calls,
                 "so_step_phases": {k: statistics.median(r[k] for r in timed_phases) for k in timed_phases[0]}}
-            peer.close()
-            self.log("  " + ", ".join(f"{n}: JAX {c['jax']['median_s'] * 1e3:.1f} ms / torch "
-                                      f"{c['torch']['median_s'] * 1e3:.1f} ms" for n, c in calls.items()))
-            if p.peer_default_env:
-                self._peer_default_env()
-
-    def _peer_default_env(self) -> None:
-        p = self.profile
-        pd = PeerServer(p, self.step_problem["model"], self.step_problem["batch"], self.threads, omp_wait_policy=None)
-        self.peers.append(pd)
-        pd.ready()
-        pd.call("so_step")
-        t = round_robin({"jax": self.by_name["steps/so_graddiff"].once, "torch": lambda: pd.call("so_step")["s"]},
-                        p.repeats, p.warmup)
-        pd.close()
-        self.result["peer_default_env"] = {
-            "what": "the SO step of the same peer with torch's default OpenMP environment (idle threads "
-                    "spin), in turns with the JAX SO step", "so_step": t,
-            "jax_over_torch_so_step": t["jax"]["median_s"] / t["torch"]["median_s"]}
-        self.log(f"  default OpenMP env: JAX {t['jax']['median_s'] * 1e3:.1f} ms / torch "
-                 f"{t['torch']['median_s'] * 1e3:.1f} ms")
+            for pr in (peer, pd):
+                pr.close()
+            self.log("  " + ", ".join(
+                f"{n}: JAX {c['jax']['median_s'] * 1e3:.1f} ms / torch {c['torch']['median_s'] * 1e3:.1f} ms"
+                + (f" (default env {c['torch_default_env']['median_s'] * 1e3:.1f} ms)" if "torch_default_env" in c
+                   else "") for n, c in calls.items()))
 
     def parity(self) -> None:
         """The peer's threads into the machine block; the first GradDiff loss of both sides."""
@@ -323,12 +339,20 @@ class BenchRun:
         result = self.result
         self.machine["loadavg_end"] = loadavg()
         result["phases"] = self.phases
+        result["wall_s"] = time.perf_counter() - t_start
         summary, targets = summarize(result)
         result.update(summary)
         result["targets"] = targets
-        result["wall_s"] = time.perf_counter() - t_start
         result["timestamp_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return result
+
+
+def _in_turns(jobs: list[Job], repeats: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """`round_robin` over jobs, keyed by the last part of their names, with each job's first call."""
+    times = round_robin({j.name.rsplit("/", 1)[1]: j.once for j in jobs}, repeats, warmup)
+    for j in jobs:
+        times[j.name.rsplit("/", 1)[1]].update(first_call_s=j.first_call_s, compile=j.compile)
+    return times
 
 
 def _flat_settings(s) -> dict:
