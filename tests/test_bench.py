@@ -3,8 +3,10 @@
 The quick benchmark runs once, in a subprocess (a fresh JAX, so its thread pool and XLA flags
 are its own), and the tests below read its JSON: every headline key present and a positive
 finite number, every ratio equal to the raw medians it is made of, the machine block filled in,
-the torch peer at the same thread count and on the same weights (same first loss), and the
-markdown / plot generator working on it. The package carries its PyTorch peer, never imports
+the torch peer at the same thread count and on the same weights (same first loss), the
+headline JAX / PyTorch ratios against the faster of the peer's two thread settings, and the
+markdown / plot generator working on it (and on the committed docs/benchmarks.json of an older
+bench). The package carries its PyTorch peer, never imports
 torch itself, and says in one line when torch is missing.
 """
 
@@ -20,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from simu_jax.bench import SUMMARY_KEYS, TARGETS
+from simu_jax.bench import COMPARE, SUMMARY_KEYS, TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = ("hvp_over_grad", "simu_over_so_step", "jax_over_torch_so_step", "jax_over_torch_hvp",
-            "compile_s_4_layers", "compile_s_16_layers", "simu_state_bytes_over_so", "trainable_fraction_simu")
+REQUIRED = ("jax_over_torch_so_step", "jax_over_torch_grad", "simu_over_so_step", "simu_over_so_grad_flops",
+            "sophia_h_over_so_step", "hvp_over_grad", "hvp_time_over_flops", "hvp_marginal_lin_over_grad",
+            "attribution_over_grad", "compile_16_over_4", "simu_state_bytes_over_so", "trainable_fraction_simu",
+            "bench_wall_s")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,8 @@ def test_headline_keys_complete(result):
         assert _positive_finite(result[key]), (key, result[key])
     assert 0 < result["trainable_fraction_simu"] < 1
     assert 0 < result["simu_state_bytes_over_so"] < 1
+    assert 0 < result["simu_over_so_grad_flops"] < 1
+    assert result["bench_wall_s"] <= result["wall_s"]
 
 
 def test_machine_block(result):
@@ -85,35 +91,129 @@ def test_peer_pairs_run_the_same_jax_programs(result):
     assert steps["so_graddiff"]["num_trainable"] == result["peer"]["num_params"]  # SOUL trains every parameter
 
 
+def test_peer_both_thread_settings_in_the_same_turns(result):
+    """The SO step and the gradient also ran on the peer in torch's default OpenMP environment; the
+    headline ratio is against the faster setting, and the run says which one that was."""
+    peer = result["peer"]
+    assert peer["machine"]["omp_wait_policy"] == "PASSIVE"
+    assert peer["default_env_machine"]["omp_wait_policy"] == "default"
+    assert peer["default_env_machine"]["torch_threads"] == result["machine"]["jax_threads"]
+    for name, key in (("so_step", "jax_over_torch_so_step"), ("grad", "jax_over_torch_grad")):
+        c = peer["calls"][name]
+        passive, default = c["torch"]["median_s"], c["torch_default_env"]["median_s"]
+        assert c["torch_fastest_env"] == ("PASSIVE" if passive <= default else "default"), name
+        assert result[key] == pytest.approx(c["jax"]["median_s"] / min(passive, default), rel=1e-12), name
+    assert "torch_default_env" not in peer["calls"]["hvp"]  # the other calls: the headline setting only
+
+
 def test_summary_ratios_hand_computed():
     """`summarize` on round numbers whose ratios are known by hand (not the same formulas again)."""
-    from simu_jax.bench import summarize
+    from simu_jax.bench import hvp_analysis, summarize
 
     t = lambda s: {"median_s": s}  # noqa: E731
+    flops = lambda g: {"matmul_gflop": g, "gflop": g / 4}  # noqa: E731 - XLA's count is not the one used
+    big = {"times": {"grad": t(2.0), "hvp": t(5.0), "hvp_lin4": t(11.0)},
+           "cost_analysis": {"grad": flops(4.0), "hvp": flops(12.0), "hvp_lin4": flops(36.0)}}
+    big["hvp_analysis"] = hvp_analysis(big)
     result = {
-        "second_order": {"sizes": [{"times": {"grad": t(9.0), "hvp": t(1.0)}},
-                                   {"times": {"grad": t(2.0), "hvp": t(5.0)}}]},  # largest size is last
+        "profile": {"step_size": 0, "wall_budget_s": 100.0},
+        "wall_s": 90.0,
+        "second_order": {"sizes": [{"times": {"grad": t(9.0), "hvp": t(1.0)},  # the step size
+                                    "cost_analysis": {"grad": flops(10.0), "grad_simu": flops(7.0)}},
+                                   big]},  # the largest size is last
         "steps": {"methods": {
             "so_graddiff": {"median_s": 4.0, "state_param_bytes": 800, "state_bytes": 804, "num_trainable": 100},
+            "so_graddiff_hutchinson": {"median_s": 14.0},
             "simu_graddiff": {"median_s": 3.0, "state_param_bytes": 200, "state_bytes": 204, "num_trainable": 25},
             "simu_newton": {"per_cg_iter_s": 0.5}}},
-        "peer": {"calls": {"so_step": {"jax": t(3.0), "torch": t(4.0)},
+        # so_step: the default environment is faster (2.0 < 4.0); grad: PASSIVE is (1.0 < 8.0)
+        "peer": {"calls": {"so_step": {"jax": t(3.0), "torch": t(4.0), "torch_default_env": t(2.0)},
+                           "grad": {"jax": t(1.5), "torch": t(1.0), "torch_default_env": t(8.0)},
                            "sophia_h_step": {"jax": t(6.0), "torch": t(3.0)},
                            "hvp": {"jax": t(1.0), "torch": t(2.0)}}},
+        "attribution": {"times": {"ig": t(12.0), "grad": t(0.5)}},
         "compile": {"layers": {"4": t(2.0), "8": t(2.5), "16": t(3.0)}},
     }
     summary, targets = summarize(result)
-    assert set(summary) == set(SUMMARY_KEYS)
-    expected = {"hvp_over_grad": 2.5, "simu_over_so_step": 0.75, "jax_over_torch_so_step": 0.75,
-                "torch_over_jax_so_step": 4 / 3, "jax_over_torch_hvp": 2.0, "torch_over_jax_hvp": 0.5,
-                "jax_over_torch_hvp_raw": 0.5, "compile_s_4_layers": 2.0, "compile_s_8_layers": 2.5,
-                "compile_s_16_layers": 3.0, "compile_16_over_4": 1.5, "simu_state_bytes_over_so": 0.25,
+    assert tuple(summary) == SUMMARY_KEYS
+    expected = {"jax_over_torch_so_step": 1.5, "jax_over_torch_grad": 1.5, "torch_over_jax_so_step": 2 / 3,
+                "jax_over_torch_hvp": 2.0, "torch_over_jax_hvp": 0.5, "jax_over_torch_hvp_raw": 0.5,
+                "simu_over_so_step": 0.75, "simu_over_so_grad_flops": 0.7, "sophia_h_over_so_step": 3.5,
+                "hvp_over_grad": 2.5, "hvp_flops_over_grad": 3.0, "hvp_time_over_flops": 2.5 / 3.0,
+                "hvp_marginal_lin_over_grad": (11.0 - 5.0) / 3 / 2.0, "attribution_over_grad": 24.0,
+                "compile_s_4_layers": 2.0, "compile_s_8_layers": 2.5, "compile_s_16_layers": 3.0,
+                "compile_16_over_4": 1.5, "simu_state_bytes_over_so": 0.25,
                 "simu_state_bytes_over_so_raw": 204 / 804, "trainable_fraction_simu": 0.25,
-                "newton_per_cg_iter_s": 0.5}
+                "newton_per_cg_iter_s": 0.5, "bench_wall_s": 90.0, "bench_wall_budget_s": 100.0}
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, rel=1e-12), key
-    # 0.25 <= 0.25 (the trainable fraction): met; 2.5 > 2.0: missed
-    assert targets["simu_state_bytes_over_so"]["met"] and not targets["hvp_over_grad"]["met"]
+    met = {k: v["met"] for k, v in targets.items()}
+    assert met == {"jax_over_torch_so_step": False, "jax_over_torch_grad": False,
+                   "simu_over_so_step": False,  # 0.75 > 0.7 + 0.03
+                   "sophia_h_over_so_step": False, "hvp_time_over_flops": False,  # 0.83 < 0.95 (a ">=" target)
+                   "hvp_marginal_lin_over_grad": True, "attribution_over_grad": False,
+                   "compile_16_over_4": True, "simu_state_bytes_over_so": True, "bench_wall_s": True}
+    assert targets["simu_over_so_step"]["bound"] == pytest.approx(0.73, rel=1e-12)
+    assert targets["simu_over_so_step"]["bound_from"] == "simu_over_so_grad_flops"
+
+
+def test_check_targets_signs_and_missing_figures():
+    """`<=` and `>=` targets on both sides of their bounds; a figure an older result lacks has no verdict."""
+    from simu_jax.bench import check_targets
+
+    ops = {key: op for key, op, *_ in TARGETS}
+    assert set(ops.values()) == {"<=", ">="} and ops["hvp_time_over_flops"] == ">="
+    at = check_targets({"hvp_time_over_flops": 0.95, "hvp_marginal_lin_over_grad": 2.0, "compile_16_over_4": 1.6,
+                        "simu_over_so_step": 0.8, "simu_over_so_grad_flops": 0.78})
+    assert at["hvp_time_over_flops"]["met"] and at["hvp_marginal_lin_over_grad"]["met"]  # equal: met both ways
+    assert not at["compile_16_over_4"]["met"] and at["simu_over_so_step"]["met"]  # 0.8 <= 0.78 + 0.03
+    assert not check_targets({"hvp_time_over_flops": 0.9})["hvp_time_over_flops"]["met"]
+    missing = check_targets({"simu_over_so_step": 0.5})
+    assert missing["attribution_over_grad"] == {**missing["attribution_over_grad"], "value": None, "met": None}
+    assert missing["simu_over_so_step"]["bound"] is None and missing["simu_over_so_step"]["met"] is None
+
+
+def test_matmul_flops_counts_every_scan_iteration():
+    """2 * M * K * N per matmul, a scan's body times its length, batch dimensions included."""
+    import jax
+    import jax.numpy as jnp
+
+    from simu_jax.bench import matmul_flops
+
+    x, ws = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
+    scan = jax.make_jaxpr(lambda x, ws: jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0])(x, ws)
+    assert matmul_flops(scan) == 5 * 2 * 8 * 16 * 16
+    batched = jax.make_jaxpr(lambda a, b: jnp.einsum("bik,bkj->bij", a, b))(jnp.ones((3, 4, 6)), jnp.ones((3, 6, 7)))
+    assert matmul_flops(batched) == 2 * 3 * 4 * 6 * 7
+    grad = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(x @ w)))(ws[0])  # the backward's matmul only (x^T dy)
+    assert matmul_flops(grad) == 2 * 8 * 16 * 16 * 2  # the primal forward's and the weight gradient's
+
+
+def test_flop_ratios_are_the_timed_programs(result):
+    """The flop ratios of the headline come from the cost of the very programs the second-order
+    section timed (their jaxprs, every layer counted)."""
+    p = result["profile"]
+    at_step, big = result["second_order"]["sizes"][p["step_size"]], result["second_order"]["sizes"][-1]
+    ca = at_step["cost_analysis"]
+    assert result["simu_over_so_grad_flops"] == pytest.approx(ca["grad_simu"]["matmul_gflop"]
+                                                              / ca["grad"]["matmul_gflop"], rel=1e-12)
+    cb = big["cost_analysis"]
+    assert result["hvp_flops_over_grad"] == pytest.approx(cb["hvp"]["matmul_gflop"] / cb["grad"]["matmul_gflop"])
+    tb = {k: v["median_s"] for k, v in big["times"].items()}
+    assert result["hvp_time_over_flops"] == pytest.approx(tb["hvp"] / tb["grad"] / result["hvp_flops_over_grad"])
+    assert result["hvp_marginal_lin_over_grad"] == pytest.approx((tb["hvp_lin4"] - tb["hvp"]) / 3 / tb["grad"])
+    # forward-over-reverse: tangent forward and backward on top of the gradient: 3x its matmul flops
+    assert 2.9 < result["hvp_flops_over_grad"] < 3.1
+
+
+def test_attribution_section(result):
+    att, p = result["attribution"], result["profile"]
+    assert att["layers"] == p["attribution_layers"] == 8 and att["ig_steps"] == 3 and att["rows"] == p["batch"]
+    assert set(att["times"]) == {"ig", "grad"}
+    assert result["attribution_over_grad"] == pytest.approx(att["times"]["ig"]["median_s"]
+                                                            / att["times"]["grad"]["median_s"], rel=1e-12)
+    for name, t in att["times"].items():
+        assert t["first_call_s"] > t["median_s"] and t["compile"]["xla_compile_s"] > 0, name  # compiles kept apart
 
 
 def test_result_summary_is_summarize_of_its_sections(result):
@@ -131,10 +231,12 @@ def test_result_summary_is_summarize_of_its_sections(result):
 
 
 def test_timings_are_medians_of_their_runs(result):
-    repeats = result["profile"]["repeats"]
+    p = result["profile"]
     found = list(_timings(result))
-    assert len(found) >= 2 + 4 + 1 + 2 * 4  # second-order ops, steps (+ gradient in turns), peer JAX / torch pairs
+    # second-order ops, steps (+ gradient in turns), attribution, peer JAX / torch pairs (+ default env)
+    assert len(found) >= 4 + 4 + 1 + 2 + 2 * 4 + 2
     for path, t in found:
+        repeats = p["attribution_repeats"] if path.startswith("/attribution/") else p["repeats"]
         assert len(t["runs_s"]) == repeats, path
         assert all(_positive_finite(r) for r in t["runs_s"]), path
         assert t["median_s"] == pytest.approx(statistics.median(t["runs_s"])), path
@@ -145,12 +247,13 @@ def test_timings_are_medians_of_their_runs(result):
 
 
 def test_targets_block(result):
-    assert set(result["targets"]) == {key for key, *_ in TARGETS}
-    for key, bound, _ in TARGETS:
+    assert list(result["targets"]) == [key for key, *_ in TARGETS]
+    for key, op, bound, _ in TARGETS:
         t = result["targets"][key]
-        assert t["value"] == result[key]
-        assert t["bound"] == (result[bound] if isinstance(bound, str) else bound)
-        assert t["met"] == (t["value"] <= t["bound"])
+        assert t["value"] == result[key] and t["op"] == op
+        assert t["bound"] == (result[bound[0]] + bound[1] if isinstance(bound, tuple) else bound)
+        assert t["met"] == COMPARE[op](t["value"], t["bound"])
+    assert "hvp_over_grad" not in result["targets"]  # a figure, no longer a target (UNTARGETED says why)
 
 
 def test_state_bytes_and_trainable_counts(result):
@@ -192,9 +295,24 @@ def test_markdown_and_plot_from_json(result, tmp_path):
     assert mod.main(["--json", str(src), "--md", str(md), "--png", str(png)]) == 0
     text = md.read_text()
     assert result["machine"]["cpu_model"] in text
-    for key, *_ in TARGETS:
-        assert f"`{key}`" in text
+    for key, op, *_ in TARGETS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{key}`"))
+        assert f"{op} " in row and ("| yes |" in row or "| **no** |" in row), row
+    assert "`hvp_over_grad`" in text
+    assert "OMP_WAIT_POLICY=PASSIVE" in text and "default OpenMP" in text  # the peer table's two settings
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_from_an_older_result(tmp_path):
+    """The committed docs/benchmarks.json (an older bench, without the new figures) still renders;
+    the figures it lacks show as a dash."""
+    spec = importlib.util.spec_from_file_location("make_benchmarks_md", ROOT / "tools" / "make_benchmarks_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    md, png = tmp_path / "b.md", tmp_path / "b.png"
+    assert mod.main(["--json", str(ROOT / "docs" / "benchmarks.json"), "--md", str(md), "--png", str(png)]) == 0
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| `attribution_over_grad`"))
+    assert "| – |" in row, row
 
 
 def test_bad_repeats_is_a_usage_error():
@@ -218,14 +336,16 @@ def test_hvp_analysis_ratios():
     from simu_jax.bench import hvp_analysis
 
     t = lambda s: {"median_s": s}  # noqa: E731
+    c = lambda g, xla: {"matmul_gflop": g, "gflop": xla}  # noqa: E731
     row = {"times": {"forward": t(1.0), "grad": t(3.0), "hvp": t(8.0), "hvp_revrev": t(9.0), "hvp_lin4": t(26.0)},
-           "cost_analysis": {"grad": {"gflop": 3.0}, "hvp": {"gflop": 9.0}, "hvp_lin4": {"gflop": 27.0}}}
+           "cost_analysis": {"grad": c(3.0, 1.0), "hvp": c(9.0, 2.0), "hvp_lin4": c(27.0, 4.0)}}
     a = hvp_analysis(row)
     assert a["time_over_grad"]["hvp"] == pytest.approx(8 / 3)
     assert a["time_over_grad"]["hvp_linearized_marginal"] == pytest.approx(6 / 3)
     assert a["flops_over_grad"]["hvp"] == pytest.approx(3.0)
     assert a["flops_over_grad"]["hvp_linearized_marginal"] == pytest.approx(2.0)
-    assert a["hvp_time_ratio_over_flop_ratio"] == pytest.approx(8 / 9)
+    assert a["xla_flops_over_grad"]["hvp"] == pytest.approx(2.0)
+    assert a["hvp_time_ratio_over_flop_ratio"] == pytest.approx(8 / 9)  # the matmul flops, not XLA's count
 
 
 def test_import_does_not_import_torch():

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from simu_jax.bench.cli import cli_main
 from simu_jax.bench.harness import COMPARE, COMPILE_EVENTS, PEER_ENVS, AotCall, CompileRecorder, Job, \
-    check_targets, first_calls, hvp_analysis, peer_fastest, round_robin, state_bytes_split, summarize
+    check_targets, first_calls, hvp_analysis, matmul_flops, peer_fastest, round_robin, state_bytes_split, summarize
 from simu_jax.bench.machine import available_cores, loadavg, machine_info, xla_cpu_threads
 from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer, find_peer_script, torch_missing
 from simu_jax.bench.problems import attribution_jobs, compile_job, init_params, make_batch, model_config, \
@@ -90,7 +90,7 @@ __all__ = [
     "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS", "UNTARGETED",
     "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile", "attribution_jobs", "available_cores",
     "check_targets", "cli_main", "compile_job", "find_peer_script", "first_calls", "hvp_analysis", "init_params",
-    "loadavg", "machine_info", "make_batch", "model_config", "op_category", "peer_fastest", "profile_call",
-    "profile_run", "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs",
+    "loadavg", "machine_info", "make_batch", "matmul_flops", "model_config", "op_category", "peer_fastest",
+    "profile_call", "profile_run", "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs",
     "state_bytes_split", "step_jobs", "step_setup", "summarize", "torch_missing", "xla_cpu_threads",
 ]

@@ -23,7 +23,8 @@ import numpy as np
 from simu_jax.bench.profiles import SUMMARY_KEYS, TARGETS
 
 __all__ = ["COMPARE", "COMPILE_EVENTS", "PEER_ENVS", "AotCall", "CompileRecorder", "Job", "block", "check_targets",
-           "first_calls", "hvp_analysis", "matmul_flops", "peer_fastest", "round_robin", "state_bytes_split", "stats", "summarize"]
+           "first_calls", "hvp_analysis", "matmul_flops", "peer_fastest", "round_robin", "state_bytes_split", "stats",
+           "summarize"]
 
 COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",

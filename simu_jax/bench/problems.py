@@ -17,9 +17,9 @@ from simu_jax.base import IGNORE_INDEX
 from simu_jax.bench.harness import AotCall, Job
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
 
-__all__ = ["attribution_jobs", "compile_job", "count_params", "default_remat", "graddiff_loss", "init_params", "make_batch",
-           "model_config", "random_neuron_mask", "remat_jobs", "second_order_jobs", "second_order_size",
-           "step_jobs", "step_setup"]
+__all__ = ["attribution_jobs", "compile_job", "count_params", "default_remat", "graddiff_loss", "init_params",
+           "make_batch", "model_config", "random_neuron_mask", "remat_jobs", "second_order_jobs",
+           "second_order_size", "step_jobs", "step_setup"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ __all__ = ["BenchRun", "run"]
 METHOD_NOTE = ("medians of `repeats` timed runs after `warmup` runs; the programs compared in a section run in "
                "turns (A B C, C B A, ...), JAX and the PyTorch peer included, so they see the same machine "
                "load; the first (compiling) call of each program is reported apart (first_call_s, compile)")
-HEAVY_COMPILES = ("newton", "hutchinson", "hvp", "ggn", "attribution/ig")  # longest compiles first: the pool ends together
+# longest compiles first: the pool ends together
+HEAVY_COMPILES = ("newton", "hutchinson", "hvp", "ggn", "attribution/ig")
 
 
 def run(profile: Profile, log=print) -> dict[str, Any]:
