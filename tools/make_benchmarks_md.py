@@ -6,7 +6,8 @@
                                        [--png docs/benchmarks.png]
 
 Everything on the page, the "what limits it" notes included, is computed from the JSON, so the
-page always describes the run it names.
+page always describes the run it names. The targets are the package's (`simu_jax.bench.TARGETS`),
+checked on the JSON's figures: a result of an older bench shows the figures it lacks as "–".
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout: the targets are the package's own
+
+from simu_jax.bench.harness import check_targets  # noqa: E402
+from simu_jax.bench.profiles import UNTARGETED  # noqa: E402
 
 
 def ms(x) -> str:
@@ -65,11 +70,20 @@ def machine_line(r: dict) -> str:
             + load)
 
 
+def targets(r: dict) -> dict:
+    """The package's targets checked on this JSON's figures (missing ones: value / met None)."""
+    return check_targets(r)
+
+
 def targets_table(r: dict) -> list[str]:
     rows = ["| figure | value | target | met |", "|---|---|---|---|"]
-    for key, t in r["targets"].items():
-        bound = f"<= {num(t['bound'], 4)}" + (f" (`{t['bound_from']}`)" if t.get("bound_from") else "")
-        rows.append(f"| `{key}`: {t['what']} | {num(t['value'], 4)} | {bound} | {'yes' if t['met'] else '**no**'} |")
+    for key, t in targets(r).items():
+        ref = (f" (`{t['bound_from']}`" + (f" + {t['slack']:g}" if t["slack"] else "") + ")") if t["bound_from"] else ""
+        met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        rows.append(f"| `{key}`: {t['what']} | {num(t['value'], 4)} | {t['op']} {num(t['bound'], 4)}{ref} | {met} |")
+    for key, why in UNTARGETED.items():
+        rows.append(f"| `{key}` | {num(r.get(key), 4)} | {why} (here `hvp_flops_over_grad` = "
+                    f"{num(r.get('hvp_flops_over_grad'), 3)}) | – |")
     return rows
 
 
@@ -164,12 +178,28 @@ PEER_NAMES = {
 
 
 def peer_table(r: dict) -> list[str]:
-    rows = ["| per call, same config / batch / threads, run in turns | JAX (ms) | PyTorch (ms) | JAX / PyTorch | "
-            "PyTorch / JAX |", "|---|---|---|---|---|"]
+    rows = ["| per call, same config / batch / threads, run in turns | JAX (ms) | PyTorch, `OMP_WAIT_POLICY=PASSIVE` "
+            "(ms) | PyTorch, torch's default OpenMP environment (ms) | JAX / PyTorch at its faster setting | faster "
+            "setting |", "|---|---|---|---|---|---|"]
     for name, c in r["peer"]["calls"].items():
-        j, t = c["jax"]["median_s"], c["torch"]["median_s"]
-        rows.append(f"| {PEER_NAMES.get(name, name)} | {ms(j)} | {ms(t)} | {j / t:.3f} | {t / j:.2f} |")
+        j, t, d = c["jax"]["median_s"], c["torch"]["median_s"], _t(c, "torch_default_env", "median_s")
+        rows.append(f"| {PEER_NAMES.get(name, name)} | {ms(j)} | {ms(t)} | {ms(d)} | {j / min(t, d or t):.3f} | "
+                    f"{c.get('torch_fastest_env', 'PASSIVE (the only one measured)')} |")
     return rows
+
+
+def attribution_table(r: dict) -> list[str]:
+    a = r.get("attribution")
+    if not a:
+        return ["Not measured in this run (a bench older than issue 15)."]
+    t = a["times"]
+    return [f"{a['what']}: {a['layers']} layers, m = {a['ig_steps']}, {a['rows']} rows of {a['seq']} tokens, median of "
+            f"{a['repeats']} runs.", "",
+            "| IG attribution (ms) | gradient, same rows (ms) | IG / gradient | first calls (s): IG, gradient |",
+            "|---|---|---|---|",
+            f"| {ms(t['ig']['median_s'])} | {ms(t['grad']['median_s'])} | "
+            f"{t['ig']['median_s'] / t['grad']['median_s']:.2f} | {t['ig']['first_call_s']:.1f}, "
+            f"{t['grad']['first_call_s']:.1f} |"]
 
 
 def compile_table(r: dict) -> list[str]:
@@ -258,6 +288,11 @@ def _profile_grad_note(r: dict) -> str:
             "contraction; and measure the same step on the GPU check (`tools/gpu_check.sh`).")
 
 
+def _gflop(cost: dict) -> float:
+    """A program's flops: the matmul flops of every layer (older results: XLA's count)."""
+    return cost.get("matmul_gflop", cost["gflop"])
+
+
 def _simu_flops_note(r: dict) -> str:
     key = f"h{r['steps']['config']['hidden']}"
     row = next((s for s in r["second_order"]["sizes"] if f"h{s['hidden']}" == key), None)
@@ -265,96 +300,103 @@ def _simu_flops_note(r: dict) -> str:
     if "grad" not in ca or "grad_simu" not in ca:
         return ""
     t = row["times"]
-    return (f" XLA's flop count at this config: the SIMU-subset gradient is "
-            f"{ca['grad_simu']['gflop'] / ca['grad']['gflop']:.2f}x the full gradient's flops and takes "
+    return (f" Flops at this config: the SIMU-subset gradient does "
+            f"{_gflop(ca['grad_simu']) / _gflop(ca['grad']):.2f}x the full gradient's and takes "
             f"{t['grad_simu']['median_s'] / t['grad']['median_s']:.2f}x its time (the per-layer overheads, scan "
-            "stacking and the vocab-sized loss, do not shrink with the mask), so a step ratio under 0.75 needs "
-            "less work, not a faster kernel.")
+            "stacking and the vocab-sized loss do not shrink with the mask).")
+
+
+def _hvp_note(r: dict, t: dict) -> str:
+    """Why the exact HVP costs what it does (largest size)."""
+    so2 = r["second_order"]["sizes"]
+    ratios = ", ".join(f"{s['hidden']}: {s['times']['hvp']['median_s'] / s['times']['grad']['median_s']:.2f}x"
+                       for s in so2)
+    a = so2[-1].get("hvp_analysis") or {}
+    fl, tm = a.get("flops_over_grad", {}), a.get("time_over_grad", {})
+    text = (f"- **`hvp_time_over_flops` = {num(t['hvp_time_over_flops']['value'])}, `hvp_marginal_lin_over_grad` = "
+            f"{num(t['hvp_marginal_lin_over_grad']['value'])}** (exact HVP / gradient time by hidden size: {ratios}). "
+            "Forward-over-reverse runs the primal forward and backward (3 forward-matmul units, the gradient) plus "
+            "their tangents: 2 matmuls per projection in the tangent forward and 4 in the tangent backward (6 units), "
+            "so about 3x the gradient's matmul flops.")
+    if "hvp" in fl:
+        text += (f" Counted in the two programs (largest size): the HVP does {fl['hvp']:.2f}x the gradient's flops "
+                 f"in {tm['hvp']:.2f}x its time (time ratio / flop ratio {a['hvp_time_ratio_over_flop_ratio']:.2f}).")
+    if "hvp_revrev" in tm:
+        text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
+                 + (f" ({fl['hvp_revrev']:.2f}x flops)" if "hvp_revrev" in fl else "") + ", no cheaper.")
+    if "hvp_linearized_marginal" in tm:
+        text += (f" One `jax.linearize` of the gradient map reused for 4 products: {tm['hvp_lin4_per_product']:.2f}x "
+                 f"the gradient per product, each product after the first {tm['hvp_linearized_marginal']:.2f}x"
+                 + (f" ({fl['hvp_linearized_marginal']:.2f}x flops: the tangent passes only)"
+                    if "hvp_linearized_marginal" in fl else "")
+                 + "; that is the cost of a CG iteration or a Hutchinson probe here.")
+    if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad"):
+        text += (f" PyTorch's double-backward HVP is "
+                 f"{_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
+                 " its gradient at the steps' config.")
+    return text + _profile_ratio_note(r)
+
+
+def _peer_note(r: dict, t: dict) -> str:
+    p, steps = r["peer"], r["steps"]["methods"]
+    ph, c = p.get("so_step_phases", {}), p["calls"]
+
+    def pair(name):
+        best = min(x for x in (_t(c, name, "torch", "median_s"), _t(c, name, "torch_default_env", "median_s")) if x)
+        return _t(c, name, "jax", "median_s"), best
+
+    (js, ts), (jg, tg) = pair("so_step"), pair("grad")
+    text = (f"- **`jax_over_torch_so_step` = {num(t['jax_over_torch_so_step']['value'])}, `jax_over_torch_grad` = "
+            f"{num(t['jax_over_torch_grad']['value'])}**. In turns with PyTorch at its faster thread setting: SO step "
+            f"JAX {ms(js)} ms vs {ms(ts)} ms; gradient alone {ms(jg)} vs {ms(tg)} ms")
+    if _t(c, "forward", "jax"):
+        jf, tf = c["forward"]["jax"]["median_s"], c["forward"]["torch"]["median_s"]
+        text += (f"; forward alone {ms(jf)} vs {ms(tf)} ms (PASSIVE). Gradient minus forward: JAX {ms(jg - jf)} ms, "
+                 f"PyTorch {ms(tg - tf)} ms")
+    so = steps["so_graddiff"]
+    text += (f". The optimizer is not it: PyTorch's SophiaG phase takes {ms(ph.get('optimizer_s'))} ms of its step, "
+             f"and JAX's Sophia update + g*g is the step minus the gradient in the steps section "
+             f"({ms(so.get('rest_of_step_s'))} ms).")
+    return text + _profile_grad_note(r)
 
 
 def notes(r: dict) -> list[str]:
     """What limits each missed target, from this run's own breakdowns."""
     out = []
-    t = r["targets"]
+    t = targets(r)
+    missed = {k for k, v in t.items() if v["met"] is False}
     steps = r["steps"]["methods"]
-    so2 = r["second_order"]["sizes"]
-    if not t["hvp_over_grad"]["met"]:
-        ratios = ", ".join(f"{s['hidden']}: {s['times']['hvp']['median_s'] / s['times']['grad']['median_s']:.2f}x"
-                           for s in so2)
-        text = (f"- **`hvp_over_grad` = {t['hvp_over_grad']['value']:.2f}** (by hidden size: {ratios}). "
-                "Forward-over-reverse runs the primal forward and backward (3 forward-matmul units, the "
-                "gradient) plus their tangents: 2 matmuls per projection in the tangent forward and 4 in the "
-                "tangent backward (6 units), so about 3x the gradient's matmul flops.")
-        a = so2[-1].get("hvp_analysis") or {}
-        fl, tm = a.get("flops_over_grad", {}), a.get("time_over_grad", {})
-        if "hvp" in fl:
-            text += (f" XLA's own flop count of the two compiled programs (largest size): the HVP is "
-                     f"{fl['hvp']:.2f}x the gradient's flops, its time {tm['hvp']:.2f}x (time ratio / flop ratio "
-                     f"{a['hvp_time_ratio_over_flop_ratio']:.2f}: "
-                     + ("the HVP runs at the gradient's flop rate, so the ratio is flop-bound"
-                        if a["hvp_time_ratio_over_flop_ratio"] < 1.1 else
-                        "the rest is overhead beyond the flops") +
-                     "). A target of 2.0 is below the flop count of any single exact HVP of this loss.")
-        if "hvp_revrev" in tm:
-            text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
-                     + (f" ({fl['hvp_revrev']:.2f}x flops)" if "hvp_revrev" in fl else "")
-                     + ", no cheaper.")
-        if "hvp_linearized_marginal" in tm:
-            text += (f" One `jax.linearize` of the gradient map reused for 4 products: "
-                     f"{tm['hvp_lin4_per_product']:.2f}x the gradient per product, each product after the first "
-                     f"{tm['hvp_linearized_marginal']:.2f}x"
-                     + (f" ({fl['hvp_linearized_marginal']:.2f}x flops: the tangent passes only)"
-                        if "hvp_linearized_marginal" in fl else "")
-                     + "; that is the cost of a CG iteration or a Hutchinson probe here, and the exact-HVP "
-                     "figure that can meet 2.0.")
-        if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad"):
-            text += (f" PyTorch's double-backward HVP is "
-                     f"{_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
-                     " its gradient at the steps' config.")
-        out.append(text + _profile_ratio_note(r)
-                   + " Next: count single HVPs only where one product is needed; anywhere several products "
-                   "share a point (CG, Lanczos, several Hutchinson probes) linearize once, as Newton-CG and "
-                   "`hutchinson_diagonal` already do; for a PSD curvature the Gauss-Newton product is cheaper "
-                   "(the `ggn_vp` column).")
-    if not t["simu_over_so_step"]["met"]:
+    if missed & {"jax_over_torch_so_step", "jax_over_torch_grad"}:
+        out.append(_peer_note(r, t))
+    if "simu_over_so_step" in missed:
         s, m = steps["so_graddiff"], steps["simu_graddiff"]
         out.append(
-            f"- **`simu_over_so_step` = {t['simu_over_so_step']['value']:.2f}**. Loss + gradient: SIMU "
-            f"{ms(m.get('grad_s'))} ms vs SO {ms(s.get('grad_s'))} ms "
-            f"({(m.get('grad_s') or 0) / max(s.get('grad_s') or 1e-12, 1e-12):.2f}x); the rest of the step "
-            f"(Sophia update, curvature, masking): SIMU {ms(m.get('rest_of_step_s'))} ms vs SO "
-            f"{ms(s.get('rest_of_step_s'))} ms. The masked step still runs the full forward and the full "
-            "activation backward through every layer (attention is trained in all layers, so the backward "
-            "reaches layer 0); it only skips the weight gradients of gate/up/down, the embeddings and "
-            "lm_head, about a third of the backward matmul work on those matrices."
-            + _simu_flops_note(r) + " Next: freeze the "
-            "attention of the first layers (the backward then stops early), fuse the mlp_rows gather into "
-            "the down projection, and compare at a larger hidden size where matmuls dominate.")
-    if not t["jax_over_torch_so_step"]["met"]:
-        p = r["peer"]
-        ph = p.get("so_step_phases", {})
-        c = p["calls"]
-
-        def pair(name):
-            return (_t(c, name, "jax", "median_s"), _t(c, name, "torch", "median_s"))
-
-        (js, ts), (jg, tg), (jf, tf) = pair("so_step"), pair("grad"), pair("forward")
-        text = (f"- **`jax_over_torch_so_step` = {t['jax_over_torch_so_step']['value']:.2f}**. In turns with "
-                f"PyTorch: SO step JAX {ms(js)} ms vs {ms(ts)} ms; gradient alone {ms(jg)} vs {ms(tg)} ms")
-        if jf and tf:
-            text += (f"; forward alone {ms(jf)} vs {ms(tf)} ms. The forward is not behind; the backward is "
-                     f"(gradient minus forward: JAX {ms(jg - jf)} ms, PyTorch {ms(tg - tf)} ms)")
-        so = steps["so_graddiff"]
-        text += (f". The optimizer is not it: PyTorch's SophiaG phase takes {ms(ph.get('optimizer_s'))} ms of its "
-                 f"{ms(ts)} ms step, and JAX's Sophia update + g*g is the step minus the gradient in the steps "
-                 f"section ({ms(so.get('rest_of_step_s'))} ms).")
-        out.append(text + _profile_grad_note(r))
-    if not t["compile_16_over_4"]["met"]:
+            f"- **`simu_over_so_step` = {num(t['simu_over_so_step']['value'])}** against "
+            f"{num(t['simu_over_so_step']['bound'])}. Loss + gradient: SIMU {ms(m.get('grad_s'))} ms vs SO "
+            f"{ms(s.get('grad_s'))} ms; the rest of the step (Sophia update, curvature, masking): SIMU "
+            f"{ms(m.get('rest_of_step_s'))} ms vs SO {ms(s.get('rest_of_step_s'))} ms. The masked step still runs "
+            "the full forward and the full activation backward through every layer (attention is trained in all "
+            "layers, so the backward reaches layer 0); it only skips the weight gradients of gate/up/down, the "
+            "embeddings and lm_head." + _simu_flops_note(r))
+    if "sophia_h_over_so_step" in missed:
+        h, s = steps["so_graddiff_hutchinson"], steps["so_graddiff"]
+        out.append(f"- **`sophia_h_over_so_step` = {num(t['sophia_h_over_so_step']['value'])}**: Sophia-H "
+                   f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step takes a gradient, then "
+                   "a separate jvp-of-grad (one Hutchinson probe) that re-linearizes the same point.")
+    if missed & {"hvp_time_over_flops", "hvp_marginal_lin_over_grad"}:
+        out.append(_hvp_note(r, t))
+    if "attribution_over_grad" in missed:
+        a = r["attribution"]
+        layers, m = a["layers"], a["ig_steps"]
+        out.append(f"- **`attribution_over_grad` = {num(t['attribution_over_grad']['value'])}** ({layers} layers, "
+                   f"m = {m}): per layer, IG runs a forward and m forward/backward passes through every layer, about "
+                   f"L(1 + 2m)/3 = {layers * (1 + 2 * m) / 3:.1f} gradient-equivalents per batch.")
+    if "compile_16_over_4" in missed:
         c = r["compile"]["layers"]
-        out.append(f"- **`compile_16_over_4` = {t['compile_16_over_4']['value']:.2f}**: XLA compile "
+        out.append(f"- **`compile_16_over_4` = {num(t['compile_16_over_4']['value'])}**: XLA compile "
                    f"{c['4']['xla_compile_s']:.2f} s -> {c['16']['xla_compile_s']:.2f} s, trace "
                    f"{c['4']['trace_s']:.2f} s -> {c['16']['trace_s']:.2f} s.")
-    if not t["simu_state_bytes_over_so"]["met"]:
+    if "simu_state_bytes_over_so" in missed:
         s, m = steps["so_graddiff"], steps["simu_graddiff"]
         mp, sp = m.get("state_param_bytes", m["state_bytes"]), s.get("state_param_bytes", s["state_bytes"])
         out.append(
@@ -363,8 +405,11 @@ def notes(r: dict) -> list[str]:
             f"{mp / m['num_trainable']:.5f} per-parameter state bytes per trainable parameter, SO "
             f"{sp / s['num_trainable']:.5f}. With a mask whose per-layer neuron counts differ, the compact "
             "[L, K, H] rows add padding up to the largest layer's K.")
-    if not out:
-        out.append("- Every target was met in this run.")
+    if "bench_wall_s" in missed:
+        out.append(f"- **`bench_wall_s` = {t['bench_wall_s']['value']:.0f} s** against {t['bench_wall_s']['bound']:.0f} s; "
+                   "by phase: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in r.get("phases", {}).items()) + ".")
+    if not missed:
+        out.append("- Every target with a figure in this run was met.")
     return out
 
 
@@ -381,13 +426,6 @@ def extra_notes(r: dict) -> list[str]:
     if par:
         out.append(f"- Same weights and batch on both sides: first GradDiff loss JAX {par['jax_so_first_loss']:.7f}, "
                    f"PyTorch {par['torch_so_first_loss']:.7f} (|diff| {par['abs_diff']:.1e}).")
-    pd = r.get("peer_default_env")
-    if pd:
-        out.append(f"- The peer with torch's default OpenMP environment (idle threads spin): SO step "
-                   f"{ms(pd['so_step']['torch']['median_s'])} ms against JAX {ms(pd['so_step']['jax']['median_s'])} ms "
-                   f"in turns (JAX / PyTorch {pd['jax_over_torch_so_step']:.3f}). The headline peer sets "
-                   "`OMP_WAIT_POLICY=PASSIVE`, which changes nothing on an idle machine and keeps spinning "
-                   "threads from fighting other processes on a shared one.")
     n = r["steps"]["methods"].get("simu_newton")
     if n and "cg_iterations" in n:
         out.append(f"- `simu_newton`: {n['cg_iterations']} CG iterations done (cap "
@@ -418,7 +456,7 @@ def render(r: dict, png_name: str) -> str:
         "",
         f"Regenerated by `python tools/make_benchmarks_md.py` from `docs/benchmarks.json`, which "
         f"`simu-jax bench{' --quick' if p['name'] == 'quick' else ''} --json docs/benchmarks.json` wrote "
-        f"({p['name']} profile, {r.get('timestamp_utc', '?')}, {r['wall_s'] / 60:.1f} min). Do not edit by hand.",
+        f"({p['name']} profile, {r.get('timestamp_utc', '?')}, {r['wall_s'] / 60:.1f} min wall). Do not edit by hand.",
         "",
         machine_line(r),
         "",
@@ -434,7 +472,7 @@ def render(r: dict, png_name: str) -> str:
         "per section: " + ", ".join(f"{k} {v['loadavg_before'][0]:.1f}→{v['loadavg_after'][0]:.1f}"
                                     for k, v in r.get("phases", {}).items() if k not in ("setup",)) + ").",
         "",
-        "## Targets (issue 7)",
+        "## Targets (issue 15)",
         "",
         *targets_table(r),
         "",
@@ -442,8 +480,9 @@ def render(r: dict, png_name: str) -> str:
         "",
         *second_order_table(r),
         "",
-        *(["### Exact HVP: formulations and flop counts (ratios to the gradient; XLA cost analysis flops in "
-           "parentheses)", "", *hvp_table(r), ""] if hvp_table(r) else []),
+        *(["### Exact HVP: formulations and flop counts (ratios to the gradient; flop ratio in parentheses: the "
+           "matmul flops of every layer, `matmul_gflop`; results older than issue 15: XLA's cost analysis, which "
+           "counts the layer scan once)", "", *hvp_table(r), ""] if hvp_table(r) else []),
         f"## Unlearning steps ({cfg['hidden']} hidden, {cfg['intermediate']} intermediate, {cfg['layers']} layers, "
         f"{cfg['num_params'] / 1e6:.2f} M params)",
         "",
@@ -457,6 +496,10 @@ def render(r: dict, png_name: str) -> str:
         "## JAX against the PyTorch peer (same config as the steps)",
         "",
         *peer_table(r),
+        "",
+        "## IG attribution against the gradient",
+        "",
+        *attribution_table(r),
         "",
         "## Remat policy (steps' config)",
         "",
@@ -507,7 +550,6 @@ def plot(r: dict, path: Path) -> None:
     for i, o in enumerate(ops):
         ax.bar(x + i * w, [s["times"][o]["median_s"] / s["times"]["grad"]["median_s"] for s in sizes], w, label=o)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(2.0, color="r", ls="--", lw=0.8, label="HVP target 2x")
     ax.set_xticks(x + w * (len(ops) - 1) / 2, [f"h={s['hidden']}" for s in sizes])
     ax.set_ylabel("time / gradient time")
     ax.set_title("second-order cost, ratio to the gradient")
@@ -518,8 +560,11 @@ def plot(r: dict, path: Path) -> None:
     calls = r["peer"]["calls"]
     names = list(calls)
     y = np.arange(len(names))
-    ax.barh(y - 0.2, [calls[n]["jax"]["median_s"] * 1e3 for n in names], 0.4, label="JAX", color="tab:blue")
-    ax.barh(y + 0.2, [calls[n]["torch"]["median_s"] * 1e3 for n in names], 0.4, label="PyTorch", color="tab:orange")
+    ax.barh(y - 0.27, [calls[n]["jax"]["median_s"] * 1e3 for n in names], 0.27, label="JAX", color="tab:blue")
+    ax.barh(y, [calls[n]["torch"]["median_s"] * 1e3 for n in names], 0.27, label="PyTorch, OMP_WAIT_POLICY=PASSIVE",
+            color="tab:orange")
+    ax.barh(y + 0.27, [(_t(calls[n], "torch_default_env", "median_s") or 0) * 1e3 for n in names], 0.27,
+            label="PyTorch, default OpenMP env", color="tab:red")
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("ms per call (median, JAX and PyTorch in turns)")
