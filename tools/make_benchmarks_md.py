@@ -330,10 +330,9 @@ def _hvp_note(r: dict, t: dict) -> str:
                  + (f" ({fl['hvp_linearized_marginal']:.2f}x flops: the tangent passes only)"
                     if "hvp_linearized_marginal" in fl else "")
                  + "; that is the cost of a CG iteration or a Hutchinson probe here.")
-    if _t(r, "peer", "calls", "hvp") and _t(r, "peer", "calls", "grad"):
-        text += (f" PyTorch's double-backward HVP is "
-                 f"{_t(r, 'peer', 'calls', 'hvp', 'torch', 'median_s') / _t(r, 'peer', 'calls', 'grad', 'torch', 'median_s'):.2f}x"
-                 " its gradient at the steps' config.")
+    th, tg = _t(r, "peer", "calls", "hvp", "torch", "median_s"), _t(r, "peer", "calls", "grad", "torch", "median_s")
+    if th and tg:
+        text += f" PyTorch's double-backward HVP is {th / tg:.2f}x its gradient at the steps' config."
     return text + _profile_ratio_note(r)
 
 
@@ -406,8 +405,8 @@ def notes(r: dict) -> list[str]:
             f"{sp / s['num_trainable']:.5f}. With a mask whose per-layer neuron counts differ, the compact "
             "[L, K, H] rows add padding up to the largest layer's K.")
     if "bench_wall_s" in missed:
-        out.append(f"- **`bench_wall_s` = {t['bench_wall_s']['value']:.0f} s** against {t['bench_wall_s']['bound']:.0f} s; "
-                   "by phase: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in r.get("phases", {}).items()) + ".")
+        w = t["bench_wall_s"]
+        out.append(f"- **`bench_wall_s` = {w['value']:.0f} s** against {w['bound']:.0f} s; by phase: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in r.get("phases", {}).items()) + ".")
     if not missed:
         out.append("- Every target with a figure in this run was met.")
     return out
