@@ -73,14 +73,28 @@ NORMALIZATIONS = ("token", "sequence")
 SOUL_GAMMA = {"graddiff": 2.0, "idk": 5.0}
 
 
+def next_token_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The label the logits at each position predict (labels[:, t+1]; IGNORE at the last
+    position) and its validity, both [B, T]: the shift is on the labels, so the [B, T, V]
+    logits are used unsliced (a `logits[:, :-1]` slice is a copy of them, and its gradient
+    a pad of the cotangent)."""
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+    return targets, targets != IGNORE
+
+
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Log-prob of each next-token label and its validity mask, both [B, T-1]."""
-    logits = logits[:, :-1].astype(F32)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, picked, 0.0), valid
+    """Log-prob of each next-token label and its validity mask, both [B, T] (the last position
+    never valid, see :func:`next_token_targets`).
+
+    log p(y) = z_y - logsumexp(z), z_y picked by a one-hot select: its gradient is elementwise
+    and fuses with the softmax's, where a `take_along_axis` of `log_softmax(z)` scatters into a
+    zeroed [B, T, V] buffer (the loss gradient alone: 32 -> 8 ms at [8, 128, 4096] on CPU).
+    """
+    targets, valid = next_token_targets(labels)
+    z = logits.astype(F32)
+    hit = targets[..., None] == jnp.arange(z.shape[-1])
+    picked = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
+    return jnp.where(valid, picked - jax.nn.logsumexp(z, axis=-1), 0.0), valid
 
 
 def sequence_nll(logits, labels) -> tuple[jax.Array, jax.Array]:
@@ -121,17 +135,15 @@ def mean_nll(logits, labels, normalization: str = "token") -> jax.Array:
 
 def token_accuracy(logits, labels) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced argmax hits and label-token count (scalars)."""
-    pred = jnp.argmax(logits[:, :-1], axis=-1)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    return jnp.sum((pred == targets) & valid), jnp.sum(valid)
+    targets, valid = next_token_targets(labels)
+    return jnp.sum((jnp.argmax(logits, axis=-1) == targets) & valid), jnp.sum(valid)
 
 
 def kl_to_reference(logits, ref_logits, labels) -> jax.Array:
     """Mean over label positions of KL(p_ref || p) of the next-token distributions."""
-    valid = labels[:, 1:] != IGNORE
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(F32), axis=-1)
-    logq = jax.nn.log_softmax(ref_logits[:, :-1].astype(F32), axis=-1)
+    _, valid = next_token_targets(labels)
+    logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    logq = jax.nn.log_softmax(ref_logits.astype(F32), axis=-1)
     kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
     return jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 

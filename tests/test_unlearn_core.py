@@ -51,6 +51,42 @@ def pair(seed):
     return {"forget": make_batch(seed), "retain": make_batch(seed + 100)}
 
 
+def test_label_shift_losses_equal_sliced_log_softmax():
+    """The losses shift the labels, not the logits: token log-probs, their gradient, accuracy and
+    KL equal the textbook slice `logits[:, :-1]` + log_softmax computed in numpy (padding row and
+    IGNORE labels included)."""
+    from simu_jax.losses import kl_to_reference, token_accuracy, token_logprobs
+
+    rng = np.random.default_rng(0)
+    z, zr = (rng.standard_normal((B, T, CFG.vocab_size)).astype(np.float32) * 3 for _ in range(2))
+    labels = np.asarray(make_batch(0)["labels"])
+
+    def log_softmax(x):
+        x = x.astype(np.float64)[:, :-1]
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    tgt, valid = labels[:, 1:], labels[:, 1:] != -100
+    lsm = log_softmax(z)
+    onehot = (tgt[..., None] == np.arange(CFG.vocab_size)) & valid[..., None]
+    want = np.where(valid, (lsm * onehot).sum(-1), 0.0)
+    logp, got_valid = token_logprobs(jnp.asarray(z), jnp.asarray(labels))
+    np.testing.assert_array_equal(np.asarray(got_valid)[:, :-1], valid)
+    assert not np.asarray(got_valid)[:, -1].any()
+    np.testing.assert_allclose(np.asarray(logp)[:, :-1], want, rtol=1e-5, atol=1e-5)
+    # d(sum log p)/dz = onehot - softmax at valid positions, 0 elsewhere (and at the last position)
+    grad = jax.grad(lambda x: jnp.sum(token_logprobs(x, jnp.asarray(labels))[0]))(jnp.asarray(z))
+    want_grad = np.zeros_like(z, dtype=np.float64)
+    want_grad[:, :-1] = np.where(valid[..., None], onehot - np.exp(lsm), 0.0)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, atol=1e-6)
+    hits, count = token_accuracy(jnp.asarray(z), jnp.asarray(labels))
+    assert int(hits) == int(((z[:, :-1].argmax(-1) == tgt) & valid).sum()) and int(count) == int(valid.sum())
+    lq = log_softmax(zr)
+    kl = (np.exp(lq) * (lq - lsm)).sum(-1)
+    np.testing.assert_allclose(float(kl_to_reference(jnp.asarray(z), jnp.asarray(zr), jnp.asarray(labels))),
+                               (kl * valid).sum() / valid.sum(), rtol=1e-5)
+
+
 def test_ig_completeness(model):
     """Summed over all positions, IG attributions of a layer add up to LL(a) - LL(0 * a)."""
     graphdef, params = model

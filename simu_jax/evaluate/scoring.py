@@ -20,6 +20,7 @@ from simu_jax.base import pad_token_id
 from simu_jax.data.tokenize import (DEFAULT_BUCKETS, QATemplate, bos_prefix, tokenize_prompts, tokenize_qa,
                                     tokenize_qa_joint, tokenize_texts)
 from simu_jax.evaluate.protocol import Protocol, get_protocol
+from simu_jax.losses import next_token_targets
 from simu_jax.losses import token_logprobs as label_logprobs
 from simu_jax.models.transformer import apply, merge_params
 
@@ -36,8 +37,8 @@ def _label_pass(graphdef, params, input_ids, attention_mask, labels, with_stats=
     """Per-example answer statistics from one forward pass (labels -100 = not scored).
 
     Returns ``mean_nll`` [B] (0 where no label), ``count`` [B] label tokens, ``hits`` [B]
-    teacher-forced argmax hits; with ``with_stats`` also ``logp``/``valid`` [B, T-1] and the
-    Min-K%++ moments ``mu``/``sigma`` [B, T-1] of the next-token distribution, computed here so
+    teacher-forced argmax hits; with ``with_stats`` also ``logp``/``valid`` [B, T] and the
+    Min-K%++ moments ``mu``/``sigma`` [B, T] of the next-token distribution, computed here so
     that the [B, T, V] logits never leave the device.
     """
     logits = apply(graphdef, params, input_ids, attention_mask)
@@ -46,10 +47,10 @@ def _label_pass(graphdef, params, input_ids, attention_mask, labels, with_stats=
     out = {
         "mean_nll": -jnp.sum(logp, axis=-1) / jnp.maximum(count, 1),
         "count": count,
-        "hits": jnp.sum((jnp.argmax(logits[:, :-1], axis=-1) == labels[:, 1:]) & valid, axis=-1),
+        "hits": jnp.sum((jnp.argmax(logits, axis=-1) == next_token_targets(labels)[0]) & valid, axis=-1),
     }
     if with_stats:
-        lsm = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         p = jnp.exp(lsm)
         mu = jnp.sum(p * lsm, axis=-1)
         var = jnp.sum(p * lsm * lsm, axis=-1) - mu * mu
