@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One prepared device check for a lent GPU (<= 5 minutes on one H100 / H200): run via tools/gpu_check.sh.
+"""One prepared device check for a lent GPU (<= 7 minutes on one H100 / H200): run via tools/gpu_check.sh.
 
 Sections, in order (each one is skipped, not started, when the time budget is spent; the JSON
 is rewritten after each section, so a run cut short still leaves its numbers):
@@ -17,7 +17,12 @@ is rewritten after each section, so a run cut short still leaves its numbers):
 3. ``simu_step``: one ``simu_graddiff`` step of ``simu_jax.engine.Unlearner`` (Sophia on attention
    + 10% of the down_proj rows, forget + retain batches); tokens/s, MFU against the same
    full-training FLOPs (nominal) and against the FLOPs the masked step does (estimated).
-4. ``hvp_over_grad``: exact HVP (``curvature.hvp``) over gradient time at the 1B size.
+4. ``so_step`` and ``sophia_h_step``: one ``so_graddiff`` step (Sophia, g*g, all parameters) and
+   one with the Hutchinson estimator (Sophia-H), the same batches; issue 15's ratios
+   ``simu_over_so_step`` and ``sophia_h_over_so_step`` in the summary.
+5. ``attribution``: IG attribution (``attribution.neuron_scores``, m = 3) of the forget rows on an
+   8-layer model of the 1B width against the gradient of the same rows (``attribution_over_grad``).
+6. ``hvp_over_grad``: exact HVP (``curvature.hvp``) over gradient time at the 1B size.
 
 Prints the JSON and writes it to ``--out``. ``--tiny`` shrinks every size so the script can be
 tried on a CPU. No test needs this script.
@@ -29,6 +34,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -238,19 +244,31 @@ def grad_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: f
             "mfu": (flops / t["median_s"] / peak) if peak else None, "params": state["p"]}
 
 
-def simu_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: float | None) -> dict:
+def unlearn_data(cfg, batch: int, seq: int) -> dict:
+    """Forget + retain batches of random tokens, the loss on the second half (as in QA unlearning)."""
+    data = {"forget": make_tokens(cfg, batch, seq, 1), "retain": make_tokens(cfg, batch, seq, 2)}
+    for part in data.values():
+        part["labels"] = jnp.where(jnp.arange(seq)[None] >= seq // 2, part["labels"], -100)
+    return data
+
+
+def unlearn_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: float | None,
+                 method: str = "simu_graddiff", estimator: str = "fisher") -> dict:
+    """One step of `simu_jax.engine.Unlearner` (`method`, Sophia with `estimator`); tokens/s, MFU
+    against the full-training FLOPs (nominal) and, for a SIMU step, against the FLOPs it does."""
     from simu_jax.engine import StepSettings, Unlearner, get_method
     from simu_jax.optim import OptimSpec
 
+    is_simu = method.startswith("simu")
     rng = np.random.default_rng(0)
     k = cfg.intermediate_size // 10
     selected = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), bool)
     for layer in range(cfg.num_hidden_layers):
         selected[layer, rng.choice(cfg.intermediate_size, k, replace=False)] = True
-    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(optim=OptimSpec(learning_rate=1e-5)), selected=selected)
-    data = {"forget": make_tokens(cfg, batch, seq, 1), "retain": make_tokens(cfg, batch, seq, 2)}
-    for part in data.values():  # loss on the second half, as in QA unlearning
-        part["labels"] = jnp.where(jnp.arange(seq)[None] >= seq // 2, part["labels"], -100)
+    u = Unlearner(graphdef, params, get_method(method),
+                  StepSettings(optim=OptimSpec(learning_rate=1e-5, estimator=estimator)),
+                  selected=selected if is_simu else None)
+    data = unlearn_data(cfg, batch, seq)
     key = jax.random.key(0)
 
     def call():
@@ -260,14 +278,39 @@ def simu_step(cfg, graphdef, params, batch: int, seq: int, repeats: int, peak: f
     t = timed(call, repeats, 2)
     tokens = 2 * batch * seq
     nominal = model_flops_per_token(cfg, seq) * tokens
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    n_matmul = layers * (4 * h * h + 3 * h * cfg.intermediate_size) + h * cfg.vocab_size
-    # forward 2N + input gradients 2N + weight gradients of attention and the K rows only
-    done = (4.0 * n_matmul + 2.0 * layers * (4 * h * h + k * h) + 12.0 * layers * seq * h) * tokens
-    return {**t, "batch_per_part": batch, "seq": seq, "tokens_per_s": tokens / t["median_s"],
-            "num_trainable": u.num_trainable, "state_bytes": u.state_bytes(),
-            "mfu_nominal": (nominal / t["median_s"] / peak) if peak else None,
-            "mfu_estimated_flops_done": (done / t["median_s"] / peak) if peak else None}
+    out = {**t, "method": method, "estimator": estimator, "batch_per_part": batch, "seq": seq,
+           "tokens_per_s": tokens / t["median_s"], "num_trainable": u.num_trainable, "state_bytes": u.state_bytes(),
+           "mfu_nominal": (nominal / t["median_s"] / peak) if peak else None}
+    if is_simu:
+        h, layers = cfg.hidden_size, cfg.num_hidden_layers
+        n_matmul = layers * (4 * h * h + 3 * h * cfg.intermediate_size) + h * cfg.vocab_size
+        # forward 2N + input gradients 2N + weight gradients of attention and the K rows only
+        done = (4.0 * n_matmul + 2.0 * layers * (4 * h * h + k * h) + 12.0 * layers * seq * h) * tokens
+        out["mfu_estimated_flops_done"] = (done / t["median_s"] / peak) if peak else None
+    return out
+
+
+def attribution_ratio(cfg, batch: int, seq: int, repeats: int) -> dict:
+    """IG attribution (`attribution.neuron_scores`, m = 3) of one batch of forget rows on an
+    8-layer model of `cfg`'s width, against the gradient of the same rows' token-mean NLL."""
+    import dataclasses
+
+    from simu_jax.attribution import neuron_scores
+    from simu_jax.losses import token_mean_nll
+    from simu_jax.models import apply
+
+    cfg8 = dataclasses.replace(cfg, num_hidden_layers=8)
+    graphdef, params = random_params(cfg8, jnp.bfloat16, seed=4)
+    rows = unlearn_data(cfg8, batch, seq)["forget"]
+
+    def loss(p, b):
+        return token_mean_nll(apply(graphdef, p, b["input_ids"], b["attention_mask"]), b["labels"])
+
+    g = jax.jit(jax.grad(loss))
+    tg = timed(lambda: g(params, rows), repeats, 1)
+    ti = timed(lambda: neuron_scores(graphdef, params, [rows], method="ig", steps=3), max(2, repeats // 2), 1)
+    return {"layers": 8, "ig_steps": 3, "rows": batch, "seq": seq, "grad": tg, "ig": ti,
+            "attribution_over_grad": ti["median_s"] / tg["median_s"]}
 
 
 def hvp_ratio(cfg, graphdef, params, batch: int, seq: int, repeats: int) -> dict:
@@ -295,13 +338,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (try the script on a CPU)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.tiny:  # a CPU try of the script: LLVM optimizations off (compiles ~40% faster), before JAX starts
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", "?")
     peak = peak_flops(kind) if dev.platform == "gpu" else None
     result = {"device": {"platform": dev.platform, "device_kind": kind, "num_devices": jax.device_count(),
                          "jax": jax.__version__, "backend": jax.default_backend(), "peak_bf16_flops": peak},
-              "targets": {"mfu_grad_step": ">= 0.35 on an H100 (issue 7)"}, "sections": {}}
+              "targets": {"mfu_grad_step": ">= 0.35 on an H100 (issue 7)", "sophia_h_over_so_step": "<= 3.0 (issue 15)",
+                          "attribution_over_grad": "<= 6 (issue 15)"}, "sections": {}}
 
     def save():
         result["wall_s"] = time.perf_counter() - t_start
@@ -343,17 +389,32 @@ def main(argv=None) -> int:
                                                   peak), 60)
     if out is not None:
         params = out["params"]  # the old buffers were donated
-    section("simu_step", lambda: simu_step(cfg, graphdef, params, 2 if args.tiny else 4, seq, args.repeats, peak), 70)
-    section("hvp_over_grad", lambda: hvp_ratio(cfg, graphdef, params, 2 if args.tiny else 4, seq, args.repeats), 70)
-    g = result["sections"].get("grad_step", {})
+    nb = 2 if args.tiny else 4
+    section("simu_step", lambda: unlearn_step(cfg, graphdef, params, nb, seq, args.repeats, peak), 70)
+    section("so_step", lambda: unlearn_step(cfg, graphdef, params, nb, seq, args.repeats, peak, "so_graddiff"), 70)
+    section("sophia_h_step", lambda: unlearn_step(cfg, graphdef, params, nb, seq, args.repeats, peak, "so_graddiff",
+                                                  estimator="hutchinson"), 80)
+    section("attribution", lambda: attribution_ratio(cfg, nb, seq, args.repeats), 70)
+    section("hvp_over_grad", lambda: hvp_ratio(cfg, graphdef, params, nb, seq, args.repeats), 70)
+    sec = result["sections"]
+
+    def step_ratio(a, b):  # a step's median over another's, None if either is missing
+        ta, tb = sec.get(a, {}).get("median_s"), sec.get(b, {}).get("median_s")
+        return ta / tb if ta and tb else None
+
     result["summary"] = {
         "device_kind": kind,
-        "parity_pass": result["sections"].get("parity", {}).get("pass"),
-        "grad_step_tokens_per_s": g.get("tokens_per_s"),
-        "grad_step_mfu": g.get("mfu"),
-        "simu_step_tokens_per_s": result["sections"].get("simu_step", {}).get("tokens_per_s"),
-        "simu_step_mfu_nominal": result["sections"].get("simu_step", {}).get("mfu_nominal"),
-        "hvp_over_grad": result["sections"].get("hvp_over_grad", {}).get("hvp_over_grad"),
+        "parity_pass": sec.get("parity", {}).get("pass"),
+        "grad_step_tokens_per_s": sec.get("grad_step", {}).get("tokens_per_s"),
+        "grad_step_mfu": sec.get("grad_step", {}).get("mfu"),
+        "simu_step_tokens_per_s": sec.get("simu_step", {}).get("tokens_per_s"),
+        "simu_step_mfu_nominal": sec.get("simu_step", {}).get("mfu_nominal"),
+        "simu_step_mfu_estimated_flops_done": sec.get("simu_step", {}).get("mfu_estimated_flops_done"),
+        "so_step_mfu_nominal": sec.get("so_step", {}).get("mfu_nominal"),
+        "simu_over_so_step": step_ratio("simu_step", "so_step"),
+        "sophia_h_over_so_step": step_ratio("sophia_h_step", "so_step"),
+        "attribution_over_grad": sec.get("attribution", {}).get("attribution_over_grad"),
+        "hvp_over_grad": sec.get("hvp_over_grad", {}).get("hvp_over_grad"),
     }
     save()
     print(json.dumps(result, indent=2, default=float))
