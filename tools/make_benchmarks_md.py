@@ -288,6 +288,16 @@ def _profile_grad_note(r: dict) -> str:
             "contraction; and measure the same step on the GPU check (`tools/gpu_check.sh`).")
 
 
+def _profile_mix(r: dict, prog: str) -> str:
+    """One program's op time by kind, from the profile run (empty if the JSON has none)."""
+    d = _t(r, "profile_run", "jax", prog)
+    if not d:
+        return ""
+    sh = d["by_category_share"]
+    return (f" Profile of `{prog}`: {d['op_ms_total']:.0f} ms op time per call, "
+            + ", ".join(f"{short} {sh.get(cat, 0):.0%}" for cat, short in CATS) + ".")
+
+
 def _gflop(cost: dict) -> float:
     """A program's flops: the matmul flops of every layer (older results: XLA's count)."""
     return cost.get("matmul_gflop", cost["gflop"])
@@ -381,7 +391,8 @@ def notes(r: dict) -> list[str]:
         h, s = steps["so_graddiff_hutchinson"], steps["so_graddiff"]
         out.append(f"- **`sophia_h_over_so_step` = {num(t['sophia_h_over_so_step']['value'])}**: Sophia-H "
                    f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step takes a gradient, then "
-                   "a separate jvp-of-grad (one Hutchinson probe) that re-linearizes the same point.")
+                   "a separate jvp-of-grad (one Hutchinson probe) that re-linearizes the same point."
+                   + _profile_mix(r, "step/so_graddiff_hutchinson"))
     if missed & {"hvp_time_over_flops", "hvp_marginal_lin_over_grad"}:
         out.append(_hvp_note(r, t))
     if "attribution_over_grad" in missed:
@@ -389,7 +400,8 @@ def notes(r: dict) -> list[str]:
         layers, m = a["layers"], a["ig_steps"]
         out.append(f"- **`attribution_over_grad` = {num(t['attribution_over_grad']['value'])}** ({layers} layers, "
                    f"m = {m}): per layer, IG runs a forward and m forward/backward passes through every layer, about "
-                   f"L(1 + 2m)/3 = {layers * (1 + 2 * m) / 3:.1f} gradient-equivalents per batch.")
+                   f"L(1 + 2m)/3 = {layers * (1 + 2 * m) / 3:.1f} gradient-equivalents per batch."
+                   + _profile_mix(r, "attribution/ig"))
     if "compile_16_over_4" in missed:
         c = r["compile"]["layers"]
         out.append(f"- **`compile_16_over_4` = {num(t['compile_16_over_4']['value'])}**: XLA compile "

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from simu_jax.bench.harness import block
 from simu_jax.bench.peer import PeerServer
-from simu_jax.bench.problems import make_batch, second_order_size, step_jobs, step_setup
+from simu_jax.bench.problems import attribution_jobs, make_batch, second_order_size, step_jobs, step_setup
 from simu_jax.bench.profiles import Profile
 
 __all__ = ["PROFILE_XLA_FLAGS", "op_category", "profile_call", "profile_run"]
@@ -72,13 +72,14 @@ def profile_call(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
 
 
 def profile_run(result: dict[str, Any], log) -> dict[str, Any]:
-    """Profile the step config's programs (gradient, HVP, SO and SIMU steps) and the torch SO step."""
+    """Profile the step config's programs (gradient, HVP, SO, Sophia-H and SIMU steps, IG attribution)
+    and the torch SO step."""
     fields = {f.name for f in dataclasses.fields(Profile)}  # a field an older bench had is left out
     profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["profile"].items() if k in fields}
                       | {"sizes": tuple(map(tuple, result["profile"]["sizes"]))})
-    profile = dataclasses.replace(profile, methods=tuple(m for m in ("so_graddiff", "simu_graddiff")
-                                                         if m in profile.methods), hvp_variants=(),
-                                  remat_compare=())
+    profile = dataclasses.replace(profile, methods=tuple(m for m in ("so_graddiff", "so_graddiff_hutchinson",
+                                                                     "simu_graddiff") if m in profile.methods),
+                                  hvp_variants=(), remat_compare=())
     hidden, inter = profile.sizes[profile.step_size]
     batch = jax.tree.map(jnp.asarray, make_batch(profile, seed=0))
     _, jobs = second_order_size(dataclasses.replace(profile, ops=tuple(o for o in ("forward", "grad", "hvp")
@@ -86,6 +87,7 @@ def profile_run(result: dict[str, Any], log) -> dict[str, Any]:
     setup = step_setup(profile)
     programs = {j.name.rsplit("/", 1)[1]: j.fn for j in jobs}
     programs |= {f"step/{label}": job.fn for label, _, _, job in step_jobs(profile, setup)}
+    programs |= {j.name: j.fn for j in attribution_jobs(profile) if j.name == "attribution/ig"}
     out: dict[str, Any] = {"config": f"hidden {hidden}, intermediate {inter}, {profile.layers} layers (the steps' "
                                      "config)", "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": {}}
     traceme = "xprof_traceme=true" in os.environ.get("XLA_FLAGS", "")
