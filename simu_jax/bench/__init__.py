@@ -58,14 +58,16 @@ the rest) is what the test suite runs: it checks that the JSON is complete, neve
 The summary (``SUMMARY_KEYS``, computed from the sections by ``summarize``) holds the headline
 ratios and ``bench_wall_s``; ``TARGETS`` (key, comparison ``<=`` / ``>=``, bound: a number or
 another summary key + slack) are checked by ``check_targets``; ``UNTARGETED`` says why a figure
-has no target.
+has no target. The run's wall time is ``bench_wall_s``, against its profile's ``wall_budget_s``.
+
 ``--profile-only --json FILE`` adds ``profile_run`` to an existing result: where the step
-config's gradient, HVP, SO and SIMU steps spend their time per kind of XLA op (jax.profiler,
-XLA:CPU per-op trace events) and the torch SO step per aten op (torch.profiler).
+config's gradient, HVP, SO, Sophia-H and SIMU steps and the IG attribution spend their time per
+kind of XLA op (jax.profiler, XLA:CPU per-op trace events) and the torch SO step per aten op
+(torch.profiler).
 
 Modules: ``profiles`` (what is measured: the full and --quick profiles, headline keys,
 targets), ``machine`` (CPU, cores, versions, XLA's thread pool), ``harness`` (compile events,
-jobs, runs in turns, medians, ``summarize``), ``problems`` (models, batches, masks, the jobs of
+jobs, runs in turns, medians, matmul flops, ``summarize``, ``check_targets``), ``problems`` (models, batches, masks, the jobs of
 each section), ``peer`` (drives the PyTorch peer in a subprocess), ``torch_peer`` (the PyTorch
 peer itself; run as a script, never imported here: torch stays optional), ``runner`` (``run``:
 the phases in order), ``profiling`` (``--profile-only``) and ``cli`` (``cli_main``).

@@ -24,13 +24,14 @@ __all__ = ["cli_main"]
 def _parser() -> ArgumentParser:
     ap = ArgumentParser(prog="simu-jax bench",
                         description="Benchmarks: second-order cost, masked steps, JAX vs PyTorch, compile time.")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (< 60 s; run by the tests)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (< 3 min; run by the tests)")
     ap.add_argument("--json", type=Path, default=None, help="write the full results here")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (the median is reported)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--profile-only", action="store_true",
                     help="no timing run: profile the step config of the existing --json result (jax.profiler op "
-                         "kinds of the gradient, HVP, SO and SIMU steps; torch.profiler of the peer's SO step) and "
+                         "kinds of the gradient, HVP, SO, Sophia-H and SIMU steps and IG attribution; torch.profiler of "
+                         "the peer's SO step) and "
                          "add it there as `profile_run` (run it in a fresh process: it turns on XLA's per-op trace events)")
     return ap
 
