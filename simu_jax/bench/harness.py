@@ -186,14 +186,11 @@ def first_calls(jobs: list[Job], recorder: CompileRecorder, workers: int) -> Non
 
 
 def hvp_analysis(row: dict[str, Any]) -> dict[str, Any]:
-    """HVP cost against the gradient's, for one model size: in time, in matmul flops over all
-    layers (`flops_over_grad`, what `hvp_time_ratio_over_flop_ratio` divides by) and in XLA's
-    flop count (`xla_flops_over_grad`: the layer scan counted once, see `AotCall`)."""
+    """HVP cost against the gradient's, for one model size, in time and in matmul flops over all
+    layers (`matmul_gflop`; XLA's own count has the layer scan once, see `AotCall`)."""
     t = {k: v["median_s"] for k, v in row["times"].items()}
-    out: dict[str, Any] = {"time_over_grad": _hvp_ratios(t)}
-    for name, field in (("flops_over_grad", "matmul_gflop"), ("xla_flops_over_grad", "gflop")):
-        c = {k: v[field] for k, v in row.get("cost_analysis", {}).items() if field in v}
-        out[name] = _hvp_ratios(c) if "grad" in c else {}
+    c = {k: v["matmul_gflop"] for k, v in row.get("cost_analysis", {}).items()}
+    out: dict[str, Any] = {"time_over_grad": _hvp_ratios(t), "flops_over_grad": _hvp_ratios(c) if "grad" in c else {}}
     if "hvp" in out["flops_over_grad"]:
         # > 1: the HVP runs at a lower flop rate than the gradient (overhead); ~1: flop-bound
         out["hvp_time_ratio_over_flop_ratio"] = out["time_over_grad"]["hvp"] / out["flops_over_grad"]["hvp"]
