@@ -2,7 +2,8 @@
 
 ``run(profile)`` = setup (the step config, the torch peer started, every job built) ->
 compile_programs (first calls, ``cores`` at a time) -> second_order -> remat -> steps ->
-attribution -> peer -> parity -> compile -> summary. See the package docstring for what each section measures.
+attribution -> peer -> parity -> compile -> summary. See the package docstring for what each
+section measures.
 """
 
 from __future__ import annotations
