@@ -450,6 +450,8 @@ def _load(args):
 
 
 def plan(cfg: UnlearnConfig) -> str:
+    """The run's settings and its per-device memory estimate (`simu-jax unlearn --dry-run`). Reads
+    only the model's config.json (a local directory holding just that file is enough)."""
     from simu_jax.models.spec import model_config_from_spec
 
     method = resolved_method(cfg)
@@ -460,14 +462,32 @@ def plan(cfg: UnlearnConfig) -> str:
              "loss: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.loss).items()),
              f"model: {cfg.model.path}", f"benchmark: {cfg.data.benchmark}", f"steps: {cfg.steps} x batch {cfg.batch_size}"]
     try:
-        from simu_jax.sharding import memory_estimate
+        from simu_jax.sharding import memory_estimate, per_device
 
         mcfg = model_config_from_spec(cfg.model)
-        est = memory_estimate(mcfg, {"adamw": "fo", "sophia": "so", "newton": "so", "ggn": "so", "influence": "so"}
-                              .get(method.optimizer, "so")  # Newton-type: CG vectors ~ Sophia's two buffers
-                              if method.trainable.mlp != "masked" else "simu")
-        lines.append("memory estimate (bytes): " + ", ".join(f"{k} {v:,.0f}" for k, v in est.items()
-                                                          if isinstance(v, (int, float))))
+        a, masked = cfg.attribution, method.trainable.mlp == "masked"
+        rows = None
+        if masked and a.mask_path:  # the given mask's rows per layer (K)
+            from simu_jax.attribution import NeuronMask
+
+            mask = NeuronMask.load(a.mask_path, shape=(mcfg.num_hidden_layers, mcfg.intermediate_size))
+            rows = int(mask.selected.sum(axis=1).max())
+        seq_len = min(cfg.data.max_length, mcfg.max_position_embeddings)
+        est = memory_estimate(mcfg, method, settings=step_settings(cfg), batch_size=cfg.batch_size, seq_len=seq_len,
+                              dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat,
+                              mlp_fraction=a.top_fraction or 0.05, neuron_rows=rows,
+                              attribution_batch_size=a.batch_size if masked and not a.mask_path else None,
+                              attribution_steps=1 if a.method in ("grad_x_act", "grad_down") else a.steps)
+        dev = per_device(est, cfg.mesh or "fsdp=1")
+        where = f"mesh {cfg.mesh} ({dev['devices']} devices)" if cfg.mesh else "one device (no mesh)"
+        lines.append(f"memory estimate (bytes) per device, {where}; {cfg.model.dtype} "
+                     f"params, {cfg.model.compute_dtype or cfg.model.dtype} compute, remat {cfg.model.remat}, "
+                     f"{cfg.batch_size} forget + {cfg.batch_size} retain rows x {seq_len} tokens:")
+        labels = {"params": "params (trainable + frozen)", "source_params": "loaded params kept by the run",
+                  "gradients": "gradients", "optimizer_state": "optimizer state", "curvature_state": "curvature state",
+                  "activations": "activations", "transient": "transient (curvature, HVP residuals)",
+                  "step": "step total", "attribution_phase": "attribution (model + IG buffers)", "peak": "peak"}
+        lines += [f"  {label:34s} {dev[k]:>18,d}  {dev[k] / 2**30:8.2f} GiB" for k, label in labels.items()]
     except Exception as e:  # the plan is informative; a missing model dir is reported by the real run
         lines.append(f"memory estimate unavailable: {' '.join(str(e).split())[:120]}")
     return "\n".join(lines)

@@ -1,23 +1,38 @@
-"""A memory model of one unlearning step: bytes by part, whole model and per device."""
+"""A memory model of one unlearning run: bytes by part, whole model and per device.
+
+:func:`memory_estimate` builds the run's real trees without allocating anything (the abstract
+model, the trainable subset of :class:`simu_jax.selection.Partition`, the optimizer state of
+``engine.build_optimizer`` via ``jax.eval_shape``), so params, gradients and optimizer /
+curvature state are exact counts; activations, the step's largest transient and the
+attribution phase come from the formulas below (docs/scaling.md#memory, measured against
+XLA's ``memory_analysis`` in tests/test_memory.py). :func:`per_device` divides each tree leaf
+by the shards the sharding rules give it (``param_partition_specs``) and the activations by
+the batch axes that divide the rows (``logical_to_spec(("batch", "length"), ...)``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from simu_jax.sharding.mesh import MESH_AXES, parse_mesh_spec
+from simu_jax.sharding.mesh import DEFAULT_RULES, MESH_AXES, logical_to_spec, param_partition_specs, parse_mesh_spec
 
 __all__ = [
     "param_counts",
+    "activation_bytes_per_row",
     "memory_estimate",
     "per_device",
     "memory_table",
     "print_memory_table",
+    "PRESETS",
     "LLAMA2_7B",
+    "LLAMA2_70B",
     "OLMO_1B",
+    "OLMO_7B",
 ]
 
 
@@ -30,21 +45,24 @@ def _cfg(**kw):
 def _presets():
     return {
         "LLaMA-2-7B": _cfg(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128),
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                           max_position_embeddings=4096),
+        "LLaMA-2-70B": _cfg(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                            num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                            max_position_embeddings=4096),
         "OLMo-1B": _cfg(model_type="olmo", vocab_size=50304, hidden_size=2048, intermediate_size=8192,
                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
                         tie_word_embeddings=True),
+        # OLMo-7B: mlp_hidden_size 22016 is the fused gate+up width, so 11008 per SwiGLU half
+        "OLMo-7B": _cfg(model_type="olmo", vocab_size=50304, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128),
     }
 
 
-LLAMA2_7B, OLMO_1B = _presets().values()
+PRESETS = _presets()
+LLAMA2_7B, LLAMA2_70B, OLMO_1B, OLMO_7B = PRESETS.values()
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
-def _nbytes(dtype) -> int:
-    name = jnp.dtype(dtype).name
-    return _BYTES.get(name, jnp.dtype(dtype).itemsize)
+F32_BYTES = 4  # attention scores / softmax, logits, attribution buffers: float32 whatever the compute dtype
 
 
 def param_counts(cfg) -> dict[str, int]:
@@ -70,84 +88,291 @@ def param_counts(cfg) -> dict[str, int]:
     return counts
 
 
-def memory_estimate(model_config, method: str, trainable_fraction: float | None = None, *,
-                    batch_tokens: int = 8 * 512, seq_len: int = 512, param_dtype="bfloat16",
-                    state_dtype="float32", mlp_fraction: float = 0.05, remat: str = "none") -> dict[str, Any]:
-    """Bytes of one unlearning step's memory, by part (whole model, before sharding).
+# ----------------------------------------------------------------------------
+# Activations (per row of T tokens)
+# ----------------------------------------------------------------------------
 
-    method: ``fo`` (AdamW on all params), ``so`` (Sophia on all params), ``simu`` (Sophia on
-    all attention projections + ``mlp_fraction`` of the MLP neurons' ``down_proj`` rows,
-    kept as a compact [L, K, H] copy). ``trainable_fraction`` (of all params) overrides the
-    trainable count for any method.
 
-    Returns ``params`` (all weights in ``param_dtype``, plus SIMU's compact rows),
-    ``gradients`` (trainable, ``param_dtype``), ``optimizer_state`` (AdamW m and v / Sophia
-    m, ``state_dtype``), ``curvature_state`` (Sophia's h; 0 for fo),
-    ``activations_per_token`` (saved for the backward pass; see docs/scaling.md for the
-    formula), ``activations`` (x ``batch_tokens``, forget + retain tokens of one step) and
-    ``total``; plus ``trainable`` and ``total_params`` counts.
+def activation_bytes_per_row(cfg, seq_len: int, compute_bytes: int, remat: str = "none", trainable=None,
+                             neuron_rows: int = 0) -> int:
+    """Bytes one row of ``seq_len`` = T tokens keeps for the backward pass (b = compute dtype
+    bytes; what ``jax.ad_checkpoint.print_saved_residuals`` lists for a layer, less what XLA
+    fuses away, measured in tests/test_memory.py). ``trainable``: the method's
+    ``selection.TrainableSpec`` (default all): a frozen matmul keeps no copy of its input.
+
+        layer   T*b*(2H + Hq*D + 2*KV*D + 5I)    the layer input and the mid residual; q and k
+                                                 after RoPE, v; gate, up and three silu values
+              + T*b*(3H + Hq*D)                  attention trained: the [tokens, H] view each of
+                                                 the q, k, v matmuls saves of its input, and the
+                                                 attention output (o_proj's input)
+              + T*b*(2H + I)                     MLP trained (full): gate's and up's input views,
+                                                 down's input (the product); ``down``: I only;
+              + T*b*K                            ``masked`` (SIMU): the K trained neurons' values
+              + T*4*2H                           the two norms' float32 normalized values
+              + Hq*T*T*(2*4 + b if b != 4)       float32 masked scores and softmax output (+ the
+                                                 probabilities' cast to the compute dtype)
+        head    T*(b*H + 3*4*V)                  final norm output; float32 logits, log-softmax
+                                                 and their gradient
+        none    L * layer + head
+        full    L * T*b*H + layer + head         the layer inputs; one layer recomputed at a time
+        dots    L * T*b*(3H + Hq*D + 2*KV*D + 2I) + layer + head
+                    the 2-D matmul outputs (q, k, v, o, gate, up, down: what
+                    ``dots_with_no_batch_dims_saveable`` keeps) and the layer input, one layer
+                    recomputed at a time (XLA recomputes more cleverly: an upper bound)
     """
-    if method not in ("fo", "so", "simu"):
-        raise ValueError(f"method={method!r}; allowed: fo, so, simu")
-    if remat not in ("none", "full"):
-        raise ValueError(f"remat={remat!r}; allowed: none, full")
-    pb, sb = _nbytes(param_dtype), _nbytes(state_dtype)
-    counts = param_counts(model_config)
-    total = counts["total"]
-    rows = 0
-    if trainable_fraction is not None:
-        if not 0 < trainable_fraction <= 1:
-            raise ValueError(f"trainable_fraction must be in (0, 1], got {trainable_fraction}")
-        trainable = int(round(trainable_fraction * total))
-    elif method == "simu":
-        rows = int(round(mlp_fraction * counts["mlp_down"]))
-        trainable = counts["attention"] + rows
-    else:
-        trainable = total
-    est = {
-        "params": (total + rows) * pb,
-        "gradients": trainable * pb,
-        "optimizer_state": (2 if method == "fo" else 1) * trainable * sb,
-        "curvature_state": 0 if method == "fo" else trainable * sb,
-    }
-    # activations saved for the backward pass, per token
-    c = model_config
-    h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_layer = pb * (4 * h + 3 * qd + 3 * kvd + 4 * i) + c.num_attention_heads * seq_len * (4 + pb)
-    head = pb * h + 2 * 4 * c.vocab_size  # final norm output, fp32 logits and log-softmax
+    b, t = compute_bytes, seq_len
+    h, i, n_layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attention = trainable is None or trainable.attention == "full"
+    mlp = "full" if trainable is None else trainable.mlp
+    saved = (2 * h + qd + 2 * kvd + 5 * i + (3 * h + qd if attention else 0)
+             + {"full": 2 * h + i, "down": i, "masked": neuron_rows, "frozen": 0}[mlp])
+    scores = cfg.num_attention_heads * t * t * (2 * F32_BYTES + (b if b != F32_BYTES else 0))
+    layer = t * b * saved + t * F32_BYTES * 2 * h + scores
+    head = t * (b * h + 3 * F32_BYTES * v)
+    if remat == "none":
+        return n_layers * layer + head
     if remat == "full":
-        per_token = n_layers * pb * h + per_layer + head
-    else:
-        per_token = n_layers * per_layer + head
-    est["activations_per_token"] = per_token
-    est["activations"] = per_token * batch_tokens
-    est["total"] = sum(est[k] for k in ("params", "gradients", "optimizer_state", "curvature_state", "activations"))
-    est["trainable"] = trainable
-    est["total_params"] = total
+        return n_layers * t * b * h + layer + head
+    if remat == "dots":
+        return n_layers * t * b * (3 * h + qd + 2 * kvd + 2 * i) + layer + head
+    raise ValueError(f"remat={remat!r}; allowed: none, full, dots")
+
+
+# ----------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What :func:`per_device` needs to redo the count on a mesh."""
+
+    model_config: Any
+    params: Any  # the step's params: trainable + frozen trees (abstract)
+    trainable: Any  # the trainable subset (abstract, param dtype)
+    source: Any  # the loaded leaves the run keeps besides the Unlearner's own copies (abstract)
+    model: Any  # the loaded model (abstract): what the attribution phase holds
+    opt_state: Any  # abstract optimizer state
+    tx: Any
+    rows: int  # rows the step back-propagates through: forget + retain
+    seq_len: int
+    row_bytes: int  # activation_bytes_per_row
+    vectors: tuple[int, int]  # transient trainable-sized vectors: (float32 ones, param-dtype ones)
+    residual_sets: int  # transient: extra sets of the step's activations (HVP linearization residuals)
+    attribution_rows: int | None
+    attribution_steps: int
+    compute_bytes: int
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _transient_counts(method, optim_spec) -> tuple[tuple[int, int], int]:
+    """The step's largest transient beyond gradients and activations: ``((f32 vectors,
+    param-dtype vectors), residual sets)``, vectors the size of the trainable subset, residual
+    sets the size of the step's activations.
+
+    adamw               nothing (m and v are updated in place)
+    sophia fisher       1 f32: g*g
+    sophia gnb          1 f32 + 1 param: the sampled loss's gradient and its square (its
+                        forward/backward runs after the step's, in the same activation space)
+    sophia hutchinson   1 f32 + 2 param: the running sum, probe u and H u; + 3 residual sets
+    newton              5 f32: Steihaug-CG's g, z, r, d and B d; + 3 residual sets
+    ggn                 5 f32, as newton
+    influence           6 f32: CG's b, x, r, p, A p and grad L_F
+
+    Residual sets: linearizing the gradient map (hutchinson, newton) keeps the forward's and
+    the backward's values and the tangent pass works through them (measured 2.6-2.9 sets of
+    the activations on a tiny LLaMA, docs/scaling.md#memory); ggn / influence linearize the
+    model's forward, whose residuals are the activations themselves, and transpose it (measured:
+    no extra set).
+    """
+    if method.optimizer == "adamw":
+        return (0, 0), 0
+    if method.optimizer == "sophia":
+        return {"fisher": ((1, 0), 0), "gnb": ((1, 1), 0), "hutchinson": ((1, 2), 3)}[optim_spec.estimator]
+    return {"newton": ((5, 0), 3), "ggn": ((5, 0), 0), "influence": ((6, 0), 0)}[method.optimizer]
+
+
+def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8, seq_len: int = 256,
+                    dtype: str = "float32", compute_dtype: str | None = None, remat: str = "none",
+                    mlp_fraction: float = 0.05, neuron_rows: int | None = None,
+                    attribution_batch_size: int | None = None, attribution_steps: int = 3) -> dict[str, Any]:
+    """Bytes of one unlearning run by part, whole model (before sharding).
+
+    ``method``: an ``engine.METHODS`` name (``simu_graddiff``, ``so_npo``, ...) or an
+    ``engine.Method``; ``settings``: its ``engine.StepSettings`` (default: the defaults), whose
+    optimizer and curvature estimator the state and the transient follow (Hutchinson's probes
+    run one at a time: ``num_probes`` does not change the memory). A step sees
+    ``batch_size`` forget + ``batch_size`` retain rows of ``seq_len`` tokens. ``dtype`` /
+    ``compute_dtype`` / ``remat`` as in :class:`simu_jax.models.spec.ModelSpec` (float32 by
+    default, as there). Masked methods (SIMU) train ``neuron_rows`` (K) down_proj rows per
+    layer, default ``ceil(mlp_fraction * I)``. ``attribution_batch_size``: the IG attribution
+    phase's batch (None = no attribution, e.g. a given mask), ``attribution_steps`` its m.
+
+    Returns ``params`` (the step's trainable + frozen trees: the model, plus SIMU's compact
+    [L, K, H] rows), ``source_params`` (the loaded leaves the run keeps besides the
+    Unlearner's private copies: its trainable leaves and, for SIMU, the original down_proj),
+    ``gradients`` (trainable, param dtype), ``optimizer_state`` (AdamW m + v, Sophia m,
+    Newton-type scalars), ``curvature_state`` (Sophia's h), ``activations``, ``transient``
+    (the step's largest extra: the curvature estimate's buffers and HVP residuals),
+    ``step`` (their sum), ``attribution`` (the IG phase's buffers, besides the loaded model),
+    ``attribution_phase`` (loaded model + those), ``peak`` = max(step, attribution_phase)
+    (attribution runs before the step; its buffers are freed first); plus ``trainable`` and
+    ``total_params`` counts and ``layout`` (for :func:`per_device`).
+    """
+    from simu_jax.engine import StepSettings, build_optimizer, get_method, resolve_settings
+    from simu_jax.models import abstract_model, split_params
+    from simu_jax.models.spec import jnp_dtype
+    from simu_jax.selection import DOWN, Partition, count_trainable, get_path
+
+    method = get_method(method) if isinstance(method, str) else method
+    settings = settings if settings is not None else StepSettings()
+    if settings.total_steps is None:  # a linear schedule needs a horizon; memory does not depend on it
+        settings = dataclasses.replace(settings, total_steps=1)
+    settings = resolve_settings(method, settings)
+    compute_bytes = np.dtype(jnp_dtype(compute_dtype or dtype)).itemsize
+    _, model = split_params(abstract_model(model_config, param_dtype=jnp_dtype(dtype)))
+    n_layers, width = model_config.num_hidden_layers, model_config.intermediate_size
+    selected, k = None, 0
+    if method.trainable.mlp == "masked":
+        k = neuron_rows if neuron_rows is not None else math.ceil(mlp_fraction * width)
+        if not 1 <= k <= width:
+            raise ValueError(f"neuron_rows must be in [1, {width}], got {k}")
+        selected = np.zeros((n_layers, width), bool)
+        selected[:, :k] = True
+    part = Partition(model, method.trainable, selected)
+    trainable = jax.eval_shape(part.take, model)
+    frozen = part.frozen_from(model)  # the zeroed down_proj has down_proj's shape
+    source = {part.leaf_key(p): get_path(model, p) for p in part.paths}
+    if part.row_index is not None:
+        source[part.leaf_key(DOWN)] = get_path(model, DOWN)
+    tx = build_optimizer(method, settings, part.optimizer_mask(trainable))
+    opt_state = jax.eval_shape(tx.init, trainable) if tx is not None else ()
+    vectors, residual_sets = _transient_counts(method, settings.optim)
+    layout = _Layout(model_config=model_config, params={"trainable": trainable, "frozen": frozen},
+                     trainable=trainable, source=source, model=model, opt_state=opt_state, tx=tx,
+                     rows=2 * batch_size, seq_len=seq_len,
+                     row_bytes=activation_bytes_per_row(model_config, seq_len, compute_bytes, remat, method.trainable, k),
+                     vectors=vectors, residual_sets=residual_sets, attribution_rows=attribution_batch_size,
+                     attribution_steps=attribution_steps, compute_bytes=compute_bytes)
+    est = _parts(layout, {})
+    est["trainable"] = count_trainable(part, trainable)
+    est["total_params"] = param_counts(model_config)["total"]
+    est["layout"] = layout
     return est
 
 
-def per_device(estimate: Mapping[str, Any], mesh_shape) -> dict[str, Any]:
-    """Per-device bytes under :data:`DEFAULT_RULES`: weights, gradients and states divided by
-    fsdp x tensor (replicated over data), activations by data x fsdp (the batch split; tensor
-    parallelism also splits the MLP/attention activations, ignored here: an upper bound)."""
-    if isinstance(mesh_shape, jax.sharding.Mesh):
-        sizes = {a: int(mesh_shape.shape.get(a, 1)) for a in MESH_AXES}
-    elif isinstance(mesh_shape, str):  # a spec without -1: the sizes give the device count
-        fixed = [int(p.split("=", 1)[1]) for p in mesh_shape.split(",") if "=" in p]
-        if any(v < 1 for v in fixed):
-            raise ValueError(f"per_device needs explicit axis sizes, got {mesh_shape!r}")
-        sizes = parse_mesh_spec(mesh_shape, math.prod(fixed))
-    else:
-        sizes = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
-    model = sizes["fsdp"] * sizes["tensor"]
-    batch = sizes["data"] * sizes["fsdp"]
-    out = dict(estimate)
-    for k in ("params", "gradients", "optimizer_state", "curvature_state"):
-        out[k] = -(-estimate[k] // model)
-    out["activations"] = -(-estimate["activations"] // batch)
-    out["total"] = sum(out[k] for k in ("params", "gradients", "optimizer_state", "curvature_state", "activations"))
+def _shards(spec, sizes: Mapping[str, int]) -> int:
+    """How many pieces a PartitionSpec cuts an array into on a mesh of ``sizes``."""
+    axes = [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(sizes.get(a, 1) for a in axes)
+
+
+def _row_shards(rows: int, seq_len: int, sizes: Mapping[str, int]) -> int:
+    """The batch axes that divide ``rows`` (the rule every batch placement uses)."""
+    return _shards(logical_to_spec(("batch", "length"), (rows, seq_len), sizes, DEFAULT_RULES), sizes)
+
+
+def _parts(layout: _Layout, sizes: Mapping[str, int]) -> dict[str, int]:
+    """The parts of :func:`memory_estimate` on a mesh of ``sizes`` (``{}``: the whole model)."""
+    import optax.tree_utils as otu
+    from jax.sharding import PartitionSpec
+
+    from simu_jax.optim import SophiaState
+
+    cfg = layout.model_config
+    is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
+
+    def specs(tree):
+        return param_partition_specs(tree, DEFAULT_RULES, sizes, cfg)
+
+    def tree_bytes(tree):  # each leaf's bytes over its shard count (norms replicated, odd dims counted right)
+        return sum(_nbytes(x) // _shards(s, sizes)
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(specs(tree), is_leaf=is_spec)))
+
+    # optimizer state: every params-shaped leaf sharded like its trainable leaf, the rest (counts) whole
+    state = 0
+    curvature = 0
+    if layout.tx is not None:
+        per_leaf = otu.tree_map_params(layout.tx, lambda x, s: _nbytes(x) // _shards(s, sizes), layout.opt_state,
+                                       specs(layout.trainable), transform_non_params=_nbytes, is_leaf=is_spec)
+        state = sum(jax.tree.leaves(per_leaf))
+        sophia = [s for s in jax.tree.leaves(per_leaf, is_leaf=lambda s: isinstance(s, SophiaState))
+                  if isinstance(s, SophiaState)]
+        curvature = sum(jax.tree.leaves(sophia[0].hessian)) if sophia else 0
+    gradients = tree_bytes(layout.trainable)  # the gradient has the trainable leaves' shapes and dtype
+    param_bytes = np.dtype(jax.tree.leaves(layout.trainable)[0].dtype).itemsize
+    trainable_elements = gradients // param_bytes
+    rows = layout.rows // _row_shards(layout.rows, layout.seq_len, sizes)
+    activations = layout.row_bytes * rows
+    f32_vectors, param_vectors = layout.vectors
+    transient = (trainable_elements * (F32_BYTES * f32_vectors + param_bytes * param_vectors)
+                 + layout.residual_sets * activations)
+    out = {
+        "params": tree_bytes(layout.params),
+        "source_params": tree_bytes(layout.source),
+        "gradients": gradients,
+        "optimizer_state": state - curvature,
+        "curvature_state": curvature,
+        "activations": activations,
+        "transient": transient,
+    }
+    out["step"] = sum(out.values())
+    out["attribution"] = _attribution_bytes(layout, sizes)
+    out["attribution_phase"] = tree_bytes(layout.model) + out["attribution"] if out["attribution"] else 0
+    out["peak"] = max(out["step"], out["attribution_phase"])
+    return out
+
+
+def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
+    """The IG phase's buffers (``attribution._ig_scores``) on B rows (split over the batch axes
+    that divide B), besides the loaded model; b = compute bytes, m = steps:
+
+        held     L*B*T*(4*I + b*I + b*H)   dLL/da at alpha = 1 (float32), the MLP activations
+                                           and the layer inputs, kept for the whole batch
+        alpha 1  B rows' activations        one forward + backward of all layers
+        m > 1    (m-1)*B rows' activations  per layer, sequentially (lax.map): a suffix run
+                 + 4*L*(m-1)*B*T*I          on the m-1 other alphas stacked on the batch axis,
+                 + 4*L*B*T*I                its float32 [L, (m-1)B, T, I] delta gradient, and
+                                            lax.map's stacked per-layer sums
+        total    held + max(alpha 1, m > 1)
+    """
+    if not layout.attribution_rows:
+        return 0
+    c, t, m = layout.model_config, layout.seq_len, layout.attribution_steps
+    n_layers, width, h, b = c.num_hidden_layers, c.intermediate_size, c.hidden_size, layout.compute_bytes
+    rows = layout.attribution_rows // _row_shards(layout.attribution_rows, t, sizes)
+    held = n_layers * rows * t * (F32_BYTES * width + b * width + b * h)
+    suffix = 0
+    if m > 1:
+        suffix = ((m - 1) * rows * layout.row_bytes + F32_BYTES * n_layers * (m - 1) * rows * t * width
+                  + F32_BYTES * n_layers * rows * t * width)
+    return held + max(rows * layout.row_bytes, suffix)
+
+
+def _mesh_sizes(mesh) -> dict[str, int]:
+    """A Mesh, a ``{axis: size}`` dict or a spec string -> ``{axis: size}``."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return {a: int(mesh.shape.get(a, 1)) for a in MESH_AXES}
+    if isinstance(mesh, str):  # the sizes give the device count; a -1 axis takes this host's devices
+        fixed = [int(p.split("=", 1)[1]) for p in mesh.split(",") if "=" in p]
+        return parse_mesh_spec(mesh, None if -1 in fixed else math.prod(fixed))
+    return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def per_device(estimate: Mapping[str, Any], mesh) -> dict[str, Any]:
+    """The parts of ``estimate`` on one device of ``mesh`` (a Mesh, ``{axis: size}`` or a spec
+    like ``"data=2,fsdp=4"``) under :data:`DEFAULT_RULES`: each param / gradient / state leaf
+    over the shards its PartitionSpec gives it, activations and the HVP residuals over the
+    batch axes that divide the step's rows, the attribution buffers over those dividing its
+    batch (rows that do not divide are counted whole: replicated). Tensor parallelism's split
+    of the attention / MLP activations is not counted (an upper bound). Adds ``devices``."""
+    sizes = _mesh_sizes(mesh)
+    out = _parts(estimate["layout"], sizes)
+    out["devices"] = math.prod(sizes.values())
     return out
 
 
@@ -155,22 +380,32 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
 
-def memory_table(models: Mapping[str, Any] | None = None, methods: Sequence[str] = ("fo", "so", "simu"),
-                 **kwargs) -> str:
-    """A markdown table of :func:`memory_estimate` (GiB; activations per token in KiB)."""
-    models = _presets() if models is None else models
-    lines = ["| model | method | trainable params | params | gradients | optimizer state | curvature state "
-             "| activations / token (KiB) | activations (batch) | total |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+TABLE_PARTS = ("params", "source_params", "gradients", "optimizer_state", "curvature_state", "activations",
+               "transient", "attribution_phase", "peak")
+
+
+def memory_table(models: Mapping[str, Any] | None = None, meshes: Sequence[str] = ("fsdp=8",),
+                 methods: Sequence[str] = ("fo_graddiff", "so_graddiff", "simu_graddiff"), **kwargs) -> str:
+    """A markdown table of :func:`per_device` (GiB per device) for each model x mesh x method;
+    ``kwargs`` go to :func:`memory_estimate` (masked methods get ``attribution_batch_size=8``
+    unless given)."""
+    from simu_jax.engine import get_method
+
+    models = PRESETS if models is None else models
+    lines = ["| model | mesh | method | " + " | ".join(TABLE_PARTS).replace("_", " ") + " |",
+             "|---|---|---|" + "---:|" * len(TABLE_PARTS)]
     for name, cfg in models.items():
         for method in methods:
-            e = memory_estimate(cfg, method, **kwargs)
-            lines.append(f"| {name} | {method} | {e['trainable'] / 1e9:.3f} B | {_gib(e['params'])} | "
-                         f"{_gib(e['gradients'])} | {_gib(e['optimizer_state'])} | {_gib(e['curvature_state'])} | "
-                         f"{e['activations_per_token'] / 1024:.0f} | {_gib(e['activations'])} | {_gib(e['total'])} |")
+            kw = dict(kwargs)
+            if get_method(method).trainable.mlp == "masked":
+                kw.setdefault("attribution_batch_size", 8)
+            est = memory_estimate(cfg, method, **kw)
+            for mesh in meshes:
+                dev = per_device(est, mesh)
+                lines.append(f"| {name} | {mesh} | {method} | " + " | ".join(_gib(dev[k]) for k in TABLE_PARTS) + " |")
     return "\n".join(lines)
 
 
-def print_memory_table(models: Mapping[str, Any] | None = None, methods: Sequence[str] = ("fo", "so", "simu"),
-                       **kwargs) -> None:
-    print(memory_table(models, methods, **kwargs))
+def print_memory_table(models: Mapping[str, Any] | None = None, meshes: Sequence[str] = ("fsdp=8",),
+                       methods: Sequence[str] = ("fo_graddiff", "so_graddiff", "simu_graddiff"), **kwargs) -> None:
+    print(memory_table(models, meshes, methods, **kwargs))
