@@ -203,7 +203,7 @@ def test_flop_ratios_are_the_timed_programs(result):
     assert result["hvp_time_over_flops"] == pytest.approx(tb["hvp"] / tb["grad"] / result["hvp_flops_over_grad"])
     assert result["hvp_marginal_lin_over_grad"] == pytest.approx((tb["hvp_lin4"] - tb["hvp"]) / 3 / tb["grad"])
     # forward-over-reverse: tangent forward and backward on top of the gradient: 3x its matmul flops
-    assert 2.9 < result["hvp_flops_over_grad"] < 3.1
+    assert 2.8 < result["hvp_flops_over_grad"] < 3.2
 
 
 def test_attribution_section(result):
