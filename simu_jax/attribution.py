@@ -8,8 +8,18 @@ Integrated-gradients attribution (docs/method.md#stage-1):
 L_i is sample i's mean next-token log-likelihood over its answer tokens (the negative of the
 loss: a positive score means the neuron *supports* the answer, i.e. stores it; with the loss
 itself the top scores would be the neurons that hurt the answer, the opposite of what the
-mask is for); ans(i) are the positions whose next-token prediction is an answer token; the whole layer l is scaled by j/m (the other layers
-untouched) — one forward/backward per (layer, step). Variants for ablations:
+mask is for); ans(i) are the positions whose next-token prediction is an answer token; the whole
+layer l is scaled by j/m (the other layers untouched). Gradients are taken w.r.t. activations
+only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`_ig_scores`):
+
+- j = m (alpha = 1) is the unscaled network for every layer at once: one forward + backward
+  gives dL/da_l for all l, and caches each layer's input residual x_l;
+- for j < m only layers >= l see the scaling, so layer l's m-1 points are one suffix run
+  (`CausalLM.run(start_layer=l, hidden=x_l)`, the m-1 alphas stacked on the batch axis).
+
+Measured on CPU (LLaMA, 8 layers, hidden 256, 4 x 128 tokens, m = 3): 7.8x the time of one
+weight-gradient step (was 15.8x with a full forward + backward per (layer, step)).
+Variants for ablations:
 `grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
 mask with the same count per layer as a given mask).
 

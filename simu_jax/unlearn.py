@@ -226,7 +226,11 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
     method = "ig" if a.method == "random" else a.method
     t0 = time.time()
     forget = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["forget"]), method=method, steps=a.steps)
-    retain = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["retain"]), method=method, steps=a.steps)
+    # retain scores give dual='exclude' its selection and the summary its per_layer_retain / _dual
+    # counts; a random mask keeps neither, so with dual='include' they would be thrown away
+    retain = None
+    if not (a.method == "random" and a.dual == "include"):
+        retain = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["retain"]), method=method, steps=a.steps)
     meta = {"method": a.method, "steps": a.steps, "threshold": a.threshold, "top_fraction": a.top_fraction,
             "seconds": round(time.time() - t0, 2)}
     threshold = None if a.top_fraction is not None else a.threshold

@@ -30,9 +30,14 @@ def padded_batch(seed: int, width: int = T) -> dict:
     return {"input_ids": np.where(mask == 1, ids, 0), "attention_mask": mask, "labels": labels}
 
 
+@functools.cache
+def tiny_model(model_type: str):
+    return split_params(init_model(ModelConfig(model_type=model_type, **TINY), seed=1))
+
+
 @pytest.fixture(scope="module", params=["llama", "olmo2"])
 def model(request):
-    return split_params(init_model(ModelConfig(model_type=request.param, **TINY), seed=1))
+    return tiny_model(request.param)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -65,9 +70,11 @@ def naive_scores(graphdef, params, batch, steps: int) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_ig_equals_naive_definition(model, steps):
-    graphdef, params = model
+# OLMo-2 m = 1 is left out (each case is one more compilation): its alpha = 1 pass is the
+# plain network, the same program as LLaMA's, and it is the j = m term of OLMo-2's m = 3
+@pytest.mark.parametrize("model_type, steps", [("llama", 1), ("llama", 3), ("olmo2", 3)])
+def test_ig_equals_naive_definition(model_type, steps):
+    graphdef, params = tiny_model(model_type)
     batch = padded_batch(0)
     got = neuron_scores(graphdef, params, [batch], method="ig" if steps > 1 else "grad_x_act", steps=steps)
     want = naive_scores(graphdef, params, batch, steps)
@@ -109,3 +116,20 @@ def test_suffix_run_reproduces_forward(model):
         assert not np.asarray(sub["mlp_acts"][:layer]).any()  # the skipped layers did not run
     with pytest.raises(ValueError, match="both start_layer and hidden"):
         apply_with_aux(graphdef, params, ids, mask, start_layer=1)
+
+
+@pytest.mark.parametrize("method, dual, scored", [("ig", "include", 2), ("random", "exclude", 2),
+                                                  ("random", "include", 1)])
+def test_compute_mask_scores_retain_only_when_used(monkeypatch, method, dual, scored):
+    """Retain scores feed dual='exclude' and the summary's retain counts; a random mask with
+    dual='include' keeps neither, so only the forget set is attributed."""
+    import simu_jax.attribution as attribution
+    from simu_jax.unlearn import AttributionSpec, Prepared, UnlearnConfig, compute_mask
+
+    calls = []
+    monkeypatch.setattr(attribution, "neuron_scores",
+                        lambda *a, **k: calls.append(1) or np.random.default_rng(len(calls)).random((2, 8)))
+    arrays = {k: padded_batch(0) for k in ("forget", "retain")}
+    prep = Prepared(None, None, None, None, None, None, None, arrays)
+    mask = compute_mask(UnlearnConfig(attribution=AttributionSpec(method=method, dual=dual)), prep)
+    assert len(calls) == scored and mask.selected.shape == (2, 8)

