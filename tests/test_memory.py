@@ -78,7 +78,7 @@ def test_estimate_parts():
 
 def test_per_device_follows_the_sharding_rules():
     cfg = S.LLAMA2_7B
-    est = S.memory_estimate(cfg, "so_graddiff", batch_size=8, seq_len=256)
+    est = S.memory_estimate(cfg, "so_graddiff", batch_size=16, seq_len=256)
     sizes = {"data": 2, "fsdp": 8, "tensor": 2}
     dev = S.per_device(est, sizes)
     assert dev["devices"] == 32
@@ -92,12 +92,14 @@ def test_per_device_follows_the_sharding_rules():
     assert dev["params"] == dev["gradients"] == dev["curvature_state"] == hand
     assert dev["optimizer_state"] == hand + 4
     assert hand > est["params"] // 16  # not params / (fsdp x tensor): the norms stay whole
-    assert dev["activations"] == est["activations"] // 16  # 16 rows over data x fsdp = 16
-    # 2 x 3 = 6 rows: data=2 divides them, data x fsdp does not: split 2 ways only
+    assert dev["activations"] == est["activations"] // 16  # 16 rows per part over data x fsdp = 16
+    # forget and retain are placed separately: 6 rows each divide data=2, not data x fsdp = 16
+    six = S.memory_estimate(cfg, "so_graddiff", batch_size=6, seq_len=256)
+    assert S.per_device(six, sizes)["activations"] == six["activations"] // 2
+    # 3 rows divide no batch axis: every device holds all of them (replicated)
     odd = S.memory_estimate(cfg, "so_graddiff", batch_size=3, seq_len=256)
-    assert S.per_device(odd, sizes)["activations"] == odd["activations"] // 2
-    # fsdp=16 divides neither: every device holds all 6 rows (replicated)
-    assert S.per_device(odd, "fsdp=16")["activations"] == odd["activations"]
+    assert S.per_device(odd, sizes)["activations"] == S.per_device(odd, "fsdp=16")["activations"] == odd["activations"]
+    assert S.per_device(odd, S.make_mesh("fsdp=1", jax.devices()[:1])) == S.per_device(odd, {"fsdp": 1})
     assert S.per_device(odd, "fsdp=1") == {**{k: v for k, v in odd.items() if k in dev}, "devices": 1}
 
 

@@ -155,7 +155,7 @@ class _Layout:
     model: Any  # the loaded model (abstract): what the attribution phase holds
     opt_state: Any  # abstract optimizer state
     tx: Any
-    rows: int  # rows the step back-propagates through: forget + retain
+    batch_size: int  # rows of each part (forget, retain) the step back-propagates through
     seq_len: int
     row_bytes: int  # activation_bytes_per_row
     vectors: tuple[int, int]  # transient trainable-sized vectors: (float32 ones, param-dtype ones)
@@ -254,8 +254,9 @@ def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8,
     vectors, residual_sets = _transient_counts(method, settings.optim)
     layout = _Layout(model_config=model_config, params={"trainable": trainable, "frozen": frozen},
                      trainable=trainable, source=source, model=model, opt_state=opt_state, tx=tx,
-                     rows=2 * batch_size, seq_len=seq_len,
-                     row_bytes=activation_bytes_per_row(model_config, seq_len, compute_bytes, remat, method.trainable, k),
+                     batch_size=batch_size, seq_len=seq_len,
+                     row_bytes=activation_bytes_per_row(model_config, seq_len, compute_bytes, remat,
+                                                        method.trainable, k),
                      vectors=vectors, residual_sets=residual_sets, attribution_rows=attribution_batch_size,
                      attribution_steps=attribution_steps, compute_bytes=compute_bytes)
     est = _parts(layout, {})
@@ -306,8 +307,8 @@ def _parts(layout: _Layout, sizes: Mapping[str, int]) -> dict[str, int]:
     gradients = tree_bytes(layout.trainable)  # the gradient has the trainable leaves' shapes and dtype
     param_bytes = np.dtype(jax.tree.leaves(layout.trainable)[0].dtype).itemsize
     trainable_elements = gradients // param_bytes
-    rows = layout.rows // _row_shards(layout.rows, layout.seq_len, sizes)
-    activations = layout.row_bytes * rows
+    # forget and retain are placed (and split over the batch axes) separately, batch_size rows each
+    activations = 2 * layout.row_bytes * (layout.batch_size // _row_shards(layout.batch_size, layout.seq_len, sizes))
     f32_vectors, param_vectors = layout.vectors
     transient = (trainable_elements * (F32_BYTES * f32_vectors + param_bytes * param_vectors)
                  + layout.residual_sets * activations)
@@ -367,9 +368,10 @@ def per_device(estimate: Mapping[str, Any], mesh) -> dict[str, Any]:
     """The parts of ``estimate`` on one device of ``mesh`` (a Mesh, ``{axis: size}`` or a spec
     like ``"data=2,fsdp=4"``) under :data:`DEFAULT_RULES`: each param / gradient / state leaf
     over the shards its PartitionSpec gives it, activations and the HVP residuals over the
-    batch axes that divide the step's rows, the attribution buffers over those dividing its
-    batch (rows that do not divide are counted whole: replicated). Tensor parallelism's split
-    of the attention / MLP activations is not counted (an upper bound). Adds ``devices``."""
+    batch axes that divide ``batch_size`` (each part's rows: forget and retain are placed
+    separately), the attribution buffers over those dividing its batch (rows that divide no
+    axis are counted whole: replicated). Tensor parallelism's split of the attention / MLP
+    activations is not counted (an upper bound). Adds ``devices``."""
     sizes = _mesh_sizes(mesh)
     out = _parts(estimate["layout"], sizes)
     out["devices"] = math.prod(sizes.values())
