@@ -70,8 +70,8 @@ def test_estimate_parts():
     att = S.memory_estimate(llama, "simu_graddiff", attribution_batch_size=8, **kw)
     assert att["attribution_phase"] == 4 * n + att["attribution"] > 0
     assert att["peak"] == max(att["step"], att["attribution_phase"]) < att["step"] + att["attribution_phase"]
-    long = S.memory_estimate(llama, "simu_graddiff", attribution_batch_size=8, batch_size=8, seq_len=2048)
-    assert long["peak"] == long["attribution_phase"] > long["step"]  # IG's [L, (m-1)B, T, I] buffers dominate
+    big = S.memory_estimate(llama, "simu_graddiff", attribution_batch_size=32, batch_size=1, seq_len=256)
+    assert big["peak"] == big["attribution_phase"] > big["step"]  # IG's [L, (m-1)B, T, I] buffers dominate
     with pytest.raises(ValueError, match="method="):
         S.memory_estimate(llama, "zo")
 
@@ -145,6 +145,24 @@ def test_estimate_against_xla_memory_analysis(method):
     assert ma.argument_size_in_bytes == trees + nbytes(u.partition.rows) + nbytes(batch)
     ratio = ma.temp_size_in_bytes / (est["activations"] + est["gradients"] + est["transient"])
     print(method, "temp / estimate", round(ratio, 3))
+    assert TEMP_BAND[0] <= ratio <= TEMP_BAND[1], ratio
+
+
+def test_attribution_estimate_against_xla_memory_analysis():
+    """IG (`attribution._ig_scores`, m = 3) on the same tiny model: XLA's temp bytes over the
+    estimate's attribution buffers, measured 1.18 (B = 4, T = 64; 1.10 at B = 8, 1.20 at T = 128,
+    0.91 at m = 1): the suffix runs' formula (dots) leaves out what the lax.cond's skipped layers
+    still allocate."""
+    from simu_jax.attribution import _ig_scores
+
+    graphdef, abstract = split_params(abstract_model(CFG))
+    params = jax.tree.map(jnp.asarray, host_init_params(abstract, CFG.initializer_range, 0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, CFG.vocab_size, size=(B, T)), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones((B, T), jnp.int32), "labels": ids}
+    ma = _ig_scores.lower(graphdef, params, batch, steps=3).compile().memory_analysis()
+    est = S.memory_estimate(CFG, "simu_graddiff", seq_len=T, attribution_batch_size=B, attribution_steps=3)
+    ratio = ma.temp_size_in_bytes / est["attribution"]
+    print("attribution temp / estimate", round(ratio, 3))
     assert TEMP_BAND[0] <= ratio <= TEMP_BAND[1], ratio
 
 

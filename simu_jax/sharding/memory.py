@@ -162,6 +162,7 @@ class _Layout:
     residual_sets: int  # transient: extra sets of the step's activations (HVP linearization residuals)
     attribution_rows: int | None
     attribution_steps: int
+    attribution_row_bytes: tuple[int, int]  # per row: the alpha = 1 pass, a suffix run
     compute_bytes: int
 
 
@@ -226,7 +227,7 @@ def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8,
     from simu_jax.engine import StepSettings, build_optimizer, get_method, resolve_settings
     from simu_jax.models import abstract_model, split_params
     from simu_jax.models.spec import jnp_dtype
-    from simu_jax.selection import DOWN, Partition, count_trainable, get_path
+    from simu_jax.selection import DOWN, Partition, TrainableSpec, count_trainable, get_path
 
     method = get_method(method) if isinstance(method, str) else method
     settings = settings if settings is not None else StepSettings()
@@ -252,13 +253,20 @@ def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8,
     tx = build_optimizer(method, settings, part.optimizer_mask(trainable))
     opt_state = jax.eval_shape(tx.init, trainable) if tx is not None else ()
     vectors, residual_sets = _transient_counts(method, settings.optim)
+    # attribution differentiates the MLP activations only (no weight: no matmul input saved); its
+    # suffix runs keep the matmul outputs of each layer (dots remat in CausalLM.run's lax.cond)
+    no_weights = TrainableSpec(attention="frozen", mlp="frozen", rest="frozen")
+    attribution_row_bytes = (activation_bytes_per_row(model_config, seq_len, compute_bytes, remat, no_weights),
+                             activation_bytes_per_row(model_config, seq_len, compute_bytes,
+                                                      "full" if remat == "full" else "dots"))
     layout = _Layout(model_config=model_config, params={"trainable": trainable, "frozen": frozen},
                      trainable=trainable, source=source, model=model, opt_state=opt_state, tx=tx,
                      batch_size=batch_size, seq_len=seq_len,
                      row_bytes=activation_bytes_per_row(model_config, seq_len, compute_bytes, remat,
                                                         method.trainable, k),
                      vectors=vectors, residual_sets=residual_sets, attribution_rows=attribution_batch_size,
-                     attribution_steps=attribution_steps, compute_bytes=compute_bytes)
+                     attribution_steps=attribution_steps, attribution_row_bytes=attribution_row_bytes,
+                     compute_bytes=compute_bytes)
     est = _parts(layout, {})
     est["trainable"] = count_trainable(part, trainable)
     est["total_params"] = param_counts(model_config)["total"]
@@ -334,11 +342,13 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
 
         held     L*B*T*(4*I + b*I + b*H)   dLL/da at alpha = 1 (float32), the MLP activations
                                            and the layer inputs, kept for the whole batch
-        alpha 1  B rows' activations        one forward + backward of all layers
-        m > 1    (m-1)*B rows' activations  per layer, sequentially (lax.map): a suffix run
-                 + 4*L*(m-1)*B*T*I          on the m-1 other alphas stacked on the batch axis,
-                 + 4*L*B*T*I                its float32 [L, (m-1)B, T, I] delta gradient, and
-                                            lax.map's stacked per-layer sums
+        alpha 1  B rows' activations        one forward + backward of all layers, no weight
+                                            trained (``activation_bytes_per_row``, all frozen)
+        m > 1    (m-1)*B rows' activations  per layer, sequentially (lax.map): a suffix run on
+                                            the m-1 other alphas stacked on the batch axis,
+                                            saving the matmul outputs (the ``dots`` formula),
+                 + 4*L*(m-1)*B*T*I          its float32 [L, (m-1)B, T, I] delta gradient, and
+                 + 4*L*B*T*I                lax.map's stacked per-layer sums
         total    held + max(alpha 1, m > 1)
     """
     if not layout.attribution_rows:
@@ -347,11 +357,12 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     n_layers, width, h, b = c.num_hidden_layers, c.intermediate_size, c.hidden_size, layout.compute_bytes
     rows = layout.attribution_rows // _row_shards(layout.attribution_rows, t, sizes)
     held = n_layers * rows * t * (F32_BYTES * width + b * width + b * h)
+    first_row, suffix_row = layout.attribution_row_bytes
     suffix = 0
     if m > 1:
-        suffix = ((m - 1) * rows * layout.row_bytes + F32_BYTES * n_layers * (m - 1) * rows * t * width
+        suffix = ((m - 1) * rows * suffix_row + F32_BYTES * n_layers * (m - 1) * rows * t * width
                   + F32_BYTES * n_layers * rows * t * width)
-    return held + max(rows * layout.row_bytes, suffix)
+    return held + max(rows * first_row, suffix)
 
 
 def _mesh_sizes(mesh) -> dict[str, int]:
