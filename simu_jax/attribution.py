@@ -17,8 +17,8 @@ only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`
 - for j < m only layers >= l see the scaling, so layer l's m-1 points are one suffix run
   (`CausalLM.run(start_layer=l, hidden=x_l)`, the m-1 alphas stacked on the batch axis).
 
-Measured on CPU (LLaMA, 8 layers, hidden 256, 4 x 128 tokens, m = 3): 7.8x the time of one
-weight-gradient step (was 15.8x with a full forward + backward per (layer, step)).
+Measured on CPU (LLaMA, 8 layers, hidden 256, 4 x 128 tokens, m = 3): about 8x the time of
+one weight-gradient step (was 16-19x with a full forward + backward per (layer, step)).
 Variants for ablations:
 `grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
 mask with the same count per layer as a given mask).
