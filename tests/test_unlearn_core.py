@@ -97,10 +97,11 @@ def test_ig_completeness(model):
         return -float(jnp.sum(mean_nll_per_example(logits, batch["labels"])))
 
     ones = jnp.ones((CFG.num_hidden_layers, 1, 1, 1))
+    fine_scores = neuron_scores(graphdef, params, [batch], steps=64, all_positions=True)  # [L, I], all layers
+    coarse_scores = neuron_scores(graphdef, params, [batch], steps=2, all_positions=True)
     for layer in range(CFG.num_hidden_layers):
         exact = loglik(ones) - loglik(ones.at[layer].set(0.0))
-        fine = neuron_scores(graphdef, params, [batch], steps=64, all_positions=True)[layer].sum()
-        coarse = neuron_scores(graphdef, params, [batch], steps=2, all_positions=True)[layer].sum()
+        fine, coarse = fine_scores[layer].sum(), coarse_scores[layer].sum()
         assert abs(fine - exact) < 0.02 * abs(exact) + 1e-4
         assert abs(fine - exact) < abs(coarse - exact)  # the Riemann sum converges
 
