@@ -466,7 +466,7 @@ def plan(cfg: UnlearnConfig) -> str:
              "loss: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.loss).items()),
              f"model: {cfg.model.path}", f"benchmark: {cfg.data.benchmark}", f"steps: {cfg.steps} x batch {cfg.batch_size}"]
     try:
-        from simu_jax.sharding import memory_estimate, per_device
+        from simu_jax.memory import memory_estimate, per_device
 
         mcfg = model_config_from_spec(cfg.model)
         a, masked = cfg.attribution, method.trainable.mlp == "masked"

@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "simu_jax.train_step": 7,
     # 8 evaluate (all but report)
     "simu_jax.evaluate": 8,
+    "simu_jax.memory": 8,
     # 9 loop
     "simu_jax.loop": 9,
     # 10 pipelines

@@ -1,4 +1,4 @@
-"""The memory model (`sharding/memory.py`): exact tree counts, the per-device split by the sharding
+"""The memory model (`simu_jax/memory.py`): exact tree counts, the per-device split by the sharding
 rules, the activation formula against XLA's memory_analysis, and `unlearn --dry-run` offline."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from simu_jax import memory as M
 from simu_jax import sharding as S
 from simu_jax.engine import StepSettings, Unlearner, _jitted_step, get_method
 from simu_jax.models import ModelConfig, abstract_model, split_params
@@ -23,64 +24,64 @@ GIB = 2**30
 
 
 def test_presets_have_the_published_sizes():
-    sizes = {name: S.param_counts(cfg)["total"] / 1e9 for name, cfg in S.PRESETS.items()}
+    sizes = {name: M.param_counts(cfg)["total"] / 1e9 for name, cfg in M.PRESETS.items()}
     # published: LLaMA-2 6.74 B / 68.98 B, OLMo 1.18 B / 6.89 B
     assert sizes == pytest.approx({"LLaMA-2-7B": 6.74, "LLaMA-2-70B": 68.98, "OLMo-1B": 1.18, "OLMo-7B": 6.89},
                                   abs=0.01)
-    for cfg in S.PRESETS.values():  # the formula counts what the model builds
+    for cfg in M.PRESETS.values():  # the formula counts what the model builds
         abstract = split_params(abstract_model(cfg))[1]
-        assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == S.param_counts(cfg)["total"]
+        assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == M.param_counts(cfg)["total"]
 
 
 def test_estimate_parts():
-    llama = S.LLAMA2_7B
-    n = S.param_counts(llama)["total"]
+    llama = M.LLAMA2_7B
+    n = M.param_counts(llama)["total"]
     kw = dict(batch_size=8, seq_len=256)
-    fo, so, simu = (S.memory_estimate(llama, m, **kw) for m in ("fo_graddiff", "so_graddiff", "simu_graddiff"))
+    fo, so, simu = (M.memory_estimate(llama, m, **kw) for m in ("fo_graddiff", "so_graddiff", "simu_graddiff"))
     assert fo["params"] == so["params"] == 4 * n  # float32, the default dtype
     assert so["gradients"] == 4 * n and so["source_params"] == 4 * n  # the CLI keeps the loaded params
     assert so["optimizer_state"] == 4 * n + 4 and so["curvature_state"] == 4 * n  # Sophia m (+ count), h
     assert fo["optimizer_state"] == 2 * 4 * n + 4 and fo["curvature_state"] == 0  # AdamW m, v (+ count)
     assert so["transient"] == 4 * n and fo["transient"] == 0  # fisher's g*g
-    counts = S.param_counts(llama)
+    counts = M.param_counts(llama)
     k = math.ceil(0.05 * llama.intermediate_size)
     assert simu["trainable"] == counts["attention"] + llama.num_hidden_layers * k * llama.hidden_size
     assert simu["params"] == 4 * (n + llama.num_hidden_layers * k * llama.hidden_size)  # + the compact rows
     assert 0.3 < simu["curvature_state"] / so["curvature_state"] < 0.34  # a third of full Sophia's state
-    assert so["activations"] == 16 * S.activation_bytes_per_row(llama, 256, 4)  # 8 forget + 8 retain rows
+    assert so["activations"] == 16 * M.activation_bytes_per_row(llama, 256, 4)  # 8 forget + 8 retain rows
     # SIMU's frozen MLP matmuls keep no input copies, only the K trained neurons' values
-    assert simu["activations"] == 16 * S.activation_bytes_per_row(llama, 256, 4, trainable=SIMU, neuron_rows=k)
+    assert simu["activations"] == 16 * M.activation_bytes_per_row(llama, 256, 4, trainable=SIMU, neuron_rows=k)
     assert 0.8 * so["activations"] < simu["activations"] < so["activations"]
     assert so["step"] == sum(so[k] for k in ("params", "source_params", "gradients", "optimizer_state",
                                              "curvature_state", "activations", "transient"))
-    bf16 = S.memory_estimate(llama, "so_graddiff", dtype="bfloat16", **kw)
+    bf16 = M.memory_estimate(llama, "so_graddiff", dtype="bfloat16", **kw)
     assert bf16["params"] == 2 * n and bf16["gradients"] == 2 * n and bf16["curvature_state"] == 4 * n
     assert bf16["activations"] < so["activations"]
-    rows = [S.activation_bytes_per_row(llama, 256, 4, r) for r in ("none", "dots", "full")]
+    rows = [M.activation_bytes_per_row(llama, 256, 4, r) for r in ("none", "dots", "full")]
     assert rows[0] > rows[1] > rows[2] and rows[2] < rows[0] / 5
     # Sophia-H and Newton: HVP residuals and CG vectors in the transient
-    hutch = S.memory_estimate(llama, "so_graddiff", settings=StepSettings(optim=OptimSpec(estimator="hutchinson")),
+    hutch = M.memory_estimate(llama, "so_graddiff", settings=StepSettings(optim=OptimSpec(estimator="hutchinson")),
                               **kw)
     assert hutch["transient"] == 4 * n + 2 * 4 * n + 3 * so["activations"]
-    newton = S.memory_estimate(llama, "simu_newton", **kw)
+    newton = M.memory_estimate(llama, "simu_newton", **kw)
     assert newton["optimizer_state"] < 100 and newton["transient"] == 5 * simu["gradients"] + 3 * simu["activations"]
-    ggn = S.memory_estimate(llama, "simu_ggn", **kw)
+    ggn = M.memory_estimate(llama, "simu_ggn", **kw)
     assert ggn["transient"] == 5 * simu["gradients"]  # the forward's linearization is the activations
     # attribution runs before the step: peak = max, not the sum
-    att = S.memory_estimate(llama, "simu_graddiff", attribution_batch_size=8, **kw)
+    att = M.memory_estimate(llama, "simu_graddiff", attribution_batch_size=8, **kw)
     assert att["attribution_phase"] == 4 * n + att["attribution"] > 0
     assert att["peak"] == max(att["step"], att["attribution_phase"]) < att["step"] + att["attribution_phase"]
-    big = S.memory_estimate(llama, "simu_graddiff", attribution_batch_size=32, batch_size=1, seq_len=256)
+    big = M.memory_estimate(llama, "simu_graddiff", attribution_batch_size=32, batch_size=1, seq_len=256)
     assert big["peak"] == big["attribution_phase"] > big["step"]  # IG's [L, (m-1)B, T, I] buffers dominate
     with pytest.raises(ValueError, match="method="):
-        S.memory_estimate(llama, "zo")
+        M.memory_estimate(llama, "zo")
 
 
 def test_per_device_follows_the_sharding_rules():
-    cfg = S.LLAMA2_7B
-    est = S.memory_estimate(cfg, "so_graddiff", batch_size=16, seq_len=256)
+    cfg = M.LLAMA2_7B
+    est = M.memory_estimate(cfg, "so_graddiff", batch_size=16, seq_len=256)
     sizes = {"data": 2, "fsdp": 8, "tensor": 2}
-    dev = S.per_device(est, sizes)
+    dev = M.per_device(est, sizes)
     assert dev["devices"] == 32
     abstract = split_params(abstract_model(cfg))[1]
     specs = S.param_partition_specs(abstract, mesh=sizes, model_config=cfg)
@@ -94,13 +95,13 @@ def test_per_device_follows_the_sharding_rules():
     assert hand > est["params"] // 16  # not params / (fsdp x tensor): the norms stay whole
     assert dev["activations"] == est["activations"] // 16  # 16 rows per part over data x fsdp = 16
     # forget and retain are placed separately: 6 rows each divide data=2, not data x fsdp = 16
-    six = S.memory_estimate(cfg, "so_graddiff", batch_size=6, seq_len=256)
-    assert S.per_device(six, sizes)["activations"] == six["activations"] // 2
+    six = M.memory_estimate(cfg, "so_graddiff", batch_size=6, seq_len=256)
+    assert M.per_device(six, sizes)["activations"] == six["activations"] // 2
     # 3 rows divide no batch axis: every device holds all of them (replicated)
-    odd = S.memory_estimate(cfg, "so_graddiff", batch_size=3, seq_len=256)
-    assert S.per_device(odd, sizes)["activations"] == S.per_device(odd, "fsdp=16")["activations"] == odd["activations"]
-    assert S.per_device(odd, S.make_mesh("fsdp=1", jax.devices()[:1])) == S.per_device(odd, {"fsdp": 1})
-    assert S.per_device(odd, "fsdp=1") == {**{k: v for k, v in odd.items() if k in dev}, "devices": 1}
+    odd = M.memory_estimate(cfg, "so_graddiff", batch_size=3, seq_len=256)
+    assert M.per_device(odd, sizes)["activations"] == M.per_device(odd, "fsdp=16")["activations"] == odd["activations"]
+    assert M.per_device(odd, S.make_mesh("fsdp=1", jax.devices()[:1])) == M.per_device(odd, {"fsdp": 1})
+    assert M.per_device(odd, "fsdp=1") == {**{k: v for k, v in odd.items() if k in dev}, "devices": 1}
 
 
 # The step of a tiny LLaMA compiled on one device (CPU): temp bytes against the estimate's
@@ -133,7 +134,7 @@ def test_estimate_against_xla_memory_analysis(method):
     u = Unlearner(graphdef, params, get_method(method), settings, selected=selected)
     args = (u.trainable, u.opt_state, u.frozen, u.ref, u.partition.rows, batch, jax.random.key(0), jnp.int32(0))
     ma = _jitted_step().lower(u.graphdef, u.partition, u.method, u.settings, *args).compile().memory_analysis()
-    est = S.memory_estimate(CFG, method, settings=settings, batch_size=B, seq_len=T, neuron_rows=K)
+    est = M.memory_estimate(CFG, method, settings=settings, batch_size=B, seq_len=T, neuron_rows=K)
 
     def nbytes(tree):
         return sum(x.nbytes for x in jax.tree.leaves(tree))
@@ -160,7 +161,7 @@ def test_attribution_estimate_against_xla_memory_analysis():
     ids = jnp.asarray(np.random.default_rng(0).integers(1, CFG.vocab_size, size=(B, T)), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones((B, T), jnp.int32), "labels": ids}
     ma = _ig_scores.lower(graphdef, params, batch, steps=3).compile().memory_analysis()
-    est = S.memory_estimate(CFG, "simu_graddiff", seq_len=T, attribution_batch_size=B, attribution_steps=3)
+    est = M.memory_estimate(CFG, "simu_graddiff", seq_len=T, attribution_batch_size=B, attribution_steps=3)
     ratio = ma.temp_size_in_bytes / est["attribution"]
     print("attribution temp / estimate", round(ratio, 3))
     assert TEMP_BAND[0] <= ratio <= TEMP_BAND[1], ratio
@@ -181,9 +182,9 @@ def test_dry_run_prints_per_device_bytes_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "mesh fsdp=8 (8 devices)" in out and "float32 params" in out and "x 512 tokens" in out
     lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ")}
-    est = S.memory_estimate(S.LLAMA2_7B, "simu_graddiff", batch_size=8, seq_len=512, attribution_batch_size=8,
+    est = M.memory_estimate(M.LLAMA2_7B, "simu_graddiff", batch_size=8, seq_len=512, attribution_batch_size=8,
                             settings=StepSettings(total_steps=20))
-    dev = S.per_device(est, "fsdp=8")
+    dev = M.per_device(est, "fsdp=8")
     assert f"{dev['peak']:,d}" in lines["peak"] and f"{dev['peak'] / GIB:.2f} GiB" in lines["peak"]
     for label in ("params (trainable + frozen)", "optimizer state", "curvature state", "activations",
                   "transient (curvature, HVP residuals)", "attribution (model + IG buffers)"):

@@ -250,9 +250,9 @@ def test_initialize_distributed(fake_distributed, monkeypatch):
 def test_package_layout_and_no_engine_import():
     """Every public name of the three modules is re-exported; importing the package (in a
     fresh interpreter) imports no engine, so the engine can import it at module level."""
-    from simu_jax.sharding import distributed, memory, mesh
+    from simu_jax.sharding import distributed, hf_io, mesh
 
-    for module in (mesh, distributed, memory):
+    for module in (mesh, distributed, hf_io):
         for name in module.__all__:
             assert getattr(S, name) is getattr(module, name), name
             assert name in S.__all__ and not name.startswith("_")
