@@ -13,9 +13,12 @@ layer l is scaled by j/m (the other layers untouched). Gradients are taken w.r.t
 only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`_ig_scores`):
 
 - j = m (alpha = 1) is the unscaled network for every layer at once: one forward + backward
-  gives dL/da_l for all l, and caches each layer's input residual x_l;
-- for j < m only layers >= l see the scaling, so layer l's m-1 points are one suffix run
-  (`CausalLM.run(start_layer=l, hidden=x_l)`, the m-1 alphas stacked on the batch axis).
+  gives dL/da_l for all l, and caches a_l and each layer's mid residual r_l (between its
+  attention and its MLP);
+- for j < m only layer l's down projection and the layers after it see the scaling, so
+  layer l's m-1 points are one suffix run (`CausalLM.run(start_layer=l, start_residual=r_l,
+  start_neurons=alpha_j a_l)`, the m-1 alphas stacked on the batch axis), differentiated
+  w.r.t. its neuron input.
 
 Measured on CPU (LLaMA, 8 layers, hidden 256, 4 x 128 tokens, m = 3): about 8x the time of
 one weight-gradient step (was 16-19x with a full forward + backward per (layer, step)).
@@ -42,7 +45,7 @@ import numpy as np
 
 from simu_jax.base import IGNORE_INDEX
 from simu_jax.data.tokenize import TRAIN_BUCKETS, bucket_length, sequence_lengths
-from simu_jax.losses import mean_nll_per_example
+from simu_jax.losses import label_logprobs, mean_nll_per_example
 from simu_jax.runio import write_json_atomic
 from simu_jax.models import apply, apply_with_aux
 from simu_jax.models.layers import F32
@@ -56,23 +59,40 @@ def _answer_positions(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
 
 
-def _loglik(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """sum_i L_i: each sample's mean answer-token log-likelihood, summed over the batch."""
-    return -jnp.sum(mean_nll_per_example(logits, labels))
+def _loglik(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """sum_i L_i: each sample's mean answer-token log-likelihood, summed over the batch, from the
+    logits at the scored positions only and their targets [B, P] (IGNORE where padding)."""
+    logp = label_logprobs(logits, targets)
+    return jnp.sum(jnp.sum(logp, axis=-1) / jnp.maximum(jnp.sum(targets != IGNORE_INDEX, axis=-1), 1))
+
+
+def _scored_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions whose next token is an answer token, left-aligned per row and padded to a
+    `TRAIN_BUCKETS` count (a few shapes), and their targets (labels[t + 1]; IGNORE on the
+    padding), both [B, P]: the loss needs the logits there only."""
+    answer = labels[:, 1:] != IGNORE_INDEX
+    width = min(labels.shape[1], bucket_length(int(answer.sum(axis=1).max(initial=1)), TRAIN_BUCKETS))
+    positions = np.zeros((labels.shape[0], width), np.int32)
+    targets = np.full((labels.shape[0], width), IGNORE_INDEX, np.int32)
+    for i, row in enumerate(answer):
+        where = np.flatnonzero(row)
+        positions[i, : len(where)], targets[i, : len(where)] = where, labels[i, where + 1]
+    return positions, targets
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "all_positions"))
 def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = False):
     """IG scores [L, I] of every layer on one batch (module docstring: cost and equations)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    positions, targets = batch["positions"], batch["targets"]  # `_scored_positions`
     (b, t), (n_layers, width, _) = ids.shape, params["model"]["layers"]["mlp"]["down_proj"]["kernel"].shape
 
     # alpha = 1 is the unscaled network for every layer at once: one forward + backward gives
-    # g_l = dLL/da_l at a_l for all l, plus the activations a_l and layer inputs x_l to reuse
+    # g_l = dLL/da_l at a_l for all l, plus the activations a_l and mid residuals r_l to reuse
     def at_one(delta):
         logits, aux = apply_with_aux(graphdef, params, ids, mask, mlp_delta=delta, return_mlp_acts=True,
-                                     return_layer_inputs=True)
-        return _loglik(logits, labels), aux
+                                     return_mlp_residuals=True, logits_at=positions)
+        return _loglik(logits, targets), aux
 
     grads, aux = jax.grad(at_one, has_aux=True)(jnp.zeros((n_layers, b, t, width), F32))
 
@@ -83,18 +103,17 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
             return jnp.tile(z, (steps - 1,) + (1,) * (z.ndim - 1))
 
         def scaled_grad(layer):
-            """sum_{j<m} dLL/da_l at (alpha_j a_l, other layers untouched) [B, T, I]: only layers
-            >= l change, so rerun them from the cached input x_l (CausalLM.run's suffix run)."""
-            is_layer = (jnp.arange(n_layers) == layer)[:, None, None, None]
-            scale = jnp.where(is_layer, alphas[None, :, None, None], 1.0)  # [L, (m-1) B, 1, 1]
+            """sum_{j<m} dLL/da_l at (alpha_j a_l, other layers untouched) [B, T, I]: only layer
+            l's down projection and the layers after it see the scaled neurons, so run just that
+            (CausalLM.run's suffix run from the cached r_l) and differentiate w.r.t. its input."""
+            def at_alphas(neurons):
+                logits, _ = apply_with_aux(graphdef, params, rep(ids), rep(mask), start_layer=layer,
+                                           start_residual=rep(aux["mlp_residuals"][layer]), start_neurons=neurons,
+                                           logits_at=rep(positions))
+                return _loglik(logits, rep(targets))
 
-            def at_alphas(delta):
-                logits, _ = apply_with_aux(graphdef, params, rep(ids), rep(mask), mlp_scale=scale, mlp_delta=delta,
-                                           start_layer=layer, hidden=rep(aux["layer_inputs"][layer]))
-                return _loglik(logits, rep(labels))
-
-            g = jax.grad(at_alphas)(jnp.zeros((n_layers, (steps - 1) * b, t, width), F32))[layer]
-            return g.reshape(steps - 1, b, t, width).sum(0)
+            scaled = alphas[:, None, None] * rep(aux["mlp_acts"][layer].astype(F32))  # [(m-1) B, T, I]
+            return jax.grad(at_alphas)(scaled).reshape(steps - 1, b, t, width).sum(0)
 
         grads = grads + jax.lax.map(scaled_grad, jnp.arange(n_layers))
 
@@ -140,7 +159,9 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
         raise ValueError(f"attribution steps m must be >= 1, got {steps}")
     total, down_grad = None, None
     for batch in batches:
-        batch = {k: jnp.asarray(v) for k, v in _trimmed(batch).items()}
+        batch = _trimmed(batch)
+        batch["positions"], batch["targets"] = _scored_positions(batch["labels"])
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
         if method == "grad_down":
             g = _down_grad(graphdef, params, batch)
             down_grad = g if down_grad is None else down_grad + g

@@ -91,10 +91,16 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     zeroed [B, T, V] buffer (the loss gradient alone: 32 -> 8 ms at [8, 128, 4096] on CPU).
     """
     targets, valid = next_token_targets(labels)
+    return label_logprobs(logits, targets), valid
+
+
+def label_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) under ``logits`` [..., V] at each position whose target is not IGNORE,
+    0 elsewhere; ``targets`` already aligned with the logits (see :func:`token_logprobs`)."""
     z = logits.astype(F32)
     hit = targets[..., None] == jnp.arange(z.shape[-1])
     picked = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
-    return jnp.where(valid, picked - jax.nn.logsumexp(z, axis=-1), 0.0), valid
+    return jnp.where(targets != IGNORE, picked - jax.nn.logsumexp(z, axis=-1), 0.0)
 
 
 def sequence_nll(logits, labels) -> tuple[jax.Array, jax.Array]:

@@ -95,26 +95,32 @@ def test_padding_columns_change_no_score(model):
 
 
 def test_suffix_run_reproduces_forward(model):
-    """run(start_layer=l, hidden=x_l) from a full run's cached layer inputs gives its logits."""
+    """run(start_layer=l, start_residual=r_l, start_neurons=a_l) from a full run's cached mid
+    residuals and activations gives its logits; with the neurons scaled, the scaled full run's."""
     graphdef, params = model
     batch = padded_batch(1)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    logits, aux = jax.jit(lambda: apply_with_aux(graphdef, params, ids, mask, return_layer_inputs=True,
+    logits, aux = jax.jit(lambda: apply_with_aux(graphdef, params, ids, mask, return_mlp_residuals=True,
                                                  return_mlp_acts=True))()
-    embed = params["model"]["embed_tokens"]["embedding"][ids]
-    np.testing.assert_array_equal(np.asarray(aux["layer_inputs"][0]), np.asarray(embed))
+    n_layers = TINY["num_hidden_layers"]
+    assert aux["mlp_residuals"].shape == (n_layers, B, T, TINY["hidden_size"])
 
     @jax.jit
-    def suffix(layer, hidden):
-        return apply_with_aux(graphdef, params, ids, mask, start_layer=layer, hidden=hidden, return_mlp_acts=True)
+    def suffix(layer, residual, neurons):
+        return apply_with_aux(graphdef, params, ids, mask, start_layer=layer, start_residual=residual,
+                              start_neurons=neurons, return_mlp_acts=True)
 
-    for layer in range(TINY["num_hidden_layers"]):
-        out, sub = suffix(layer, aux["layer_inputs"][layer])
+    for layer in range(n_layers):
+        out, sub = suffix(layer, aux["mlp_residuals"][layer], aux["mlp_acts"][layer])
         np.testing.assert_allclose(np.asarray(out), np.asarray(logits), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(sub["mlp_acts"][layer:]), np.asarray(aux["mlp_acts"][layer:]),
                                    rtol=1e-4, atol=1e-5)
         assert not np.asarray(sub["mlp_acts"][:layer]).any()  # the skipped layers did not run
-    with pytest.raises(ValueError, match="both start_layer and hidden"):
+        scale = jnp.where((jnp.arange(n_layers) == layer)[:, None, None, None], 0.5, 1.0)
+        scaled = apply(graphdef, params, ids, mask, mlp_scale=scale)
+        out, _ = suffix(layer, aux["mlp_residuals"][layer], 0.5 * aux["mlp_acts"][layer])
+        np.testing.assert_allclose(np.asarray(out), np.asarray(scaled), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="start_layer, start_residual and start_neurons"):
         apply_with_aux(graphdef, params, ids, mask, start_layer=1)
 
 

@@ -18,10 +18,11 @@ MLP hook (for neuron attribution): the activation feeding `down_proj`,
 `a = silu(gate(x)) * up(x)` of shape [B, T, I], can be returned (`return_mlp_acts`), scaled
 by a per-layer factor (`mlp_scale`, leading axis L, broadcast against [B, T, I]) and
 perturbed additively (`mlp_delta`, [L, B, T, I]); the gradient w.r.t. `mlp_delta` at zero is
-dL/da at the scaled point. `return_layer_inputs` also returns every layer's input residual
-x_l [L, B, T, H]; `run(start_layer=l, hidden=x_l)` then reruns only layers l..L-1 and the head
-from it (earlier layers skipped by `lax.cond`, one compiled program for every traced l), which
-is all that changes when only layers >= l are scaled. `mlp_rows = (idx [L, K], rows [L, K, H])` adds
+dL/da at the scaled point. `return_mlp_residuals` also returns every layer's mid residual r_l
+(between attention and MLP) [L, B, T, H]; `run(start_layer=l, start_residual=r_l,
+start_neurons=n)` then computes only layer l's down projection of n, layers l+1..L-1 and the
+head (earlier layers skipped by `lax.switch`, one compiled program for every traced l): all
+that changes when only layer l's neurons are scaled. `mlp_rows = (idx [L, K], rows [L, K, H])` adds
 `a[..., idx] @ rows` to each layer's `down_proj` output: SIMU trains a neuron subset this way,
 as a compact [L, K, H] array, with the corresponding kernel rows zeroed in the frozen params.
 """
@@ -132,11 +133,15 @@ class MLP(nnx.Module):
             act = act * scale.astype(act.dtype)
         if delta is not None:
             act = act + delta.astype(act.dtype)
+        return self.down(act, rows), neurons
+
+    def down(self, act, rows=None):
+        """down_proj of the neuron activations ``act`` [..., I]."""
         out = self.down_proj(act)
         if rows is not None:  # extra down_proj rows for a neuron subset: out += act[..., idx] @ rows
             idx, row_values = rows
             out = out + dense(jnp.take(act, idx, axis=-1), row_values.astype(act.dtype))
-        return out, neurons
+        return out
 
 
 class DecoderLayers(nnx.Module):
@@ -156,21 +161,29 @@ class DecoderLayers(nnx.Module):
         self.cfg = cfg
 
     def layer(self, x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows):
-        """One layer; called inside the scan on a module merged from one layer's slice."""
+        """One layer; called inside the scan on a module merged from one layer's slice. Returns
+        (output, kv cache, neurons, mid) with mid the residual between attention and MLP."""
         cfg = self.cfg
         if cfg.model_type == "olmo2":  # h = x + norm(f(x))
             a, kv_cache = self.self_attn(x, cos, sin, mask, kv_cache, cache_index)
-            x = x + self.post_attention_layernorm(a)
-            m, neurons = self.mlp(x, scale, delta, rows)
-            x = x + self.post_feedforward_layernorm(m)
+            mid = x + self.post_attention_layernorm(a)
+            m, neurons = self.mlp(mid, scale, delta, rows)
         else:  # h = x + f(norm(x))
             pre_attn = self.input_layernorm if cfg.model_type == "llama" else layer_norm_no_params
             pre_mlp = self.post_attention_layernorm if cfg.model_type == "llama" else layer_norm_no_params
             a, kv_cache = self.self_attn(pre_attn(x), cos, sin, mask, kv_cache, cache_index)
-            x = x + a
-            m, neurons = self.mlp(pre_mlp(x), scale, delta, rows)
-            x = x + m
-        return x, kv_cache, neurons
+            mid = x + a
+            m, neurons = self.mlp(pre_mlp(mid), scale, delta, rows)
+        return self.mlp_residual(mid, m), kv_cache, neurons, mid
+
+    def mlp_residual(self, mid, m):
+        """The layer's output from its mid residual and its MLP output (OLMo-2 normalizes it)."""
+        return mid + (self.post_feedforward_layernorm(m) if self.cfg.model_type == "olmo2" else m)
+
+    def finish_from_neurons(self, mid, neurons, rows):
+        """The layer's output given its mid residual and its neuron activations (what down_proj
+        takes): the tail of :meth:`layer`, without attention, gate and up."""
+        return self.mlp_residual(mid, self.mlp.down(neurons, rows))
 
 
 class Backbone(nnx.Module):
@@ -219,22 +232,29 @@ class CausalLM(nnx.Module):
         mlp_delta: jax.Array | None = None,
         mlp_rows: tuple[jax.Array, jax.Array] | None = None,
         return_mlp_acts: bool = False,
-        return_layer_inputs: bool = False,
+        return_mlp_residuals: bool = False,
         start_layer: jax.Array | int | None = None,
-        hidden: jax.Array | None = None,
+        start_residual: jax.Array | None = None,
+        start_neurons: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
-        """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts', 'layer_inputs'}.
+        """Logits [B, T, V] in float32, and aux {'cache', 'mlp_acts', 'mlp_residuals'}.
 
         Without a cache, `attention_mask` is [B, T] (1 = real token) and default positions are
         `cumsum(mask) - 1` (what HF generate uses, so left padding is handled). With a cache
         (k, v each [L, B, S, KV, D]), `attention_mask` covers all S cache slots, the T new
         tokens are written at slots [cache_index, cache_index + T), and `positions` must be given.
 
-        Suffix run: `start_layer` (an int or traced scalar) with `hidden`, the residual entering
-        that layer ([B, T, H], e.g. `aux['layer_inputs'][l]` of a full run on the same ids), runs
-        layers start_layer..L-1 and the head on it: logits(x) = head(f_{L-1}(...f_l(x_l))). The
-        layers before it are skipped by `lax.cond` (only the taken branch executes, forward and
+        Suffix run from inside layer l = `start_layer` (an int or traced scalar): given its mid
+        residual r_l (between attention and MLP, [B, T, H]: `aux['mlp_residuals'][l]` of a full
+        run on the same ids) and neuron activations n_l ([B, T, I], what down_proj takes, e.g.
+        alpha * `aux['mlp_acts'][l]`), it computes layer l's output r_l + down(n_l) (OLMo-2:
+        r_l + norm(down(n_l))), then layers l+1..L-1 and the head: all that depends on n_l. The
+        earlier layers are skipped by `lax.switch` (only the taken branch executes, forward and
         backward); their `mlp_acts` are zeros and their cache slots are left as they are.
+
+        `logits_at` ([B, P] positions): the logits of only those positions, [B, P, V] (the head
+        and the loss cost P / T of the full ones, e.g. when only answer positions are scored).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -249,33 +269,41 @@ class CausalLM(nnx.Module):
         mask = causal[None] & key_valid[:, None, :]
         cos, sin = rope_cos_sin(cfg, positions)
 
-        if (start_layer is None) != (hidden is None):
-            raise ValueError("a suffix run needs both start_layer and hidden")
-        if hidden is None:
+        suffix = (start_layer, start_residual, start_neurons)
+        if any(v is None for v in suffix) and not all(v is None for v in suffix):
+            raise ValueError("a suffix run needs start_layer, start_residual and start_neurons")
+        if start_layer is None:
             x = self.model.embed_tokens.embedding[...][input_ids].astype(self.dtype)
-        else:
-            x = hidden.astype(self.dtype)
+        else:  # the carry is unused until layer start_layer, which starts from start_residual
+            x = jnp.zeros(start_residual.shape, self.dtype)
         graphdef, layer_state = nnx.split(self.model.layers)
+        zeros_acts = (lambda: jnp.zeros((b, t, cfg.intermediate_size), self.dtype)) if return_mlp_acts else lambda: None
 
         def body(x, xs):
             index, layer_params, kv_cache, scale, delta, rows = xs
+            layers = nnx.merge(graphdef, layer_params)
 
             def run_layer(x):
-                layers = nnx.merge(graphdef, layer_params)
-                y, new_kv, neurons = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows)
-                return y, new_kv, neurons if return_mlp_acts else None
-
-            def skip_layer(x):
-                neurons = jnp.zeros((b, t, cfg.intermediate_size), x.dtype) if return_mlp_acts else None
-                return x, kv_cache, neurons
+                y, new_kv, neurons, mid = layers.layer(x, cos, sin, mask, kv_cache, cache_index, scale, delta, rows)
+                return y, new_kv, neurons if return_mlp_acts else None, mid if return_mlp_residuals else None
 
             if start_layer is None:
-                y, kv_cache, neurons = run_layer(x)
-            else:  # a skipped layer writes zeros for the taken branch's saved residuals: keep only its
-                # matmul outputs ("dots" remat; 0.7x the suffix time of saving everything, measured)
-                run_saving_dots = jax.checkpoint(run_layer, policy=REMAT_POLICIES["dots"])
-                y, kv_cache, neurons = jax.lax.cond(index >= start_layer, run_saving_dots, skip_layer, x)
-            return y, (kv_cache, neurons, x if return_layer_inputs else None)
+                y, kv_cache, neurons, mid = run_layer(x)
+                return y, (kv_cache, neurons, mid)
+
+            def skip_layer(x):
+                return x, kv_cache, zeros_acts(), None
+
+            def finish_layer(x):  # layer start_layer from its mid residual and neuron activations
+                y = layers.finish_from_neurons(start_residual.astype(self.dtype), start_neurons.astype(self.dtype), rows)
+                return y, kv_cache, start_neurons.astype(self.dtype) if return_mlp_acts else None, None
+
+            # the branches not taken write zeros for the taken one's saved residuals: keep only the
+            # matmul outputs of a run layer ("dots" remat; 0.7x the suffix time of saving all, measured)
+            run_saving_dots = jax.checkpoint(lambda x: run_layer(x)[:3] + (None,), policy=REMAT_POLICIES["dots"])
+            branch = (index >= start_layer).astype(jnp.int32) + (index > start_layer).astype(jnp.int32)
+            y, kv_cache, neurons, _ = jax.lax.switch(branch, (skip_layer, finish_layer, run_saving_dots), x)
+            return y, (kv_cache, neurons, None)
 
         policy = REMAT_POLICIES[self.remat]
         if policy == "full":
@@ -283,18 +311,20 @@ class CausalLM(nnx.Module):
         elif policy is not None:
             body = jax.checkpoint(body, policy=policy)
         xs = (jnp.arange(cfg.num_hidden_layers), layer_state, cache, mlp_scale, mlp_delta, mlp_rows)
-        x, (new_cache, mlp_acts, layer_inputs) = jax.lax.scan(body, x, xs)
+        x, (new_cache, mlp_acts, mlp_residuals) = jax.lax.scan(body, x, xs)
 
         if cfg.norm_kind == "rmsnorm":
             x = self.model.norm(x)
         else:
             x = layer_norm_no_params(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if cfg.tie_word_embeddings:
             head = self.model.embed_tokens.embedding[...].T
         else:
             head = self.lm_head.kernel[...]
         logits = dense(x, head.astype(x.dtype), preferred_element_type=F32)
-        return logits, {"cache": new_cache, "mlp_acts": mlp_acts, "layer_inputs": layer_inputs}
+        return logits, {"cache": new_cache, "mlp_acts": mlp_acts, "mlp_residuals": mlp_residuals}
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, remat="none") -> CausalLM:
