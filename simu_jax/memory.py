@@ -254,7 +254,7 @@ def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8,
     opt_state = jax.eval_shape(tx.init, trainable) if tx is not None else ()
     vectors, residual_sets = _transient_counts(method, settings.optim)
     # attribution differentiates the MLP activations only (no weight: no matmul input saved); its
-    # suffix runs keep the matmul outputs of each layer (dots remat in CausalLM.run's lax.cond)
+    # suffix runs keep the matmul outputs of each layer (dots remat in CausalLM.run's lax.switch)
     no_weights = TrainableSpec(attention="frozen", mlp="frozen", rest="frozen")
     attribution_row_bytes = (activation_bytes_per_row(model_config, seq_len, compute_bytes, remat, no_weights),
                              activation_bytes_per_row(model_config, seq_len, compute_bytes,
@@ -341,14 +341,16 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     that divide B), besides the loaded model; b = compute bytes, m = steps:
 
         held     L*B*T*(4*I + b*I + b*H)   dLL/da at alpha = 1 (float32), the MLP activations
-                                           and the layer inputs, kept for the whole batch
+                                           and the mid residuals, kept for the whole batch
         alpha 1  B rows' activations        one forward + backward of all layers, no weight
                                             trained (``activation_bytes_per_row``, all frozen)
         m > 1    (m-1)*B rows' activations  per layer, sequentially (lax.map): a suffix run on
                                             the m-1 other alphas stacked on the batch axis,
                                             saving the matmul outputs (the ``dots`` formula),
-                 + 4*L*(m-1)*B*T*I          its float32 [L, (m-1)B, T, I] delta gradient, and
+                 + 2*4*(m-1)*B*T*I          its float32 scaled neurons [(m-1)B, T, I] and their
+                                            gradient, and
                  + 4*L*B*T*I                lax.map's stacked per-layer sums
+        (the logits of the answer positions only: the per-row formula's T positions bound them)
         total    held + max(alpha 1, m > 1)
     """
     if not layout.attribution_rows:
@@ -360,7 +362,7 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     first_row, suffix_row = layout.attribution_row_bytes
     suffix = 0
     if m > 1:
-        suffix = ((m - 1) * rows * suffix_row + F32_BYTES * n_layers * (m - 1) * rows * t * width
+        suffix = ((m - 1) * rows * suffix_row + 2 * F32_BYTES * (m - 1) * rows * t * width
                   + F32_BYTES * n_layers * rows * t * width)
     return held + max(rows * first_row, suffix)
 
