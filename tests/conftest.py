@@ -1,6 +1,19 @@
-"""Shared test fixtures."""
+"""Shared test fixtures.
+
+The suite compiles hundreds of small XLA:CPU programs and runs each a few times, so its time is
+mostly LLVM optimizing code: the tests run with ``--xla_backend_optimization_level=0`` (set
+here, before JAX starts its backend, and inherited by the CLI subprocesses the tests launch).
+That leaves XLA's HLO passes and the float semantics as they are (fast-math is off either way);
+only the machine code is less optimized. tests/test_attribution.py: 78 s -> 25 s on the 2-core
+Xeon. ``SIMU_JAX_TEST_FULL_OPT=1`` runs the suite fully optimized.
+"""
 
 import contextlib
+import os
+
+if os.environ.get("SIMU_JAX_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
+        "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax
 import pytest

@@ -225,7 +225,7 @@ def test_mesh_run_matches_single_device(demo, tmp_path):
     single, meshed = tmp_path / "single", tmp_path / "meshed"
     assert main(_unlearn_args(demo, single)) == 0
     cmd, env = _cli(_unlearn_args(demo, meshed) + ["--mesh", "fsdp=2,tensor=4"],
-                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                    {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((meshed / "run.json").read_text())["mesh"] == "fsdp=2,tensor=4"
@@ -257,7 +257,7 @@ def test_mesh_that_would_replicate_the_batch_is_refused_before_anything_is_writt
     line, exit 1, no run directory."""
     out = tmp_path / "refused"
     cmd, env = _cli(_unlearn_args(demo, out) + ["--mesh", "fsdp=8"],
-                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                    {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(err) == 1, proc.stderr[-2000:]

@@ -94,7 +94,8 @@ def _launch(tmp: Path, tag: str, argv: list[str], xla_extra: str) -> list[tuple[
     for i in range(NUM_PROCESSES):
         env = dict(os.environ)
         env.update({
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {xla_extra}".strip(),
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={LOCAL_DEVICES} "
+                         f"{xla_extra}".strip(),
             "JAX_PLATFORMS": "cpu",
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
