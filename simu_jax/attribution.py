@@ -20,8 +20,9 @@ only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`
   start_neurons=alpha_j a_l)`, the m-1 alphas stacked on the batch axis), differentiated
   w.r.t. its neuron input.
 
-Measured on CPU (LLaMA, 8 layers, hidden 256, 4 x 128 tokens, m = 3): about 8x the time of
-one weight-gradient step (was 16-19x with a full forward + backward per (layer, step)).
+Measured on CPU (`simu-jax bench`, docs/benchmarks.md: LLaMA, 8 layers, hidden 256, 4 x 128
+tokens, m = 3): 6.7x the time of one weight-gradient step of the same rows (16-19x with a full
+forward + backward per (layer, step); 8.2x with whole-layer suffix runs and full-width logits).
 Variants for ablations:
 `grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
 mask with the same count per layer as a given mask).
