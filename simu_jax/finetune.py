@@ -450,9 +450,9 @@ def run_finetune(
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
         # no silent replication: refused before anything is written (a model whose vocabulary
         # comes from the tokenizer is checked once that is built)
-        check_layout(mesh, batch_sizes={"batch_size": cfg.batch_size})
-        if cfg.model.path is not None or "vocab_size" in (cfg.model.config or {}):
-            check_layout(mesh, model_config=model_config_from_spec(cfg.model))
+        known = cfg.model.path is not None or "vocab_size" in (cfg.model.config or {})
+        check_layout(mesh, model_config=model_config_from_spec(cfg.model) if known else None,
+                     batch_sizes={"batch_size": cfg.batch_size})
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary
