@@ -58,6 +58,9 @@ __all__ = [
     "hessian_diagonal_exact",
     "SteihaugInfo",
     "steihaug_cg",
+    "tridiagonal_trust_region",
+    "lanczos_trust_region",
+    "saddle_free_step",
     "ggn_operator",
 ]
 
@@ -395,6 +398,10 @@ class LanczosResult(NamedTuple):
     alphas: jax.Array  # diagonal of T
     betas: jax.Array  # off-diagonal of T
     num_valid: jax.Array  # Krylov dimension reached (< num_iters after breakdown)
+    # with reorthogonalize: the Lanczos vectors as rows, [num_iters, n] (rows >= num_valid are 0),
+    # and beta_next = ||w|| of the last residual, A V^T = V^T T + beta_next v_next e_k^T
+    basis: Optional[jax.Array] = None
+    beta_next: Optional[jax.Array] = None
 
 
 def lanczos(
@@ -470,7 +477,10 @@ def lanczos(
         return (j + jnp.where(broke, 0, 1), v, v_new, w_new, alphas, betas, basis, scale, broke)
 
     init = (jnp.asarray(1, jnp.int32), jnp.zeros_like(v), v, w, alphas, betas, basis, scale, jnp.asarray(False))
-    j, _, _, _, alphas, betas, _, _, _ = jax.lax.while_loop(cond, body, init)
+    if m > 1:
+        j, _, _, w, alphas, betas, basis, _, broke = jax.lax.while_loop(cond, body, init)
+    else:  # one vector: T = [alpha_0] (the body, indexing betas, is not even traced)
+        j, _, _, w, alphas, betas, basis, _, broke = init
 
     tri = jnp.diag(alphas)
     if m > 1:
@@ -483,6 +493,8 @@ def lanczos(
         alphas=alphas,
         betas=betas,
         num_valid=j,
+        basis=basis,
+        beta_next=jnp.where(broke, 0.0, jnp.linalg.norm(w)),
     )
 
 
@@ -628,6 +640,178 @@ def steihaug_cg(
     model = 0.5 * (tree_vdot(g, p) + tree_vdot(p, r))  # g.p + p.(r - g)/2, B p = r - g
     return p, SteihaugInfo(iterations=j, exit_code=code, residual_norm=jnp.sqrt(rr), step_norm=tree_norm(p),
                            model_value=model)
+
+
+
+def tridiagonal_trust_region(alphas: jax.Array, betas: jax.Array, gamma, radius, damping=0.0,
+                             num_valid=None, bisection_iters: int = 100):
+    """Exact solution of ``min_h gamma h_0 + h.(T + damping I) h / 2`` s.t. ``||h|| <= radius``.
+
+    ``T`` is the symmetric tridiagonal ``diag(alphas) + diag(betas, +-1)`` (k x k, possibly
+    indefinite; rows ``>= num_valid`` are ignored). The global minimizer (More & Sorensen 1983;
+    Nocedal & Wright Thm 4.1) is ``h = -(T + (damping + sigma) I)^-1 gamma e_0`` with
+    ``sigma >= max(0, -lambda_min(T + damping I))`` and ``sigma (radius - ||h||) = 0``. With
+    ``T = U diag(theta) U^T`` and ``c = gamma U^T e_0``: ``h(sigma) = -U c / (theta + damping +
+    sigma)``; ``||h(sigma)||`` decreases on ``(-lambda_min, inf)``, so the boundary ``sigma`` is
+    found by bisection on ``[max(0, -mu_min), max(0, -mu_min) + |c| / radius]`` (where
+    ``||h|| <= radius``). Hard case (``c`` has no component on the lowest eigenvector, so
+    ``||h|| < radius`` at ``sigma = -mu_min``): ``h`` plus a multiple of that eigenvector up to the
+    boundary. Returns ``(h, sigma, model_value, boundary, min_eigenvalue)``, ``model_value`` =
+    the objective at ``h`` (``<= 0``), ``min_eigenvalue`` of ``T + damping I`` (valid rows).
+    """
+    k = alphas.shape[0]
+    dtype = alphas.dtype
+    valid = jnp.arange(k) < (k if num_valid is None else num_valid)
+    big = 10.0 * (jnp.max(jnp.abs(alphas)) + 2.0 * jnp.max(jnp.abs(betas), initial=0.0) + jnp.abs(damping) + 1.0)
+    diag = jnp.where(valid, alphas, big)  # decoupled invalid rows: eigenvalues far above the rest, c = 0 there
+    tri = jnp.diag(diag)
+    if k > 1:
+        off = jnp.where(valid[1:], betas, 0.0)
+        tri = tri + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, u = jnp.linalg.eigh(tri)
+    mu = theta + damping
+    c = gamma * u[0, :]
+    mu_min = mu[0]
+    radius = jnp.asarray(radius, dtype)
+
+    def norm_at(sigma):
+        den = mu + sigma
+        y = jnp.where(den > 0, -c / jnp.where(den > 0, den, 1.0), 0.0)
+        return jnp.linalg.norm(y), y
+
+    interior_ok = mu_min > 0
+    n0, y0 = norm_at(0.0)
+    interior = interior_ok & (n0 <= radius)
+    lo = jnp.maximum(0.0, -mu_min)
+    hi = lo + jnp.linalg.norm(c) / radius + jnp.finfo(dtype).tiny
+
+    def bisect(_, bounds):
+        a, b = bounds
+        mid = 0.5 * (a + b)
+        too_long = norm_at(mid)[0] > radius
+        return jnp.where(too_long, mid, a), jnp.where(too_long, b, mid)
+
+    _, sigma_b = jax.lax.fori_loop(0, bisection_iters, bisect, (lo, hi))
+    nb, yb = norm_at(sigma_b)
+    # hard case: even at sigma -> -mu_min the step is shorter than the radius; the lowest
+    # eigenvector's slot (den = 0 there, y = 0) takes the remaining length
+    hard = (nb < radius * (1 - 1e-3)) & (sigma_b <= lo * (1 + 1e-6) + jnp.finfo(dtype).tiny)
+    tau = jnp.sqrt(jnp.maximum(radius * radius - nb * nb, 0.0))
+    yb = jnp.where(hard, yb.at[0].add(tau), yb)
+    y = jnp.where(interior, y0, yb)
+    sigma = jnp.where(interior, 0.0, sigma_b)
+    model = jnp.vdot(c, y) + 0.5 * jnp.vdot(y, mu * y)
+    return u @ y, sigma, model, ~interior, mu_min
+
+
+def _krylov_step(matvec, g, num_iters, solve):
+    """Lanczos from ``g`` (full reorthogonalization), the small problem solved by ``solve(T, |g|)``
+    -> ``(h, ...)``, and ``p = V^T h`` back in ``g``'s pytree shape (float32 / float64)."""
+    g_acc = to_acc_dtype(g)
+    flat, unravel = ravel_pytree(g_acc)
+    res = lanczos(lambda v: matvec(_cast_tree(v, g)), g_acc, num_iters, reorthogonalize=True)
+    gamma = jnp.linalg.norm(flat)
+    out = solve(res, gamma)
+    p = unravel(res.basis.T @ out[0])
+    return p, res, gamma, out
+
+
+def lanczos_trust_region(
+    matvec: Callable[[PyTree], PyTree],
+    g: PyTree,
+    radius,
+    damping=0.0,
+    num_iters: int = 20,
+    tol: float = 1e-6,
+) -> tuple[PyTree, SteihaugInfo]:
+    """The trust-region subproblem ``min m(p) = g.p + p.B p / 2``, ``||p|| <= radius``, solved
+    exactly in the Krylov space ``K_k(B, g)`` (GLTR: Gould, Lucidi, Roma & Toint 1999, "Solving
+    the trust-region subproblem using the Lanczos method", SIAM J. Optim. 9(2)).
+
+    ``B = A + damping I``, ``matvec(v) = A v`` symmetric, possibly indefinite. ``k = num_iters``
+    Lanczos steps from ``g`` give ``V`` (rows orthonormal) and tridiagonal ``T = V A V^T``; in
+    that basis ``m(V^T h) = |g| h_0 + h.(T + damping I) h / 2``, solved exactly by
+    :func:`tridiagonal_trust_region`. Same Krylov space as Steihaug-Toint CG (:func:`steihaug_cg`),
+    so ``m(p) <=`` Steihaug's value at ``k`` directions, and its first iterate is the Cauchy point:
+    at least the Cauchy decrease. Unlike Steihaug it does not stop at the first direction of
+    negative curvature (for GradDiff that is often ``-g`` itself, which makes Steihaug a
+    normalized gradient step): it keeps building the space and returns the subspace's global
+    minimizer on the boundary. Memory: ``k`` vectors of ``g``'s size (the basis).
+
+    ``info`` as :func:`steihaug_cg`'s: ``iterations`` = Krylov dimension (products with A),
+    ``exit_code`` ``CG_NEGATIVE_CURVATURE`` (``T + damping I`` indefinite, boundary solution),
+    ``CG_BOUNDARY`` (positive definite, boundary), ``CG_CONVERGED`` (interior, residual <=
+    ``tol |g|``) or ``CG_MAX_ITERATIONS`` (interior, residual above); ``residual_norm`` =
+    ``||g + (B + sigma I) p||`` = ``beta_next |h_{k-1}|`` (the Lanczos relation; 0 on
+    breakdown, where the space is invariant and the solution exact); ``model_value`` = ``m(p)``.
+    """
+
+    def solve(res, gamma):
+        return tridiagonal_trust_region(res.alphas, res.betas, gamma, radius, damping, res.num_valid)
+
+    gnorm = tree_norm(g)
+    p, res, gamma, (h, sigma, model, boundary, mu_min) = _krylov_step(matvec, g, num_iters, solve)
+    residual = jnp.abs(res.beta_next * h[jnp.maximum(res.num_valid - 1, 0)])
+    code = jnp.where(boundary, jnp.where(mu_min > 0, CG_BOUNDARY, CG_NEGATIVE_CURVATURE),
+                     jnp.where(residual <= tol * gnorm, CG_CONVERGED, CG_MAX_ITERATIONS)).astype(jnp.int32)
+    zero = gamma == 0
+    p = jax.tree.map(lambda x: jnp.where(zero, 0.0, x).astype(x.dtype), p)
+    return p, SteihaugInfo(iterations=jnp.where(zero, 0, res.num_valid).astype(jnp.int32),
+                           exit_code=jnp.where(zero, CG_CONVERGED, code).astype(jnp.int32),
+                           residual_norm=jnp.where(zero, 0.0, residual), step_norm=tree_norm(p),
+                           model_value=jnp.where(zero, 0.0, model))
+
+
+def saddle_free_step(
+    matvec: Callable[[PyTree], PyTree],
+    g: PyTree,
+    radius,
+    damping=0.0,
+    num_iters: int = 20,
+    tol: float = 1e-6,
+) -> tuple[PyTree, SteihaugInfo]:
+    """Saddle-free Newton in the Krylov space (Dauphin et al. 2014, "Identifying and attacking
+    the saddle point problem", Sec. 4 uses a Krylov subspace too): ``p = -V^T U (|theta| +
+    damping)^-1 U^T V g`` with ``T = V A V^T = U diag(theta) U^T`` from ``num_iters`` Lanczos steps
+    from ``g``, i.e. ``-(|A| + damping I)^-1 g`` restricted to ``K_k(A, g)``, scaled down to
+    ``||p|| <= radius``. Every eigen-direction is descended (a negative-curvature direction with
+    the step of its ``|theta|``), so the decrease of the model of ``B = A + damping I`` itself is
+    positive: with ``y = -s c / (|theta| + damping)``, ``0 < s <= 1``, ``-(c.y + y.(theta +
+    damping) y / 2) = sum c_i^2 (s - s^2 (theta_i + damping) / (2 (|theta_i| + damping))) /
+    (|theta_i| + damping) >= sum s c_i^2 / (2 (|theta_i| + damping)) > 0``.
+    ``info`` as :func:`lanczos_trust_region`'s (``CG_BOUNDARY`` when scaled down,
+    ``CG_NEGATIVE_CURVATURE`` when scaled down with an indefinite ``T``); ``residual_norm`` =
+    ``beta_next |h_{k-1}|``, the Lanczos tail (how far ``K_k`` is from invariant along the
+    step); ``model_value`` = ``m(p)`` of ``B``, the model the trust region's ratio test uses.
+    """
+    def solve(res, gamma):
+        k = res.alphas.shape[0]
+        valid = jnp.arange(k) < res.num_valid
+        tri = jnp.diag(jnp.where(valid, res.alphas, 0.0))
+        if k > 1:
+            off = jnp.where(valid[1:], res.betas, 0.0)
+            tri = tri + jnp.diag(off, 1) + jnp.diag(off, -1)
+        theta, u = jnp.linalg.eigh(tri)
+        c = gamma * u[0, :]
+        den = jnp.abs(theta) + damping
+        y = jnp.where(den > 0, -c / jnp.where(den > 0, den, 1.0), 0.0)
+        ny = jnp.linalg.norm(y)
+        scale = jnp.minimum(1.0, radius / jnp.where(ny > 0, ny, 1.0))
+        y = scale * y
+        model = jnp.vdot(c, y) + 0.5 * jnp.vdot(y, (theta + damping) * y)
+        return u @ y, scale < 1, model, theta[0] + damping
+
+    gnorm = tree_norm(g)
+    p, res, gamma, (h, scaled, model, mu_min) = _krylov_step(matvec, g, num_iters, solve)
+    residual = jnp.abs(res.beta_next * h[jnp.maximum(res.num_valid - 1, 0)])
+    code = jnp.where(scaled, jnp.where(mu_min > 0, CG_BOUNDARY, CG_NEGATIVE_CURVATURE),
+                     jnp.where(residual <= tol * gnorm, CG_CONVERGED, CG_MAX_ITERATIONS)).astype(jnp.int32)
+    zero = gamma == 0
+    p = jax.tree.map(lambda x: jnp.where(zero, 0.0, x).astype(x.dtype), p)
+    return p, SteihaugInfo(iterations=jnp.where(zero, 0, res.num_valid).astype(jnp.int32),
+                           exit_code=jnp.where(zero, CG_CONVERGED, code).astype(jnp.int32),
+                           residual_norm=jnp.where(zero, 0.0, residual), step_norm=tree_norm(p),
+                           model_value=jnp.where(zero, 0.0, model))
 
 
 def ggn_operator(

@@ -462,8 +462,9 @@ def _newton_type_step(graphdef, partition, method, s, trainable, opt_state, froz
     """The Newton-type steps on the trainable subset (docs/method.md#newton), ``opt_state`` a
     ``optim.TrustRegionState``:
 
-    * ``newton``: trust-region Newton (N&W Alg. 4.1 + Steihaug CG, ``optim.trust_region_step``)
-      on the exact Hessian of the unlearning loss (``jax.linearize`` of its gradient);
+    * ``newton``: trust-region Newton (N&W Alg. 4.1, ``optim.trust_region_step``; subproblem by
+      ``optim.tr_solver``, default the Lanczos / GLTR solver) on the exact Hessian of the
+      unlearning loss (``jax.linearize`` of its gradient);
     * ``ggn``: the same trust region on the PSD Gauss-Newton matrix ``G_F + gamma G_R`` of
       GradDiff (``-G_F + gamma G_R`` with the forget term's sign flipped), ``curvature.ggn_operator``;
     * ``influence``: ``theta + s (G_R + lambda I)^-1 grad L_F`` (``optim.influence_step``).
@@ -501,7 +502,8 @@ def _newton_type_step(graphdef, partition, method, s, trainable, opt_state, froz
         new, opt_state, info = optim.trust_region_step(scalar, trainable, opt_state, g, matvec, *args, loss=loss,
                                                        mask=mask, max_radius=o.tr_max_radius, eta=o.tr_eta,
                                                        maxiter=o.cg_iters, tol=o.cg_tol,
-                                                       adapt_damping=o.tr_adapt_damping)
+                                                       adapt_damping=o.tr_adapt_damping,
+                                                       solver=o.tr_solver)
     metrics = {"loss": loss, "grad_norm": info["grad_norm"], "cg_iterations": info["cg_iterations"],
                "step_norm": info["step_norm"], **{f"newton/{k}": info[k] for k in NEWTON_METRICS},
                **{f"loss/{k}": v for k, v in terms.items()}}

@@ -665,6 +665,10 @@ def newton_cg_step(
 # "newton" trust region on the exact Hessian, "ggn" trust region on a PSD Gauss-Newton
 # matrix, "influence" the influence step (G_R + lambda I)^-1 grad L_F.
 NEWTON_OPTIMIZERS = ("newton", "ggn", "influence")
+# trust-region subproblem solvers (optim.tr_solver): the default is lanczos for the exact,
+# indefinite Hessian (Steihaug stops at the first negative curvature, for GradDiff often -g
+# itself) and steihaug for the PSD Gauss-Newton matrix (CG to the boundary, 5 vectors of memory)
+TR_SOLVERS = ("steihaug", "lanczos", "saddle_free")
 
 # Alg. 4.1's constants (Nocedal & Wright): shrink below rho 1/4, expand above 3/4 at the boundary
 TR_SHRINK_BELOW, TR_EXPAND_ABOVE, TR_SHRINK, TR_EXPAND = 0.25, 0.75, 0.25, 2.0
@@ -726,6 +730,7 @@ def trust_region_step(
     maxiter: int = 20,
     tol: float = 1e-5,
     adapt_damping: bool = False,
+    solver: str = "steihaug",
 ) -> tuple[PyTree, TrustRegionState, dict]:
     """One iteration of the trust-region method, Nocedal & Wright Algorithm 4.1.
 
@@ -734,8 +739,12 @@ def trust_region_step(
     ``m_k(p) = f + g.p + p.B p / 2``. With ``Delta = state.radius`` and
     ``lambda = state.damping``:
 
-    1. ``p_k`` from :func:`simu_jax.curvature.steihaug_cg` (Alg. 7.2) on
-       ``B + lambda I`` inside ``||p|| <= Delta`` (``lambda`` regularizes the solve only);
+    1. ``p_k`` inside ``||p|| <= Delta`` on ``B + lambda I`` (``lambda`` regularizes the solve
+       only), by ``solver`` (:data:`TR_SOLVERS`): ``steihaug``
+       (:func:`simu_jax.curvature.steihaug_cg`, Alg. 7.2: stops at the first negative
+       curvature), ``lanczos`` (:func:`simu_jax.curvature.lanczos_trust_region`, GLTR: the
+       exact minimizer in the ``maxiter``-dimensional Krylov space) or ``saddle_free``
+       (:func:`simu_jax.curvature.saddle_free_step`: ``-|B|^-1 g`` in that space);
     2. ``rho_k = (f(x_k) - f(x_k + p_k)) / (m_k(0) - m_k(p_k))``: actual over predicted
        decrease of the *undamped* model (one extra evaluation of ``loss_fn(x_k + p_k, *args)``,
        the same batch); ``m_k(0) - m_k(p_k) >= `` the damped model's decrease ``> 0`` for
@@ -755,7 +764,14 @@ def trust_region_step(
     ``predicted_decrease``, ``actual_decrease``, ``trial_loss``, ``grad_norm``.
     """
     radius, lam = state.radius, state.damping
-    p, info = C.steihaug_cg(matvec, grad, radius, damping=lam, tol=tol, maxiter=maxiter)
+    if solver == "steihaug":
+        p, info = C.steihaug_cg(matvec, grad, radius, damping=lam, tol=tol, maxiter=maxiter)
+    elif solver == "lanczos":
+        p, info = C.lanczos_trust_region(matvec, grad, radius, damping=lam, num_iters=maxiter, tol=tol)
+    elif solver == "saddle_free":
+        p, info = C.saddle_free_step(matvec, grad, radius, damping=lam, num_iters=maxiter, tol=tol)
+    else:
+        raise ValueError(f"solver must be one of {TR_SOLVERS}, got {solver!r}")
     g = C.to_acc_dtype(grad)
     step_norm = info.step_norm
     predicted = -(info.model_value - 0.5 * lam * step_norm**2)  # undamped: m(0) - m(p)
@@ -959,6 +975,8 @@ class OptimSpec:
                 fill["warmup_steps"] = soul_warmup_steps(total_steps)
         if optimizer == "sophia" and self.preset is None:
             fill["preset"] = "sophia"
+        if self.tr_solver is None and optimizer in ("newton", "ggn"):
+            fill["tr_solver"] = "lanczos" if optimizer == "newton" else "steihaug"
         return replace(self, **fill) if fill else self
 
     adam_b2: float = field(default=0.999, metadata={"range": (0.0, 1.0, "[)")})
@@ -977,3 +995,6 @@ class OptimSpec:
     influence_scale: float = field(default=1.0, metadata={"range": (0.0, None, "()")})
     lanczos_every: int = field(default=0, metadata={"range": (0, None)})
     lanczos_iters: int = field(default=16, metadata={"range": (2, None)})
+    # the trust-region subproblem's solver (TR_SOLVERS; None: lanczos for newton, steihaug for ggn);
+    # lanczos / saddle_free take cg_iters Lanczos steps and keep that many vectors of the subset
+    tr_solver: Optional[Literal["steihaug", "lanczos", "saddle_free"]] = None

@@ -171,6 +171,118 @@ def test_max_iterations_and_zero_gradient(x64):
     assert int(info.exit_code) == C.CG_CONVERGED and int(info.iterations) == 0 and not p.any()
 
 
+# ----------------------------------------------------------------------------- Lanczos (GLTR) and saddle-free
+
+
+def trust_region_reference(A, g, radius):
+    """The global minimizer of g.p + p.A p / 2 on ||p|| <= radius (More & Sorensen; N&W Thm 4.1),
+    dense: eigendecomposition and the secular equation ||p(sigma)|| = radius by scipy's brentq."""
+    from scipy.optimize import brentq
+
+    theta, U = np.linalg.eigh(A)
+    c = U.T @ g
+    if theta[0] > 0 and np.linalg.norm(c / theta) <= radius:
+        return -U @ (c / theta)
+    lo = max(0.0, -theta[0])
+    f = lambda s: np.linalg.norm(c / (theta + s)) - radius  # noqa: E731
+    sigma = brentq(f, lo + 1e-12 * (1 + lo), lo + np.linalg.norm(c) / radius + 1.0, xtol=1e-15, rtol=1e-15)
+    return -U @ (c / (theta + sigma))
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "k"))
+def _krylov(A, g, radius, damping, solver, k):
+    fn = C.lanczos_trust_region if solver == "lanczos" else C.saddle_free_step
+    return fn(lambda v: A @ v, g, radius, damping=damping, num_iters=k, tol=1e-10)
+
+
+def krylov_solve(A, g, radius, damping=0.0, solver="lanczos", k=None):
+    p, info = _krylov(jnp.asarray(A), jnp.asarray(g), radius, damping, solver, len(g) if k is None else k)
+    return np.asarray(p), info
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lanczos_trust_region_is_the_exact_subproblem_solution(seed, x64):
+    """With the whole space (k = n) GLTR is the global trust-region minimizer, on indefinite
+    quadratics at every radius and on definite ones (interior: the Newton step)."""
+    A, g = random_problem(seed, n=8, negative=3)
+    for radius in (0.05, 1.0, 30.0):
+        p, info = krylov_solve(A, g, radius)
+        np.testing.assert_allclose(p, trust_region_reference(A, g, radius), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(np.linalg.norm(p), radius, rtol=1e-9)  # indefinite: always on the boundary
+        assert int(info.exit_code) == C.CG_NEGATIVE_CURVATURE and int(info.iterations) == 8
+        np.testing.assert_allclose(float(info.model_value), model_value(A, g, p), rtol=1e-9)
+        # the global minimizer beats Steihaug's point (same problem, same radius)
+        assert model_value(A, g, p) <= model_value(A, g, steihaug_reference(A, g, radius)[0]) + 1e-12
+    A, g = random_problem(seed, n=8, negative=0)
+    newton = np.linalg.solve(A, -g)
+    p, info = krylov_solve(A, g, 2 * np.linalg.norm(newton))
+    np.testing.assert_allclose(p, newton, rtol=1e-8, atol=1e-10)
+    assert int(info.exit_code) == C.CG_CONVERGED and float(info.residual_norm) < 1e-8
+    p, info = krylov_solve(A, g, 0.5 * np.linalg.norm(newton), damping=0.3)  # damped, on the boundary
+    np.testing.assert_allclose(p, trust_region_reference(A + 0.3 * np.eye(8), g, 0.5 * np.linalg.norm(newton)),
+                               rtol=1e-8, atol=1e-10)
+    assert int(info.exit_code) == C.CG_BOUNDARY
+
+
+@pytest.mark.parametrize("negative", [0, 2, 5])
+def test_lanczos_trust_region_in_a_small_krylov_space(negative, x64):
+    """k < n: at least the Cauchy decrease, at least Steihaug's decrease with as many products
+    (Steihaug's point lies in the same Krylov space), and the step leaves the gradient direction
+    when -g has negative curvature (where Steihaug returns the scaled -g)."""
+    for seed in range(8):
+        A, g = random_problem(200 + seed, n=20, negative=negative)
+        for radius in (0.1, 1.0, 10.0):
+            for k in (1, 3, 6):
+                p, info = krylov_solve(A, g, radius, k=k)
+                assert np.linalg.norm(p) <= radius * (1 + 1e-9)
+                m = model_value(A, g, p)
+                np.testing.assert_allclose(float(info.model_value), m, rtol=1e-8, atol=1e-12)
+                assert m <= model_value(A, g, cauchy_point(A, g, radius)) + 1e-10
+                assert m <= model_value(A, g, steihaug_reference(A, g, radius, maxiter=k)[0]) + 1e-10
+    A = np.diag([-6.0, 1.0, 3.0, 0.5])
+    g = np.array([1.0, 1.0, 1.0, 1.0])
+    assert g @ A @ g < 0  # -g has negative curvature: Steihaug = -g to the boundary
+    p_st, info_st = solve(A, g, 1.0)
+    assert int(info_st.iterations) == 1 and abs(-(p_st @ g) / (np.linalg.norm(p_st) * 2.0) - 1) < 1e-12
+    p, info = krylov_solve(A, g, 1.0)
+    cos = -(p @ g) / (np.linalg.norm(p) * np.linalg.norm(g))
+    assert cos < 0.9 and model_value(A, g, p) < model_value(A, g, p_st) - 0.1
+    np.testing.assert_allclose(p, trust_region_reference(A, g, 1.0), rtol=1e-8, atol=1e-10)
+
+
+def test_tridiagonal_trust_region_hard_case(x64):
+    """The hard case (More & Sorensen): the rhs has no component on the lowest eigenvector, so
+    sigma = -lambda_min and the remaining length goes along that eigenvector. T = diag(2, -1, 3)
+    (decoupled), rhs gamma e_0, gamma = 0.6, radius 1: h = (-0.6 / 3, +-sqrt(1 - 0.04), 0)."""
+    h, sigma, model, boundary, mu_min = C.tridiagonal_trust_region(
+        jnp.array([2.0, -1.0, 3.0]), jnp.array([0.0, 0.0]), 0.6, 1.0)
+    np.testing.assert_allclose(float(sigma), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(np.abs(np.asarray(h)), [0.2, np.sqrt(0.96), 0.0], rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(float(model), 0.6 * -0.2 + 0.5 * (2 * 0.04 - 0.96), rtol=1e-7)
+    assert bool(boundary) and float(mu_min) == pytest.approx(-1.0)
+    # rows past num_valid are ignored (a Lanczos breakdown): the same as the 2 x 2 problem
+    h2, *_ = C.tridiagonal_trust_region(jnp.array([2.0, 1.5, -9.0]), jnp.array([0.5, 0.0]), 0.6, 0.1, num_valid=2)
+    T = np.array([[2.0, 0.5], [0.5, 1.5]])
+    np.testing.assert_allclose(np.asarray(h2)[:2], trust_region_reference(T, np.array([0.6, 0.0]), 0.1), rtol=1e-8)
+    assert float(h2[2]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_saddle_free_step_is_minus_abs_hessian_inverse_g(seed, x64):
+    """k = n: p = -(|A| + lambda I)^-1 g (|A| = U |theta| U^T, dense), scaled to the radius when
+    longer; the model of A decreases along it (every eigen-direction descended)."""
+    A, g = random_problem(seed, n=8, negative=3)
+    theta, U = np.linalg.eigh(A)
+    want = -U @ ((U.T @ g) / (np.abs(theta) + 0.1))
+    p, info = krylov_solve(A, g, 1e3, damping=0.1, solver="saddle_free")
+    np.testing.assert_allclose(p, want, rtol=1e-8, atol=1e-10)
+    assert g @ p < 0 and model_value(A + 0.1 * np.eye(8), g, p) < 0
+    np.testing.assert_allclose(float(info.model_value), model_value(A + 0.1 * np.eye(8), g, p), rtol=1e-8)
+    p, info = krylov_solve(A, g, 0.2, damping=0.1, solver="saddle_free")
+    np.testing.assert_allclose(p, want * 0.2 / np.linalg.norm(want), rtol=1e-8, atol=1e-10)
+    assert int(info.exit_code) == C.CG_NEGATIVE_CURVATURE and model_value(A, g, p) < 0
+
+
 # ----------------------------------------------------------------------------- trust region (Alg. 4.1)
 
 
@@ -335,9 +447,7 @@ def run_method(memorized, method, steps, **optim):
 def test_ggn_trust_region_steps_are_not_gradient_steps(memorized):
     """Trust region on the PSD Gauss-Newton matrix, small damping: CG runs several iterations
     and the step is not the gradient direction on most steps (measured over 10 steps: cosines
-    0.29-0.90, 20 CG iterations, every step accepted, rho 1.4-3.8), and the forget loss rises.
-    (The exact-Hessian trust region does not have this property here: -g itself mostly has
-    negative curvature, see docs/method.md#newton.)"""
+    0.29-0.90, 20 CG iterations, every step accepted, rho 1.4-3.8), and the forget loss rises."""
     u, rows = run_method(memorized, "simu_ggn", 6, damping=1e-3, trust_radius=1.0)
     cos = np.array([r["newton/cos_neg_grad"] for r in rows])
     its = np.array([r["newton/cg_iterations"] for r in rows])
@@ -346,6 +456,37 @@ def test_ggn_trust_region_steps_are_not_gradient_steps(memorized):
     assert all(r["newton/accepted"] in (0.0, 1.0) and np.isfinite(r["newton/rho"]) for r in rows)
     assert rows[-1]["loss/forget"] < rows[0]["loss/forget"]  # -NLL(forget) went down: forgetting
     assert int(u.opt_state.count) == 6
+
+
+def test_exact_newton_steps_are_not_gradient_steps(memorized):
+    """The exact, indefinite Hessian: -g itself mostly has negative curvature, so Steihaug CG
+    stops at its first direction and the step is the scaled gradient (cosine 1, one product);
+    the default solver (GLTR in the Krylov space, optim.tr_solver resolves to lanczos for
+    newton) builds the whole space and leaves the gradient direction."""
+    from simu_jax.optim import OptimSpec
+
+    assert OptimSpec().resolved("newton").tr_solver == "lanczos"
+    assert OptimSpec().resolved("ggn").tr_solver == "steihaug"
+    _, rows = run_method(memorized, "simu_newton", 4, damping=1e-3, trust_radius=0.5, cg_iters=8)
+    cos = np.array([r["newton/cos_neg_grad"] for r in rows])
+    its = np.array([r["newton/cg_iterations"] for r in rows])
+    assert np.mean(cos < 0.99) > 0.5 and np.all(its == 8), (cos, its)
+    assert all(r["newton/predicted_decrease"] > 0 for r in rows)
+    _, rows = run_method(memorized, "simu_newton", 4, damping=1e-3, trust_radius=0.5, cg_iters=8,
+                         tr_solver="steihaug")
+    assert np.mean([r["newton/cos_neg_grad"] > 0.999 for r in rows]) > 0.5  # the Steihaug failure mode here
+    _, rows = run_method(memorized, "simu_newton", 2, damping=1e-3, trust_radius=0.5, cg_iters=8,
+                         tr_solver="saddle_free")
+    assert all(r["newton/predicted_decrease"] > 0 and r["newton/cos_neg_grad"] > 0 for r in rows)
+
+
+def test_lanczos_solver_in_the_trust_region_iteration(x64):
+    """On a quadratic the model is exact: rho = 1, and the step is the exact subproblem solution."""
+    A, g = random_problem(4, n=6, negative=2)
+    new, state, info = tr_step(quartic(A, g, 0.0), jnp.zeros(6), 1.0, max_radius=1.5, solver="lanczos", maxiter=6)
+    assert float(info["rho"]) == pytest.approx(1.0, rel=1e-9) and float(info["accepted"]) == 1.0
+    np.testing.assert_allclose(np.asarray(new), trust_region_reference(A, g, 1.0), rtol=1e-8, atol=1e-10)
+    assert int(info["cg_exit"]) == C.CG_NEGATIVE_CURVATURE and float(state.radius) == pytest.approx(1.5)
 
 
 def test_exact_newton_trust_region_state_and_metrics(memorized):
