@@ -29,7 +29,13 @@ from simu_jax.models.spec import ModelSpec
 from simu_jax.demo import FULL, METHOD_SETTINGS, demo_data, evaluate_model, finetune_model
 
 MAX_STEPS = 40
-HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton")
+# FO, SOUL-exact SO, SIMU and the Newton-type methods on SIMU's subset (issue #14)
+HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "simu_ggn", "simu_influence")
+# every method of the comparison at matched forgetting (seed 0): the headline, the Newton-type
+# steps over all parameters for comparison, and the NPO / IdK objectives
+COMPARE = HEADLINE + ("so_newton", "so_ggn", "so_influence", "fo_npo", "so_npo", "simu_npo", "fo_idk", "so_idk",
+                      "simu_idk")
+ONLY: tuple[str, ...] | None = None  # --methods: restrict every group to these methods
 SEEDS = (0, 1, 2)
 BASE = "simu_graddiff"  # the method the ablations vary
 
@@ -91,13 +97,12 @@ def run(root: Path, name: str, cfg, bench=None) -> Path:
 
 def group_compare(root, target, reference, stop):
     """Every method at matched forgetting (seed 0), plus the headline rows at a fixed budget."""
-    for method in ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "fo_npo", "so_npo", "simu_npo",
-                   "fo_idk", "so_idk", "simu_idk"):
+    for method in _only(COMPARE):
         mask = _base_mask(root) if method.startswith("simu") and method != BASE else None
         run(root, f"compare/{method}", unlearn_config(method, target, reference, stop=stop, mask=mask))
     # NPO and IdK at the GradDiff learning rates do not reach the stop in MAX_STEPS: escalate the
     # learning rate (x3, x10) until they do; every attempt stays in runs/compare_lr/.
-    for method in ("fo_npo", "so_npo", "simu_npo", "fo_idk", "so_idk", "simu_idk"):
+    for method in _only(("fo_npo", "so_npo", "simu_npo", "fo_idk", "so_idk", "simu_idk")):
         if _reached(root / "runs" / "compare" / method, stop):
             continue
         lr = float(METHOD_SETTINGS[method.replace("npo", "graddiff").replace("idk", "graddiff")]["optim.learning_rate"])
@@ -108,11 +113,15 @@ def group_compare(root, target, reference, stop):
                                      overrides=[f"optim.learning_rate={lr * factor:g}"]))
             if _reached(out, stop):
                 break
-    for method in HEADLINE:
+    for method in _only(HEADLINE):
         mask = _base_mask(root) if method.startswith("simu") else None
         run(root, f"fixed20/{method}", unlearn_config(method, target, reference, steps=20, mask=mask))
     evaluate_model(root / "runs" / "models" / "target", "target", target, reference, FULL)
     evaluate_model(root / "runs" / "models" / "retain", "retain-only", reference, reference, FULL)
+
+
+def _only(methods):
+    return tuple(m for m in methods if ONLY is None or m in ONLY)
 
 
 def _base_mask(root: Path) -> Path:
@@ -131,7 +140,7 @@ def _reached(run_dir: Path, stop: float) -> bool:
 def group_seeds(root, target, reference, stop):
     """The seed changes the batch order and the curvature probes (attribution is deterministic)."""
     for seed in SEEDS[1:]:
-        for method in HEADLINE:
+        for method in _only(HEADLINE):
             mask = _base_mask(root) if method.startswith("simu") else None
             run(root, f"seeds/{method}_s{seed}",
                 unlearn_config(method, target, reference, seed=seed, stop=stop, mask=mask))
@@ -183,7 +192,7 @@ def group_sequential(root, target, reference, stop):
     groups = _people_groups(full, 3, len(full.forget) // 5)
     requested = {p for g in groups for p in g}
     retain = [r for r in full.retain if r.get("person") not in requested]
-    for method in ("fo_graddiff", "so_graddiff", "simu_graddiff"):
+    for method in _only(("fo_graddiff", "so_graddiff", "simu_graddiff")):
         model = target
         for k, group in enumerate(groups, 1):
             forget = [r for r in full.forget + full.retain if r.get("person") in group]
@@ -210,7 +219,7 @@ def group_relearn(root, target, reference, stop, steps: int = 10, lr: float = 1e
 
     full = load_benchmark(demo_data(FULL))
     attack_set = full.forget[:: 10]  # 2 QA pairs, different people
-    for name, model_dir in [("target", target)] + [(m, root / "runs" / "compare" / m / "model") for m in HEADLINE]:
+    for name, model_dir in [("target", target)] + [(m, root / "runs" / "compare" / m / "model") for m in _only(HEADLINE)]:
         out = root / "runs" / "relearn" / name
         if is_complete(out):
             continue
@@ -291,7 +300,10 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=("runs", "collect"))
     p.add_argument("--out", default="runs/study")
     p.add_argument("--group", nargs="*", choices=sorted(GROUPS), default=None)
+    p.add_argument("--methods", nargs="*", default=None, help="restrict every group to these methods")
     args = p.parse_args(argv)
+    global ONLY
+    ONLY = None if args.methods is None else tuple(args.methods)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     if args.command == "runs":

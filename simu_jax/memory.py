@@ -180,8 +180,10 @@ def _transient_counts(method, optim_spec) -> tuple[tuple[int, int], int]:
     sophia gnb          1 f32 + 1 param: the sampled loss's gradient and its square (its
                         forward/backward runs after the step's, in the same activation space)
     sophia hutchinson   1 f32 + 2 param: the running sum, probe u and H u; + 3 residual sets
-    newton              5 f32: Steihaug-CG's g, z, r, d and B d; + 3 residual sets
-    ggn                 5 f32, as newton
+    newton              tr_solver steihaug: 5 f32, Steihaug-CG's g, z, r, d and B d; lanczos /
+                        saddle_free (newton's default): cg_iters + 4 f32, the Lanczos basis and
+                        v_prev, v, w and the flat g; + 3 residual sets
+    ggn                 as newton, by its tr_solver (default steihaug)
     influence           6 f32: CG's b, x, r, p, A p and grad L_F
 
     Residual sets: linearizing the gradient map (hutchinson, newton) keeps the forward's and
@@ -194,7 +196,11 @@ def _transient_counts(method, optim_spec) -> tuple[tuple[int, int], int]:
         return (0, 0), 0
     if method.optimizer == "sophia":
         return {"fisher": ((1, 0), 0), "gnb": ((1, 1), 0), "hutchinson": ((1, 2), 3)}[optim_spec.estimator]
-    return {"newton": ((5, 0), 3), "ggn": ((5, 0), 0), "influence": ((6, 0), 0)}[method.optimizer]
+    if method.optimizer == "influence":
+        return (6, 0), 0
+    solver = optim_spec.resolved(method.optimizer).tr_solver
+    vectors = 5 if solver == "steihaug" else optim_spec.cg_iters + 4
+    return (vectors, 0), (3 if method.optimizer == "newton" else 0)
 
 
 def memory_estimate(model_config, method, *, settings=None, batch_size: int = 8, seq_len: int = 256,
