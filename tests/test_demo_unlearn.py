@@ -171,11 +171,31 @@ def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
     assert summary["num_selected"] > 0
 
 
-def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path):
+def _small_lume_data_dir(root, rows: int = 64, docs: int = 16):
+    """A data root (``$SIMU_JAX_DATA_DIR``) holding the first `rows` rows of each LUME split and
+    the first `docs` SemEval member / nonmember documents of the shared data. The run evaluates
+    the first ``eval.limit`` rows of each split either way; scoring all 150 + 150 MIA documents
+    at the model's full length was most of this test's time (the keys and the mia_score identity
+    checked below do not depend on how many documents there are)."""
+    from simu_jax.data import default_data_dir
+
+    src = default_data_dir()
+    for sub, names, n in (("lume", ("forget.jsonl", "retain.jsonl"), rows),
+                          ("semeval25_task4/mia_data", ("member.jsonl", "nonmember.jsonl"), docs)):
+        (root / sub).mkdir(parents=True)
+        for name in names:
+            lines = (src / sub / name).read_text().splitlines()
+            assert len(lines) > n, (sub, name, len(lines))  # a real subset of the shared data
+            (root / sub / name).write_text("\n".join(lines[:n]) + "\n")
+    return root
+
+
+def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path, monkeypatch):
     """LUME rows reach the scorer as input/output (the benchmark stores them as question/answer),
     and the SemEval member/nonmember documents give the MIA keys."""
     from simu_jax.data import load_lume
 
+    monkeypatch.setenv("SIMU_JAX_DATA_DIR", str(_small_lume_data_dir(tmp_path / "data")))
     out = tmp_path / "lume"
     args = ["unlearn", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
             "data.benchmark=lume", "data.max_length=64", "method=fo_graddiff", "steps=1", "batch_size=2",
