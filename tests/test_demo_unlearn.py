@@ -68,9 +68,17 @@ def _params(run):
     return split_params(load_pretrained(run / "model"))[1]
 
 
-def test_resume_after_interrupt_equals_uninterrupted(demo, tmp_path, capsys):
-    full = tmp_path / "full"
-    assert main(_unlearn_args(demo, full)) == 0
+@pytest.fixture(scope="module")
+def plain(demo, tmp_path_factory):
+    """One uninterrupted run of `_unlearn_args` (no extra overrides), shared by the tests that
+    compare against it or need a finished run directory: each used to run this same config itself."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    assert main(_unlearn_args(demo, out)) == 0
+    return out
+
+
+def test_resume_after_interrupt_equals_uninterrupted(demo, plain, tmp_path, capsys):
+    full = plain
     part = tmp_path / "part"
     assert main(_unlearn_args(demo, part, "debug.stop_after_step=2")) == 75  # interrupted, checkpoint written
     assert not (part / "COMPLETE").exists() and not (part / "model").exists()
@@ -112,9 +120,8 @@ def test_bad_config_one_line_error(demo, tmp_path, capsys, override, needle):
     assert not out.exists()
 
 
-def test_bad_inputs_keep_previous_output(demo, tmp_path, capsys):
-    good = tmp_path / "good"
-    assert main(_unlearn_args(demo, good)) == 0
+def test_bad_inputs_keep_previous_output(demo, plain, tmp_path, capsys):
+    good = plain
     snapshot = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
     # rerun into an existing directory: refused, nothing touched
     assert main(_unlearn_args(demo, good)) == 1
@@ -240,10 +247,9 @@ def _cli(args, env_extra=None):
     return [sys.executable, "-m", "simu_jax.cli", *args], env
 
 
-def test_mesh_run_matches_single_device(demo, tmp_path):
+def test_mesh_run_matches_single_device(demo, plain, tmp_path):
     """`simu-jax unlearn --mesh fsdp=2,tensor=4` on 8 host devices == the single-device run."""
-    single, meshed = tmp_path / "single", tmp_path / "meshed"
-    assert main(_unlearn_args(demo, single)) == 0
+    single, meshed = plain, tmp_path / "meshed"
     cmd, env = _cli(_unlearn_args(demo, meshed) + ["--mesh", "fsdp=2,tensor=4"],
                     {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
