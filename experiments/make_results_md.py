@@ -15,7 +15,10 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton")
+HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "simu_ggn", "simu_influence")
+DIAG_COLS = [("clip_fraction", "at clip (Sophia)"), ("update_over_lr", "median update / lr"),
+             ("off_gradient", "steps with cos(step, -g) < 0.99"), ("cos_median", "median cos(step, -g)"),
+             ("products_median", "CG / Lanczos products"), ("accepted", "accepted"), ("rho_median", "median rho")]
 COLS = [("forget_rouge", "forget ROUGE-L"), ("forget_prob", "forget prob"), ("forget_quality", "forget quality"),
         ("model_utility", "model utility"), ("retain_rouge", "retain ROUGE-L"), ("general_rouge", "general ROUGE-L"),
         ("mia_auc_loss", "MIA AUC (loss)")]
@@ -81,11 +84,65 @@ def section_compare(d, stop):
             row.append(f"{mean:.3f} ± {sd:.3f}" if isinstance(vals[0], float) else f"{mean:.1f} ± {sd:.1f}")
         rows.append(row)
     lines += [_table(header, rows), ""]
+    lines += section_diagnostics(runs)
     # fixed budget
     lines += ["### Fixed budget (20 steps, the demo's protocol)", ""]
     rows = [_metric_row(k.split("/")[1], r) for k, r in runs.items() if k.startswith("fixed20/")]
     lines += [_table(["method"] + [c for _, c in COLS], rows), ""]
     return lines
+
+
+def section_diagnostics(runs):
+    """How second-order each run was (from every step's metrics; study.py's `diagnostics`)."""
+    lines = ["### How second-order the steps were (seed 0, matched forgetting)", "",
+             "Medians over the run's steps. `at clip`: fraction of trainable coordinates whose Sophia update "
+             "sits at the clip (|m / (rho h)| >= 1: there the step is lr x sign(m), sign-of-momentum descent); "
+             "`median update / lr` (of |update| / lr; 1 = every coordinate clipped). Newton-type: the fraction of steps whose "
+             "direction is not the gradient's (cosine to -g below 0.99), the median cosine, the products with "
+             "the curvature per step, the fraction of trust-region steps accepted and the median ratio rho "
+             "(actual / predicted decrease; influence: no ratio test).", ""]
+    header = ["method"] + [c for _, c in DIAG_COLS]
+    rows = []
+    for key, r in runs.items():
+        if not key.startswith("compare/"):
+            continue
+        dg = r.get("diagnostics") or {}
+        if not dg:
+            continue
+        rows.append([key.split("/", 1)[1]] + [dg.get(k) for k, _ in DIAG_COLS])
+    return lines + [_table(header, rows), ""] if rows else []
+
+
+def _shown(path) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(HERE.parent)) if p.is_relative_to(HERE.parent) else str(path)
+
+
+def section_cost(bench_path):
+    """Cost per step of each method, from the benchmark's steps section (docs/benchmarks.json)."""
+    if not bench_path or not Path(bench_path).is_file():
+        return []
+    b = json.loads(Path(bench_path).read_text())
+    st = b.get("steps", {})
+    methods, cfg = st.get("methods", {}), st.get("config", {})
+    if not methods:
+        return []
+    so = methods.get("so_graddiff", {}).get("median_s")
+    m = b.get("machine", {})
+    lines = ["### Cost per step (from `simu-jax bench`)", "",
+             f"`simu-jax bench` steps section ({_shown(bench_path)}): a {cfg.get('layers')}-layer LLaMA, hidden "
+             f"{cfg.get('hidden')}, intermediate {cfg.get('intermediate')}, vocab {cfg.get('vocab')}, "
+             f"{cfg.get('batch_per_part')} + {cfg.get('batch_per_part')} sequences of {cfg.get('seq')} tokens, "
+             f"SIMU subset {cfg.get('neuron_fraction')} of the neurons; Newton-type steps at "
+             f"`cg_iters` {cfg.get('settings', {}).get('cg_iters')}; median of the timed steps on "
+             f"{m.get('cpu_model', m.get('cpu', '?'))} ({m.get('cpu_count', '?')} cores), {b.get('timestamp_utc', '')}.",
+             ""]
+    header = ["method", "step (ms)", "x so_graddiff", "curvature products", "trainable params"]
+    rows = []
+    for label, r in methods.items():
+        rows.append([label, f"{r['median_s'] * 1e3:.0f}", None if not so else f"{r['median_s'] / so:.2f}",
+                     r.get("cg_iterations"), r.get("num_trainable")])
+    return lines + [_table(header, rows), ""]
 
 
 def section_ablations(d, stop, figdir):
@@ -98,7 +155,7 @@ def section_ablations(d, stop, figdir):
     rows = []
     items = ([("default (t=0.5, m=3)", base)] if base else []) + \
         [(k.split("/")[1], r) for k, r in runs.items() if k.startswith("ablations/")]
-    items.append(("simu_newton (exact Newton-CG)", runs.get("compare/simu_newton")))
+    items.append(("simu_newton (trust-region Newton, Lanczos)", runs.get("compare/simu_newton")))
     items.append(("so_graddiff (no mask, all params)", runs.get("compare/so_graddiff")))
     for name, r in items:
         if r is None:
@@ -251,6 +308,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", default="runs/study/study.json")
     p.add_argument("--real", default=None, help="markdown section for the real-data runs (JSON with 'markdown')")
+    p.add_argument("--bench", default=str(HERE.parent / "docs" / "benchmarks.json"),
+                   help="simu-jax bench --json output: the cost-per-step table")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results.md"))
     args = p.parse_args(argv)
     d = json.loads(Path(args.study).read_text())
@@ -261,7 +320,8 @@ def main(argv=None) -> int:
     notes = (HERE / "results_notes.md").read_text() if (HERE / "results_notes.md").is_file() else ""
     real = json.loads(Path(args.real).read_text()) if args.real and Path(args.real).is_file() else None
     lines = ["# Results", "", notes.strip(), ""]
-    lines += section_compare(d, stop) + section_ablations(d, stop, figdir) + section_curvature(d, figdir)
+    lines += section_compare(d, stop) + section_cost(args.bench) + section_ablations(d, stop, figdir)
+    lines += section_curvature(d, figdir)
     lines += section_sequential(d) + section_relearn(d) + section_real(real)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -278,7 +278,29 @@ def _row(run_dir: Path) -> dict:
         row["start_retain_nll"] = curve[0]["eval/retain_loss"]
     if (run_dir / "relearn.json").is_file():
         row["relearn"] = json.loads((run_dir / "relearn.json").read_text())
+    row["diagnostics"] = diagnostics(loaded["history"] or [])
     return row
+
+
+def diagnostics(history: list[dict]) -> dict:
+    """How second-order a run's steps were: medians over its steps of Sophia's clip fraction and
+    |update|/lr; for the Newton-type steps the fraction of steps off the gradient direction
+    (cosine to -g < 0.99), the median cosine, products per step, accepted fraction, median rho."""
+    import statistics
+
+    def col(key):
+        return [r[key] for r in history if key in r and r[key] == r[key]]  # drops NaN
+
+    out = {}
+    if col("sophia/clip_fraction"):
+        out["clip_fraction"] = statistics.median(col("sophia/clip_fraction"))
+        out["update_over_lr"] = statistics.median(col("sophia/update_over_lr_median"))
+    cos = col("newton/cos_neg_grad")
+    if cos:
+        out.update(off_gradient=sum(c < 0.99 for c in cos) / len(cos), cos_median=statistics.median(cos),
+                   products_median=statistics.median(col("newton/cg_iterations")),
+                   accepted=statistics.fmean(col("newton/accepted")), rho_median=statistics.median(col("newton/rho")))
+    return out
 
 
 def collect(root: Path) -> dict:
