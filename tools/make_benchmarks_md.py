@@ -109,7 +109,9 @@ METHOD_NAMES = {
     "so_graddiff": "`so_graddiff` (Sophia, g*g, all params; SOUL)",
     "so_graddiff_hutchinson": "`so_graddiff` + Hutchinson (Sophia-H, one exact HVP)",
     "simu_graddiff": "`simu_graddiff` (Sophia on the SIMU subset)",
-    "simu_newton": "`simu_newton` (exact Newton-CG on the SIMU subset)",
+    "simu_newton": "`simu_newton` (trust-region Newton, exact Hessian, Lanczos solver, SIMU subset)",
+    "simu_ggn": "`simu_ggn` (trust-region Gauss-Newton, Steihaug CG, SIMU subset)",
+    "simu_influence": "`simu_influence` (influence step, CG on the retain GGN, SIMU subset)",
 }
 
 
@@ -439,14 +441,12 @@ def extra_notes(r: dict) -> list[str]:
                    f"PyTorch {par['torch_so_first_loss']:.7f} (|diff| {par['abs_diff']:.1e}).")
     n = r["steps"]["methods"].get("simu_newton")
     if n and "cg_iterations" in n:
-        out.append(f"- `simu_newton`: {n['cg_iterations']} CG iterations done (cap "
-                   f"{r['steps']['config']['settings']['cg_iters']}, damping "
-                   f"{r['steps']['config']['settings']['damping']}, chosen so that CG runs to its cap: with a small "
-                   f"damping it stops at the first negative-curvature direction of the GradDiff Hessian), "
-                   f"{ms(n['per_cg_iter_s'])} ms per iteration = step / iterations"
+        out.append(f"- `simu_newton`: {n['cg_iterations']} Lanczos products (`cg_iters` "
+                   f"{r['steps']['config']['settings']['cg_iters']}; the Lanczos trust-region solver always takes "
+                   f"them all), {ms(n['per_cg_iter_s'])} ms per product = step / products"
                    + (f" = {n['per_cg_iter_over_grad']:.2f}x the SIMU-subset gradient" if "per_cg_iter_over_grad" in n
                       else "")
-                   + (f"; one full HVP on the SIMU subset alone: {ms(n['hvp_simu_s'])} ms (a CG iteration reuses "
+                   + (f"; one full HVP on the SIMU subset alone: {ms(n['hvp_simu_s'])} ms (a product reuses "
                       "one linearization, so it costs less)" if "hvp_simu_s" in n else "")
                    + ".")
     so2 = r["second_order"]["sizes"]

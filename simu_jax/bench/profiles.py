@@ -71,6 +71,8 @@ STEP_METHODS = {  # label -> (registry name, StepSettings overrides)
     "so_graddiff_hutchinson": ("so_graddiff", {"estimator": "hutchinson"}),
     "simu_graddiff": ("simu_graddiff", {}),
     "simu_newton": ("simu_newton", {}),
+    "simu_ggn": ("simu_ggn", {}),
+    "simu_influence": ("simu_influence", {}),
 }
 
 
@@ -133,10 +135,10 @@ def step_settings(p: Profile, **overrides):
     from simu_jax.optim import OptimSpec
 
     # SOUL's Sophia (betas 0.9/0.95, rho 0.04, bs 5120, wd 0.1, g*g every step); the torch peer
-    # gets exactly these numbers. Newton-CG: the GradDiff Hessian is indefinite, and with a small
-    # damping CG stops at its first negative-curvature direction (after 1 iteration here); a
-    # damping of 10 and tol 1e-12 keep CG to its iteration cap, so the step does a fixed,
-    # known number of HVPs (this section measures cost, not the solve).
+    # gets exactly these numbers. Newton-type steps: simu_newton's Lanczos solver always takes
+    # cg_iters products; for the CG solvers (simu_ggn's Steihaug, simu_influence's CG) a damping
+    # of 10 and tol 1e-12 keep CG running (to its cap or the trust radius), so each step does a
+    # known number of products (this section measures cost, not the solve).
     base = dict(learning_rate=1e-5, b1=0.9, b2=0.95, rho=0.04, batch_scale=5120.0, weight_decay=0.1,
                 update_interval=1, estimator="fisher", damping=10.0, trust_radius=0.5, cg_iters=p.cg_iters,
                 cg_tol=1e-12)
