@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 MAX_STEPS = 60
 EVAL_LIMIT = 100
 ATTRIBUTION_EXAMPLES = {"tofu": None, "lume": 256}
-METHODS = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton")
+METHODS = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "simu_ggn", "simu_influence")
 
 
 def finetune(bench: str, split: str, out: Path, tokenizer: str | None = None) -> Path:
