@@ -455,7 +455,8 @@ def _load(args):
 
 def plan(cfg: UnlearnConfig) -> str:
     """The run's settings and its per-device memory estimate (`simu-jax unlearn --dry-run`). Reads
-    only the model's config.json (a local directory holding just that file is enough)."""
+    only the model's config.json (a local directory holding just that file is enough). With a
+    mesh, raises the run's ``check_layout`` error when the run would refuse the mesh."""
     from simu_jax.models.spec import model_config_from_spec
 
     method = resolved_method(cfg)
@@ -465,6 +466,8 @@ def plan(cfg: UnlearnConfig) -> str:
              "optim: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.optim).items()),
              "loss: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.loss).items()),
              f"model: {cfg.model.path}", f"benchmark: {cfg.data.benchmark}", f"steps: {cfg.steps} x batch {cfg.batch_size}"]
+    if cfg.mesh:  # the run's refusals (check_layout), from the mesh's sizes: no devices needed
+        lines.append(_plan_layout(cfg))
     try:
         from simu_jax.memory import memory_estimate, per_device
 
@@ -495,6 +498,25 @@ def plan(cfg: UnlearnConfig) -> str:
     except Exception as e:  # the plan is informative; a missing model dir is reported by the real run
         lines.append(f"memory estimate unavailable: {' '.join(str(e).split())[:120]}")
     return "\n".join(lines)
+
+
+def _plan_layout(cfg: UnlearnConfig) -> str:
+    """What `run_unlearn` checks before it reads or writes anything, on the mesh's axis sizes
+    alone (so a dry run on a laptop plans a 16-chip slice): the same ``ValueError`` when the
+    run would refuse the mesh (a spec that does not parse, a ``batch_size`` that does not
+    divide the batch axes, a parameter dimension that does not divide its axes), else a line."""
+    from simu_jax.memory import _mesh_sizes
+    from simu_jax.models.spec import model_config_from_spec
+    from simu_jax.sharding import check_layout
+
+    sizes = _mesh_sizes(cfg.mesh)
+    try:
+        mcfg = model_config_from_spec(cfg.model) if cfg.model.path else None
+    except Exception:  # noqa: BLE001 - no config.json: the memory estimate below says so
+        mcfg = None
+    check_layout(sizes, model_config=mcfg, batch_sizes={"batch_size": cfg.batch_size})
+    what = "batch_size and every parameter dimension divide" if mcfg is not None else "batch_size divides"
+    return f"layout: {what} their axes of the mesh {cfg.mesh} (the run's check_layout passes)"
 
 
 def cli_main(argv: list[str]) -> int:
