@@ -52,7 +52,7 @@ def _presets():
                             max_position_embeddings=4096),
         "OLMo-1B": _cfg(model_type="olmo", vocab_size=50304, hidden_size=2048, intermediate_size=8192,
                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
-                        tie_word_embeddings=True),
+                        max_position_embeddings=4096, tie_word_embeddings=True),
         # OLMo-7B: mlp_hidden_size 22016 is the fused gate+up width, so 11008 per SwiGLU half
         "OLMo-7B": _cfg(model_type="olmo", vocab_size=50304, hidden_size=4096, intermediate_size=11008,
                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128),
