@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from simu_jax.base import EXIT_INTERRUPTED, ArgumentParser, pad_token_id
+from simu_jax.base import EXIT_INTERRUPTED, ArgumentParser, ConfigError, pad_token_id
 from simu_jax.config import load_config
 from simu_jax.data import DataSpec, load_benchmark, qa_template
 from simu_jax.engine import METHODS, StepSettings, get_method
@@ -74,7 +74,19 @@ class EvalSpec:
     number caps further). `reference_log`: a TOFU eval log
     (`eval_log_aggregated.json`, e.g. a published retain model's) whose forget-set truth ratios
     are the forget-quality reference when no `reference` model is given. `dtype`: the parameter
-    dtype of the evaluation (`protocol`: bfloat16 under tofu, as TOFU runs; `model`: the model's).
+    dtype of the evaluation (`protocol`: bfloat16 under tofu and semeval, as TOFU's and SemEval's
+    scripts run; `model`: the model's). LUME's default protocol is `semeval` (SemEval-2025 Task 4's
+    evaluate_generations.py: bfloat16, generations decoded with clean_up_tokenization_spaces=True);
+    `simu` evaluates LUME as before.
+
+    The QA evaluation reports what `simu-jax evaluate` does (open-unlearning's suite included):
+    with a `reference` model also `mia_auc_reference`, `reference_mia_auc_min_k` and `privleak`
+    against the reference's Min-K% AUC (else against 0.5). `gradnorm`: also the GradNorm MIA,
+    `mia_auc_gradnorm` (one gradient per forget / holdout row: slow on large models; synthetic
+    and tofu). `mmlu`: LUME only, an MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`,
+    `dev/<subject>_dev.csv`); its 5-shot accuracy (`mmlu`) completes the SemEval final score
+    (`evaluate.runner.mmlu_accuracy`); `limit` keeps the first rows of each subject. It is read
+    when the config is loaded, so a missing or malformed file fails before the run.
     """
 
     enabled: bool = True
@@ -86,13 +98,19 @@ class EvalSpec:
     generate: bool = True
     max_new_tokens: int | None = field(default=32, metadata={"range": POS})
     batch_size: int = field(default=16, metadata={"range": POS})
-    protocol: Literal["tofu", "open-unlearning", "simu"] | None = None
+    protocol: Literal["tofu", "open-unlearning", "simu", "semeval"] | None = None
     reference_log: str | None = None
     dtype: Literal["protocol", "model", "bfloat16", "float32"] = "protocol"
+    gradnorm: bool = False
+    mmlu: str | None = None
 
     def __post_init__(self):
         if self.reference_log is not None and not Path(self.reference_log).expanduser().exists():
             raise FileNotFoundError(f"eval.reference_log: TOFU eval log not found: {self.reference_log}")
+        if self.mmlu is not None:  # read at start (a second or so): a bad file fails before the run
+            from simu_jax.data import load_mmlu
+
+            load_mmlu(self.mmlu)
 
 
 @dataclass
@@ -116,6 +134,20 @@ class UnlearnConfig:
     keep_checkpoints: int = field(default=2, metadata={"range": POS})
     mesh: str | None = None
     debug: DebugSpec = field(default_factory=DebugSpec)
+
+    def check(self) -> None:
+        from simu_jax.evaluate.protocol import check_protocol
+
+        bench = self.data.benchmark
+        if self.eval.protocol is not None:
+            try:
+                check_protocol(self.eval.protocol, bench)
+            except ValueError as e:
+                raise ConfigError(str(e), "eval.protocol") from None
+        if self.eval.mmlu is not None and bench != "lume":
+            raise ConfigError(f"applies to the lume benchmark (the SemEval final score), not {bench}", "eval.mmlu")
+        if self.eval.gradnorm and bench == "lume":
+            raise ConfigError("applies to the synthetic and tofu benchmarks (forget vs holdout rows)", "eval.gradnorm")
 
 
 def step_settings(cfg: UnlearnConfig) -> StepSettings:
@@ -393,39 +425,39 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
 def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True) -> dict[str, float]:
     """Evaluate `params` on the benchmark (forget quality against `cfg.reference`) -> summary.json."""
     from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, evaluation_sets,
-                                          format_summary, reference_forget_truth_ratios, summary_metrics,
-                                          write_results)
+                                          format_summary, summary_metrics, write_results)
 
-    from simu_jax.evaluate.protocol import default_protocol
+    from simu_jax.evaluate.protocol import check_protocol, default_protocol
 
     bench = prep.bench
-    protocol = cfg.eval.protocol or default_protocol(bench.name)
+    protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name), bench.name)
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size,
                     protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype)
     sets = evaluation_sets(bench, cfg.eval.limit, protocol=protocol)
     if bench.name == "lume":
-        from simu_jax.data import load_mia_documents
+        from simu_jax.data import load_mia_documents, load_mmlu
 
         try:  # SemEval's document-level MIA (members = LUME forget documents); absent = no MIA keys
             member, nonmember = load_mia_documents("member"), load_mia_documents("nonmember")
         except FileNotFoundError:
             member = nonmember = None
+        mmlu = load_mmlu(cfg.eval.mmlu, limit=cfg.eval.limit) if cfg.eval.mmlu else None
         summary, per_sample = evaluate_lume(scorer, sets["forget"], sets["retain"], member, nonmember,
-                                            max_new_tokens=cfg.eval.max_new_tokens or 256, generate=cfg.eval.generate)
+                                            max_new_tokens=cfg.eval.max_new_tokens or 256, generate=cfg.eval.generate,
+                                            mmlu=mmlu)
     else:
-        ref_tr = None
-        if cfg.reference:
+        ref_tr = ref_scorer = None
+        if cfg.reference:  # one scorer: forget-quality truth ratios, reference MIA, privleak's reference AUC
             ref = load_model(cfg.reference)
-            ref_tr = reference_forget_truth_ratios(Scorer(ref.graphdef, ref.params, prep.tokenizer, prep.template,
-                                                          batch_size=cfg.eval.batch_size, protocol=protocol,
-                                                          dtype=scorer.dtype),
-                                                   sets["forget"])
+            ref_scorer = Scorer(ref.graphdef, ref.params, prep.tokenizer, prep.template,
+                                batch_size=cfg.eval.batch_size, protocol=protocol, dtype=scorer.dtype)
         elif cfg.eval.reference_log:
             from simu_jax.evaluate.tofu_log import log_forget_truth_ratios, read_tofu_log
 
             ref_tr = log_forget_truth_ratios(read_tofu_log(cfg.eval.reference_log))
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
-                                                    generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens)
+                                                    generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens,
+                                                    reference_scorer=ref_scorer, gradnorm=cfg.eval.gradnorm)
     write_results(out, cfg.method, summary, per_sample)
     if not quiet:
         print(format_summary(summary), file=sys.stderr)

@@ -203,16 +203,25 @@ def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path, monk
     from simu_jax.data import load_lume
 
     monkeypatch.setenv("SIMU_JAX_DATA_DIR", str(_small_lume_data_dir(tmp_path / "data")))
+    mmlu = tmp_path / "mmlu"  # eval.mmlu: Hendrycks' layout, one subject
+    for split, rows in (("test", "What is 1 + 1?,1,2,3,4,B\nWhat is 2 + 2?,4,3,2,1,A\n"),
+                        ("dev", "What is 0 + 1?,0,1,2,3,B\n")):
+        (mmlu / split).mkdir(parents=True)
+        (mmlu / split / f"arithmetic_{split}.csv").write_text(rows)
     out = tmp_path / "lume"
     args = ["unlearn", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
             "data.benchmark=lume", "data.max_length=64", "method=fo_graddiff", "steps=1", "batch_size=2",
-            "eval.limit=3", "eval.max_new_tokens=4"]
+            "eval.limit=3", "eval.max_new_tokens=4", f"eval.mmlu={mmlu}"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
-    for key in ("task_aggregate", "forget_regurgitation", "retain_regurgitation", "mia_auc_loss", "mia_score"):
+    for key in ("task_aggregate", "forget_regurgitation", "retain_regurgitation", "mia_auc_loss", "mia_score",
+                "mmlu"):
         assert key in m and np.isfinite(m[key]), key
     assert m["mia_score"] == pytest.approx(1 - 2 * abs(m["mia_auc_loss"] - 0.5))
+    assert m["mmlu"] in (0.0, 0.5, 1.0) and summary["details"]["semeval"]["complete"]
+    meta = json.loads((out / "per_sample.json").read_text())["meta"]
+    assert (meta["protocol"], meta["dtype"]) == ("semeval", "bfloat16")  # SemEval's script: bf16, clean-up decode
     scored = {r["id"] for r in json.loads((out / "per_sample.json").read_text())["rows"]}
     for row in load_lume("forget")[:3]:  # the first `limit` forget rows were generated from and scored
         assert row["id"] in scored

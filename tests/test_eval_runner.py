@@ -26,6 +26,7 @@ from simu_jax.evaluate.runner import (
     evaluate_lume,
     evaluate_qa_benchmark,
     forget_truth_ratios,
+    mmlu_accuracy,
     reference_forget_truth_ratios,
 )
 from simu_jax.models import split_params
@@ -411,8 +412,12 @@ def test_cli_bad_model_dirs_give_one_line_errors(tmp_path):
                   "--reference-log", str(empty)])
     with pytest.raises(FileNotFoundError, match="TOFU eval log"):
         cli_main(["--model", str(empty), "--benchmark", "synthetic", "--reference-log", str(missing)])
-    with pytest.raises(ValueError, match="--protocol applies"):
+    with pytest.raises(ValueError, match="'tofu' does not apply to the lume benchmark"):
         cli_main(["--model", str(empty), "--benchmark", "lume", "--protocol", "tofu"])
+    with pytest.raises(ValueError, match="'semeval' does not apply to the synthetic benchmark"):
+        cli_main(["--model", str(empty), "--benchmark", "synthetic", "--protocol", "semeval"])
+    with pytest.raises(ValueError, match="--mmlu applies to the lume benchmark"):
+        cli_main(["--model", str(empty), "--benchmark", "synthetic", "--mmlu", str(empty)])
     with pytest.raises(ValueError, match="--template must be"):
         cli_main(["--model", str(empty), "--benchmark", "synthetic", "--template", "Q:"])
 
@@ -456,3 +461,208 @@ def test_tofu_without_data_reads_the_local_copy_or_else_the_hub(tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="not on the Hugging Face hub") as e:
         runner._data_spec(runner.build_parser().parse_args(["--model", "m", "--benchmark", "lume"]))
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- unlearn's final evaluation
+
+
+def torch_grad_norm(model, tok, question, answer):
+    """open-unlearning's GradNorm statistic restated on the HF model: mean over the parameter
+    tensors of the 2-norm of the gradient of the mean NLL of the answer tokens (the EOS
+    prediction dropped, as ``tokenwise_logprobs``)."""
+    prompt = [BOS] + ids(tok, TEMPLATE.prompt(question))
+    seq = prompt + ids(tok, answer)
+    model.zero_grad()
+    logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+    nll = -torch.stack([logp[t - 1, seq[t]] for t in range(len(prompt), len(seq))]).mean()
+    nll.backward()
+    g = torch.stack([q.grad.norm(p=2) for q in model.parameters() if q.grad is not None]).mean().item()
+    model.zero_grad()
+    return g
+
+
+def test_unlearn_evaluation_reports_the_evaluate_suite(hf, bench, tmp_path):
+    """`simu-jax unlearn`'s final evaluation (evaluate_run) with a reference model and a holdout
+    set: the reference-based MIA keys, privleak against the reference's Min-K% AUC, and with
+    eval.gradnorm the GradNorm AUC, each against a computation here; all in summary.json, the
+    returned metrics and the report table."""
+    from simu_jax.config import load_config
+    from simu_jax.evaluate import metrics as M
+    from simu_jax.evaluate.report import format_table, load_run
+    from simu_jax.unlearn import UnlearnConfig, evaluate_run, prepare
+
+    _, fitted, tok = hf
+
+    def random_model(seed, d):
+        torch.manual_seed(seed)
+        m_ = LlamaForCausalLM(fitted.config).float().eval()
+        m_.save_pretrained(d)
+        tok.save_pretrained(d)
+        return m_
+
+    # Two random models as target and reference: the fitted model's forget-vs-holdout AUCs are all
+    # 1, for which privleak is -100 whatever the reference AUC.
+    model_dir, ref_dir = tmp_path / "target", tmp_path / "reference"
+    model, ref_model = random_model(1, model_dir), random_model(3, ref_dir)
+    cfg = load_config(UnlearnConfig, None, [
+        f"model.path={model_dir}", f"reference={ref_dir}", "data.synthetic.num_people=5",
+        "data.synthetic.facts_per_person=3", "data.synthetic.num_general=5", "eval.generate=false",
+        "eval.gradnorm=true", "eval.batch_size=4"])
+    prep = prepare(cfg)
+    assert [r["question"] for r in prep.bench.holdout] == [r["question"] for r in bench.holdout]
+    out = tmp_path / "run"
+    metrics = evaluate_run(cfg, prep, prep.params, out)
+
+    doc = json.loads((out / "summary.json").read_text())
+    for key in ("mia_auc_reference", "reference_mia_auc_min_k", "privleak", "mia_auc_gradnorm",
+                "forget_extraction_strength", "forget_exact_memorization", "forget_quality"):
+        assert np.isfinite(doc["metrics"][key]) and metrics[key] == doc["metrics"][key], key
+    m = doc["metrics"]
+    assert m["privleak"] == pytest.approx(M.privleak(m["mia_auc_min_k"], m["reference_mia_auc_min_k"]), rel=1e-12)
+    assert m["privleak"] != pytest.approx(M.privleak(m["mia_auc_min_k"]))  # not against the default 0.5
+    # reference attack: AUC of ref_nll - target_nll, members = forget, non-members = holdout
+    def ref_minus_target(recs):
+        return [torch_answer_nll(ref_model, tok, r["question"], r["answer"])
+                - torch_answer_nll(model, tok, r["question"], r["answer"]) for r in recs]
+
+    assert m["mia_auc_reference"] == pytest.approx(pairwise_auc(ref_minus_target(bench.forget),
+                                                                ref_minus_target(bench.holdout)))
+    # GradNorm: lower gradient norm = member
+    g_f = [torch_grad_norm(model, tok, r["question"], r["answer"]) for r in bench.forget]
+    g_h = [torch_grad_norm(model, tok, r["question"], r["answer"]) for r in bench.holdout]
+    per = json.loads((out / "per_sample.json").read_text())
+    np.testing.assert_allclose(per["forget"]["grad_norm"] + per["holdout"]["grad_norm"], g_f + g_h, rtol=1e-3)
+    assert m["mia_auc_gradnorm"] == pytest.approx(pairwise_auc(-np.asarray(g_f), -np.asarray(g_h)))
+    # forget quality came from the same reference scorer's truth ratios
+    assert len(per["reference_forget_truth_ratio"]) == len(bench.forget)
+    table = format_table([load_run(out)])
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    order = ["forget_exact_memorization", "forget_extraction_strength", "mia_auc_min_k", "mia_auc_reference",
+             "mia_auc_gradnorm", "reference_mia_auc_min_k", "privleak"]
+    assert [c for c in header if c in order] == sorted(order, key=M.METRIC_ORDER.index)
+
+
+# --------------------------------------------------------------------------- LUME under SemEval's protocol
+
+
+def test_semeval_protocol_cleans_up_decoded_spaces_and_scores_in_bfloat16(hf, scorer, bench):
+    """``--protocol semeval`` (LUME's default): generations decoded as transformers 4.x's
+    ``decode(..., clean_up_tokenization_spaces=True)`` (evaluate_generations.py:114-117), the
+    parameters in bfloat16 (:313); ``simu`` keeps the plain decode and the model's dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from simu_jax.evaluate.protocol import default_protocol
+
+    model_dir, model, tok = hf
+    assert default_protocol("lume") == "semeval"
+    sem = Scorer(scorer.graphdef, scorer.params, tok, batch_size=4, buckets=BUCKETS, protocol="semeval")
+    old = Scorer(scorer.graphdef, scorer.params, tok, batch_size=4, buckets=BUCKETS, protocol="simu")
+    text = "Lisbon , in Portugal . It is n't far"
+    toks = ids(tok, text)
+    assert tok.decode(toks) == text  # byte-level BPE: transformers' own decode keeps the spaces
+    assert old._decode(toks) == text
+    assert sem._decode(toks) == "Lisbon, in Portugal. It isn't far"
+    # the same generations, decoded either way (float32 both, so only the decode differs)
+    sem32 = Scorer(scorer.graphdef, scorer.params, tok, batch_size=4, buckets=BUCKETS, protocol="semeval",
+                   dtype="float32")
+    prompts = [r["question"] + " ," for r in bench.forget]
+    assert sem32.generate_continuations(prompts, NEW) == [
+        tok.clean_up_tokenization(g) for g in old.generate_continuations(prompts, NEW)]
+    # bfloat16: parameters cast, document NLLs those of HF's bf16 model, not the float32 numbers
+    assert sem.dtype == "bfloat16" and old.dtype is None
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(sem.params))
+    docs = [TEMPLATE.text(r["question"], r["answer"]) for r in bench.forget]
+    got = sem.token_logprobs(docs)["mean_nll"]
+    bf16 = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expect = [bf16(torch.tensor([[BOS] + ids(tok, d)]), labels=torch.tensor([[BOS] + ids(tok, d)])).loss.item()
+                  for d in docs]
+    f32 = [torch_doc_nll(model, tok, d) for d in docs]
+    np.testing.assert_allclose(got, expect, rtol=5e-2)
+    assert not np.allclose(got, f32, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- MMLU
+
+
+MMLU_TEST = {
+    "high_school_geography": [
+        ("Which city is the capital of Portugal?", "Madrid", "Lisbon", "Porto", "Faro", "B"),
+        ("Which river flows through Paris?", "Seine", "Thames", "Rhine", "Danube", "A"),
+        ("Which is a continent?", "Lisbon", "Paris", "Africa", "Seine", "C"),
+    ],
+    "astronomy": [
+        ("Which planet is closest to the sun?", "Venus", "Earth", "Mars", "Mercury", "D"),
+        ("What is the sun?", "a planet", "a star", "a moon", "a comet", "B"),
+        ("How many moons has the Earth?", "1", "2", "0", "4", "A"),
+    ],
+}
+MMLU_DEV = {
+    "high_school_geography": [("Which country is Lisbon in?", "Spain", "Portugal", "France", "Italy", "B"),
+                              ("Is the sea salty?", "yes", "no", "never", "dry", "A")],
+    "astronomy": [("What orbits the Earth?", "the Moon", "Mars", "the Sun", "Venus", "A")],
+}
+
+
+def _write_mmlu(root, test=MMLU_TEST, dev=MMLU_DEV):
+    import csv
+
+    for split, data in (("test", test), ("dev", dev)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for subject, rows in data.items():
+            with open(root / split / f"{subject}_{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+    return root
+
+
+def test_mmlu_accuracy_equals_independent_computation(hf, scorer, bench, tmp_path):
+    """5-shot MMLU as open-instruct's eval/mmlu/run_eval.py (the metrics.json SemEval's scorer
+    reads): the prompt written out here, the argmax over " A".." D" of the HF model's last-position
+    logits; accuracy = mean over all rows; it completes the SemEval final score."""
+    from simu_jax.data import load_mmlu
+
+    _, model, tok = hf
+    data = load_mmlu(_write_mmlu(tmp_path / "mmlu"))
+    assert list(data) == ["astronomy", "high_school_geography"]  # sorted, as run_eval.py:176-182
+    acc, per = mmlu_accuracy(scorer, data)
+    cand = [ids(tok, " " + c)[-1] for c in "ABCD"]
+    correct, preds = [], []
+    for subject in ("astronomy", "high_school_geography"):
+        words = {"astronomy": " astronomy", "high_school_geography": " high school geography"}[subject]
+        shots = "".join(f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {y}\n\n"
+                        for q, a, b, c, d, y in MMLU_DEV[subject])
+        for q, a, b, c, d, y in MMLU_TEST[subject]:
+            prompt = (f"The following are multiple choice questions (with answers) about {words}.\n\n" + shots
+                      + f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:")
+            with torch.no_grad():
+                logits = model(torch.tensor([[BOS] + ids(tok, prompt)])).logits[0, -1].numpy()
+            preds.append("ABCD"[int(np.argmax(logits[cand]))])
+            correct.append(preds[-1] == y)
+    assert per["prediction"] == preds
+    assert acc == pytest.approx(np.mean(correct)) and 0 < acc < 1  # some right, some wrong
+    assert per["per_subject"]["astronomy"] == pytest.approx(np.mean(correct[:3]))
+    # through the LUME evaluation: summary["mmlu"] and the final score's MMLU term
+    members = [TEMPLATE.text(r["question"], r["answer"]) for r in bench.forget]
+    nonmembers = [TEMPLATE.text(r["question"], r["answer"]) for r in bench.holdout]
+    rows = [{"id": "d1sc1", "input": bench.forget[0]["question"], "output": bench.forget[0]["answer"],
+             "task": "Task1"}]
+    summary, _ = evaluate_lume(scorer, rows, rows, members, nonmembers, max_new_tokens=NEW, mmlu=data)
+    assert summary["mmlu"] == acc and summary["semeval"]["mmlu"] == acc and summary["semeval"]["complete"]
+    assert summary["semeval"]["final_score"] == pytest.approx(
+        np.mean([summary["task_aggregate"], summary["mia_score"], acc]))
+    no_mmlu, _ = evaluate_lume(scorer, rows, rows, members, nonmembers, max_new_tokens=NEW)
+    assert not no_mmlu["semeval"]["complete"] and any("MMLU" in n for n in no_mmlu["notes"])
+
+
+@pytest.mark.parametrize("bad", ["Which moon?,Io,Europa,Titan,B", "Which moon?,Io,Europa,Titan,Rhea,B,extra",
+                                 "Which moon?,Io,Europa,Titan,Rhea,E"])
+def test_mmlu_malformed_row_is_refused_naming_the_file(tmp_path, bad):
+    from simu_jax.data import load_mmlu
+
+    root = _write_mmlu(tmp_path / "mmlu")
+    path = root / "test" / "astronomy_test.csv"
+    path.write_text(path.read_text() + bad + "\n")
+    with pytest.raises(ValueError) as e:
+        load_mmlu(root)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

@@ -442,4 +442,4 @@ def test_default_protocol_per_benchmark():
     from simu_jax.evaluate.protocol import default_protocol, get_protocol
 
     assert default_protocol("tofu") == "tofu" and get_protocol(None, default_protocol("tofu")).name == "tofu"
-    assert default_protocol("synthetic") == "simu" and default_protocol("lume") == "simu"
+    assert default_protocol("synthetic") == "simu" and default_protocol("lume") == "semeval"

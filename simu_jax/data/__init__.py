@@ -1,4 +1,4 @@
-"""Data layer: TOFU / LUME / SemEval loaders, the embedded synthetic benchmark,
+"""Data layer: TOFU / LUME / SemEval / MMLU loaders, the embedded synthetic benchmark,
 tokenization into fixed-shape arrays, batching and a small BPE tokenizer, and the
 benchmark spec of run configurations (:mod:`simu_jax.data.benchmark`)."""
 
@@ -11,6 +11,7 @@ from .lume import (
     load_semeval,
     parse_lume_id,
 )
+from .mmlu import MMLU_CHOICES, load_mmlu, mmlu_prompts
 from .synthetic import (
     FACT_TYPES,
     GENERAL_FACTS,
@@ -60,6 +61,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LUME_SPLITS",
     "MIA_SETS",
+    "MMLU_CHOICES",
     "QATemplate",
     "REFUSALS",
     "SEMEVAL_SPLITS",
@@ -77,9 +79,11 @@ __all__ = [
     "load_idontknow",
     "load_lume",
     "load_mia_documents",
+    "load_mmlu",
     "load_semeval",
     "load_tofu",
     "make_synthetic",
+    "mmlu_prompts",
     "parse_lume_id",
     "read_json_records",
     "sequence_lengths",

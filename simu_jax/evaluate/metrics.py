@@ -85,6 +85,8 @@ METRIC_ORDER: tuple[str, ...] = (
     "forget_regurgitation",
     "forget_knowledge",
     "forget_quality",
+    "forget_extraction_strength",
+    "forget_exact_memorization",
     "retain_prob",
     "retain_rouge",
     "retain_truth_ratio",
@@ -100,6 +102,14 @@ METRIC_ORDER: tuple[str, ...] = (
     "mmlu",
     "mia_auc",
     "mia_score",
+    "mia_auc_loss",
+    "mia_auc_zlib",
+    "mia_auc_min_k",
+    "mia_auc_min_k_pp",
+    "mia_auc_reference",
+    "mia_auc_gradnorm",
+    "reference_mia_auc_min_k",
+    "privleak",
 )
 
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols: whose choices a QA evaluation follows (``--protocol``, ``eval.protocol``).
+"""Evaluation protocols: whose choices an evaluation follows (``--protocol``, ``eval.protocol``).
 
 The metric *formulas* are the same under every protocol (``docs/metrics.md``); what differs is
 which rows are scored, which tokens carry the loss, how question and answer are tokenized, how
@@ -17,7 +17,15 @@ generation budget      200 tokens in total (batch 30)   200 new tokens          
 MIA Min-K% k           0.4 (open-unlearning's)          0.4                               0.2
 zlib text              decoded label tokens             decoded label tokens              the answer string
 parameter dtype        bfloat16                         the model's                       the model's
+decoded generations    the tokenizer's decode           the tokenizer's decode            the tokenizer's decode
+benchmarks             synthetic, tofu                  synthetic, tofu                   all
 =====================  ===============================  ================================  ===========================
+
+``semeval`` (SemEval-2025 Task 4's ``evaluate_generations.py``, the default for LUME; LUME only)
+runs the model in bfloat16 and decodes generations with ``clean_up_tokenization_spaces=True``;
+its other fields (QA tokenization, rows, ...) are ``simu``'s and unused by the LUME evaluation.
+``simu`` on LUME keeps the evaluation as it was before (the model's dtype, the tokenizer's
+plain decode).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["PROTOCOLS", "PROTOCOL_NAMES", "Protocol", "get_protocol"]
+__all__ = ["PROTOCOLS", "PROTOCOL_NAMES", "Protocol", "check_protocol", "default_protocol", "get_protocol"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,15 @@ class Protocol:
     * ``zlib_text``: ``"labels"`` = the decoded label tokens (open-unlearning ``zlib.py:22``,
       ``extract_target_texts_from_processed_data``, ``utils.py:333-340``), ``"answer"`` = the
       answer string.
+    * ``clean_up_spaces``: generations are decoded as ``tokenizer.decode(ids,
+      skip_special_tokens=True, clean_up_tokenization_spaces=True)`` did in transformers 4.x,
+      whatever the tokenizer (SemEval ``evaluate_generations.py:114-117``, read through
+      ``ArjunDosajh/Mr.Snuffleupagus-SemEval-2025-Task-4`` @ 116bf41): HF's
+      ``clean_up_tokenization`` (``" ," -> ","``, ``" ." -> "."``, ``" n't" -> "n't"``, ...)
+      on the decoded text. transformers 5 skips that step for BPE tokenizers
+      (``tokenization_utils_tokenizers.py:1174-1197`` in 5.24), so it is applied here
+      explicitly. ``False``: the tokenizer's own decode (no argument passed), as before.
+    * ``benchmarks``: the benchmarks the protocol applies to (:func:`check_protocol`).
     """
 
     name: str
@@ -76,6 +93,8 @@ class Protocol:
     mia_k: float
     zlib_text: Literal["labels", "answer"]
     dtype: str | None = None
+    clean_up_spaces: bool = False
+    benchmarks: tuple[str, ...] = ("synthetic", "tofu", "lume")
 
     def with_(self, **kw) -> "Protocol":
         return replace(self, **kw)
@@ -84,14 +103,19 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "tofu": Protocol("tofu", rows=300, random_limit=False, tokenization="tofu", qa_max_length=200,
                      generation_prompt="question", generation_total=200, generation_batch=30, max_new_tokens=None,
-                     mia_k=0.4, zlib_text="labels", dtype="bfloat16"),
+                     mia_k=0.4, zlib_text="labels", dtype="bfloat16", benchmarks=("synthetic", "tofu")),
     "open-unlearning": Protocol("open-unlearning", rows=None, random_limit=False, tokenization="open-unlearning",
                                 qa_max_length=512, generation_prompt="prompt", generation_total=None,
-                                generation_batch=None, max_new_tokens=200, mia_k=0.4, zlib_text="labels"),
+                                generation_batch=None, max_new_tokens=200, mia_k=0.4, zlib_text="labels",
+                                benchmarks=("synthetic", "tofu")),
     "simu": Protocol("simu", rows=None, random_limit=True, tokenization="split", qa_max_length=None,
                      generation_prompt="prompt", generation_total=None, generation_batch=None, max_new_tokens=200,
                      mia_k=0.2, zlib_text="answer"),
 }
+# SemEval-2025 Task 4 (LUME): AutoModelForCausalLM.from_pretrained(..., torch_dtype=torch.bfloat16)
+# (evaluate_generations.py:313) and the decode of evaluate_generations.py:114-117; the rest is simu's.
+PROTOCOLS["semeval"] = PROTOCOLS["simu"].with_(name="semeval", dtype="bfloat16", clean_up_spaces=True,
+                                               benchmarks=("lume",))
 PROTOCOL_NAMES: tuple[str, ...] = tuple(PROTOCOLS)
 
 
@@ -101,8 +125,8 @@ PROTOCOL_NAMES: tuple[str, ...] = tuple(PROTOCOLS)
 # finetune`, which scores the answer tokens only with prompt and answer tokenized apart; under
 # `tofu` such a model is scored on an answer tag it never learned to produce (forget prob 0.024
 # against 0.764 under `simu` on the quick demo's target), so it keeps `simu` until finetune can
-# train TOFU-style.
-DEFAULT_PROTOCOL: dict[str, str] = {"tofu": "tofu", "synthetic": "simu", "lume": "simu"}
+# train TOFU-style. LUME: SemEval's own script (`semeval`).
+DEFAULT_PROTOCOL: dict[str, str] = {"tofu": "tofu", "synthetic": "simu", "lume": "semeval"}
 
 
 def default_protocol(benchmark: str) -> str:
@@ -118,3 +142,14 @@ def get_protocol(protocol: "str | Protocol | None", default: str = "simu") -> Pr
     if name not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {name!r}; expected one of {', '.join(PROTOCOL_NAMES)}")
     return PROTOCOLS[name]
+
+
+def check_protocol(protocol: "str | Protocol", benchmark: str) -> Protocol:
+    """The :class:`Protocol` named ``protocol``, refused (``ValueError``, one line) when it does not
+    apply to ``benchmark`` (its ``benchmarks``)."""
+    proto = get_protocol(protocol)
+    if benchmark not in proto.benchmarks:
+        fits = [n for n, p in PROTOCOLS.items() if benchmark in p.benchmarks]
+        raise ValueError(f"protocol {proto.name!r} does not apply to the {benchmark} benchmark; "
+                         f"use one of {', '.join(fits)}")
+    return proto

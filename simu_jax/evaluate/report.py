@@ -16,7 +16,10 @@ Run-directory schema (one directory per method / run)
   ``retain_truth_ratio``, ``real_authors_*``, ``world_facts_*``,
   ``forget_regurgitation``, ``forget_knowledge``, ``retain_regurgitation``,
   ``retain_knowledge``, ``mia_auc``, ``mia_score``, ``mmlu``, ``task_aggregate``,
-  ``aggregate`` / ``final_score``.  Non-numeric values are ignored.
+  ``aggregate`` / ``final_score``, open-unlearning's ``forget_extraction_strength``,
+  ``forget_exact_memorization``, the MIA AUCs ``mia_auc_loss`` / ``_zlib`` / ``_min_k`` /
+  ``_min_k_pp`` / ``_reference`` / ``_gradnorm``, ``reference_mia_auc_min_k`` and ``privleak``
+  (what ``simu-jax evaluate`` and ``simu-jax unlearn`` write).  Non-numeric values are ignored.
 
 ``metrics.jsonl`` (optional): one JSON object per line, each with ``"step"``
 (int) and any numeric keys, e.g.

@@ -16,7 +16,7 @@ and sources in ``docs/metrics.md``).
   (LOSS, zlib, Min-K%, Min-K%++) forget vs holdout.
 * :func:`evaluate_lume`: LUME / SemEval-2025 Task 4: regurgitation (ROUGE-L
   recall on ``sc`` rows), knowledge (exact match on ``qa`` rows), the task
-  aggregate and the document-level MIA.
+  aggregate, the document-level MIA and MMLU (:func:`mmlu_accuracy`).
 * :func:`cli_main`: ``simu-jax evaluate``.
 
 Summary keys
@@ -40,8 +40,9 @@ The numbers use snake_case keys, which are what ``summary.json`` (and so
   ``retain_knowledge`` (the official ``overall-*-score``: means over rows),
   ``task_aggregate``, and with MIA documents ``mia_auc_loss`` (= ``mia_auc``,
   the official loss attack), ``mia_auc_zlib``, ``mia_auc_min_k``,
-  ``mia_auc_min_k_pp`` and ``mia_score``.  Nested extras: ``per_task``,
-  ``semeval``.
+  ``mia_auc_min_k_pp`` and ``mia_score``, with MMLU data (``--mmlu``) ``mmlu``.  Nested
+  extras: ``per_task``, ``semeval`` (the final score), ``mmlu_per_subject``.  The protocol
+  ``semeval`` (LUME's default) runs in bfloat16 and decodes as SemEval's script.
 * ``notes``: a list of strings saying what was skipped and why.
 """
 
@@ -63,7 +64,7 @@ from simu_jax.data.tokenize import DEFAULT_BUCKETS
 from simu_jax.evaluate import metrics as M
 from simu_jax.evaluate import mia as MIA
 from simu_jax.evaluate.metrics import METRIC_ORDER
-from simu_jax.evaluate.protocol import PROTOCOL_NAMES, default_protocol, get_protocol
+from simu_jax.evaluate.protocol import PROTOCOL_NAMES, check_protocol, default_protocol, get_protocol
 from simu_jax.evaluate.scoring import Scorer
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "evaluate_qa_benchmark",
     "forget_truth_ratios",
     "evaluation_sets",
+    "mmlu_accuracy",
     "subset",
     "reference_forget_truth_ratios",
     "summary_metrics",
@@ -200,7 +202,10 @@ def evaluate_qa_benchmark(
 
     ``reference_forget_truth_ratios``: per-sample raw truth ratios R of the retain-only model
     on the same forget records (:func:`reference_forget_truth_ratios` or
-    :func:`forget_truth_ratios` of its own evaluation); adds Forget Quality (KS p-value).
+    :func:`forget_truth_ratios` of its own evaluation, or a TOFU eval log's); adds Forget
+    Quality (KS p-value). Without them, ``reference_scorer`` (the retain-only model) gives them
+    (:func:`reference_forget_truth_ratios`), so one reference scorer yields forget quality and the
+    reference-based MIA keys; the R used is ``per_sample["reference_forget_truth_ratio"]``.
 
     ``generate=False`` skips generation: the ROUGE numbers and Model Utility are left out
     (noted in ``summary["notes"]``).
@@ -301,10 +306,14 @@ def evaluate_qa_benchmark(
         extra = {}
 
     ref = None
+    if reference_forget_truth_ratios is None and reference_scorer is not None and "forget" in sets:
+        reference_forget_truth_ratios = _reference_truth_ratios(reference_scorer, list(sets["forget"]),
+                                                                perturbed_mean)
     if reference_forget_truth_ratios is not None:
         ref = np.asarray(reference_forget_truth_ratios, dtype=np.float64).ravel()
         if ref.size == 0:
             raise ValueError("reference_forget_truth_ratios is empty")
+        per_sample["reference_forget_truth_ratio"] = ref
     tofu = M.tofu_summary(per_set_stats, ref, perturbed_mean=perturbed_mean)
     if "general" in sets:
         tofu = {k.replace("World Facts", "General"): v for k, v in tofu.items()}
@@ -376,13 +385,18 @@ def evaluate_qa_benchmark(
     return summary, per_sample
 
 
+def _reference_truth_ratios(scorer: Scorer, forget_records: Sequence[Mapping[str, Any]],
+                            perturbed_mean: str) -> np.ndarray:
+    para = scorer.answer_mean_nll(forget_records, "paraphrased_answer")
+    pert = scorer.perturbed_mean_nll(forget_records)
+    return M.truth_ratio(para, pert, perturbed_mean=perturbed_mean)
+
+
 def reference_forget_truth_ratios(scorer: Scorer, forget_records: Sequence[Mapping[str, Any]],
                                   perturbed_mean: str = "geometric") -> np.ndarray:
     """Raw truth ratios R of a (retain-only reference) model on the forget records (no generation)."""
     _check_set("forget", forget_records)
-    para = scorer.answer_mean_nll(forget_records, "paraphrased_answer")
-    pert = scorer.perturbed_mean_nll(forget_records)
-    return M.truth_ratio(para, pert, perturbed_mean=perturbed_mean)
+    return _reference_truth_ratios(scorer, forget_records, perturbed_mean)
 
 
 def forget_truth_ratios(result: Any) -> np.ndarray:
@@ -420,7 +434,8 @@ def evaluate_lume(
     max_new_tokens: int = 256,
     *,
     generate: bool = True,
-    mia_k: float = 0.2,
+    mia_k: float | None = None,
+    mmlu: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """LUME / SemEval-2025 Task 4 evaluation (official ``evaluate_generations.py``).
@@ -429,16 +444,23 @@ def evaluate_lume(
     and ``kind`` (``sc``/``qa``, else taken from the id). The model continues ``input`` as
     plain text (no QA template; greedy, ``max_new_tokens`` = 256 as the official script);
     ``sc`` rows score ROUGE-L recall of the continuation against ``output`` (regurgitation),
-    ``qa`` rows exact match (knowledge); then :func:`metrics.lume_summary`.
+    ``qa`` rows exact match (knowledge); then :func:`metrics.lume_summary`. Dtype and decoding
+    are the scorer's protocol's: ``semeval`` (the default for LUME) runs in bfloat16 and decodes
+    with ``clean_up_tokenization_spaces=True`` as the official script; ``simu`` as before.
 
     ``member_docs`` / ``nonmember_docs`` (dicts with ``document``, or strings) give the
     document-level MIA: the official loss attack (mean NLL over all tokens) as ``mia_auc`` /
-    ``mia_auc_loss`` and ``mia_score = 1 - 2|AUC - 0.5|``, plus zlib, Min-K% and Min-K%++.
-    Documents longer than ``scorer.max_length`` tokens are scored on their start.
-    MMLU is not computed here; ``summary["semeval"]`` is :func:`metrics.semeval_final_score`
-    without it (flagged incomplete).
+    ``mia_auc_loss`` and ``mia_score = 1 - 2|AUC - 0.5|``, plus zlib, Min-K% and Min-K%++
+    (``mia_k``: default the protocol's, 0.2). Documents longer than ``scorer.max_length`` tokens
+    are scored on their start.
+
+    ``mmlu``: :func:`simu_jax.data.load_mmlu`'s data; its accuracy (:func:`mmlu_accuracy`) is
+    ``summary["mmlu"]`` and the MMLU term of ``summary["semeval"]``
+    (:func:`metrics.semeval_final_score`), which without it is flagged incomplete.
     """
     log = log or _noop
+    if mia_k is None:
+        mia_k = scorer.protocol.mia_k
     notes: list[str] = []
     summary: dict[str, Any] = {}
     per_sample: dict[str, Any] = {}
@@ -491,11 +513,50 @@ def evaluate_lume(
         log(f"  MIA: {len(member_docs)} + {len(nonmember_docs)} documents in {time.perf_counter() - t0:.1f}s")
     else:
         notes.append("no member/nonmember documents: MIA not computed")
+    if mmlu is not None:
+        t0 = time.perf_counter()
+        summary["mmlu"], per_sample["mmlu"] = mmlu_accuracy(scorer, mmlu)
+        summary["mmlu_per_subject"] = per_sample["mmlu"]["per_subject"]
+        log(f"  MMLU: {len(per_sample['mmlu']['answer'])} questions in {time.perf_counter() - t0:.1f}s")
+    else:
+        notes.append("MMLU not computed (--mmlu DIR / eval.mmlu): the SemEval final score is incomplete")
     if "task_aggregate" in summary:
-        summary["semeval"] = M.semeval_final_score(summary["task_aggregate"], mia_s, None)
+        summary["semeval"] = M.semeval_final_score(summary["task_aggregate"], mia_s, summary.get("mmlu"))
     summary["notes"] = notes
-    per_sample["meta"] = {"mia_k": mia_k, "generate": bool(generate), "max_new_tokens": int(max_new_tokens)}
+    per_sample["meta"] = {"protocol": scorer.protocol.name, "dtype": scorer.dtype, "mia_k": mia_k,
+                          "generate": bool(generate), "max_new_tokens": int(max_new_tokens)}
     return summary, per_sample
+
+
+def mmlu_accuracy(scorer: Scorer, data: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """MMLU accuracy as open-instruct's ``eval/mmlu/run_eval.py`` (``allenai/open-instruct`` @
+    d05effeb4), whose ``metrics.json`` ``average_acc`` SemEval's scorer reads as its MMLU term
+    (:mod:`simu_jax.data.mmlu` for the prompts): per test row the argmax of the next-token logits
+    over the last token of ``" A"``, ``" B"``, ``" C"``, ``" D"`` (``run_eval.py:93-103``;
+    ``eval/utils.py:140-159`` ``get_next_word_predictions``: ``tokenizer(prompts,
+    add_special_tokens=True)``, left padding, ``logits[:, -1]``; the argmax of the softmax over
+    the candidates is the argmax of their logits), right when it is the answer letter; the
+    accuracy is the mean over all rows of all subjects (``run_eval.py:239``, ``average_acc``).
+
+    Not reproduced: open-instruct loads the model with ``torch_dtype="auto"`` (``utils.py:259``,
+    the checkpoint's dtype); here it runs in the scorer's dtype (bfloat16 under ``semeval``) with
+    float32 logits. Returns ``(accuracy, per_sample)`` with per-row ``subject``, ``answer``,
+    ``prediction``, ``logits`` [N, 4] and ``per_subject`` accuracies.
+    """
+    from simu_jax.data import MMLU_CHOICES, bos_prefix, mmlu_prompts
+
+    tok = scorer.tokenizer
+    rows = mmlu_prompts(data, tok, max_tokens=scorer.max_length - len(bos_prefix(tok)))
+    if not rows:
+        raise ValueError("the MMLU data has no test rows")
+    cand = [tok.encode(" " + c, add_special_tokens=False)[-1] for c in MMLU_CHOICES]
+    logits = scorer.next_token_logits([r["prompt"] for r in rows], cand)
+    pred = [MMLU_CHOICES[i] for i in np.argmax(logits, axis=-1)]
+    correct = np.array([p == r["answer"] for p, r in zip(pred, rows)])
+    subjects = [r["subject"] for r in rows]
+    per_subject = {s: float(np.mean([c for c, t in zip(correct, subjects) if t == s])) for s in dict.fromkeys(subjects)}
+    return float(np.mean(correct)), {"subject": subjects, "answer": [r["answer"] for r in rows], "prediction": pred,
+                                     "logits": logits, "per_subject": per_subject}
 
 
 # --------------------------------------------------------------------------- output
@@ -637,11 +698,17 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
                                            "forget-quality reference (instead of --reference)")
     p.add_argument("--protocol", choices=PROTOCOL_NAMES,
                    help="whose evaluation choices to follow (rows, scored tokens, tokenization, generation, MIA "
-                        "k): tofu (default; TOFU's evaluate_util.py), open-unlearning, simu (this project's "
-                        "earlier choices); synthetic/tofu only, see docs/metrics.md")
+                        "k, dtype, decoding): tofu (TOFU's evaluate_util.py; the default for tofu), "
+                        "open-unlearning, simu (this project's earlier choices; the default for synthetic), "
+                        "semeval (SemEval-2025 Task 4's evaluate_generations.py: bfloat16, generations decoded "
+                        "with clean_up_tokenization_spaces=True; lume only, its default); see docs/metrics.md")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "model"),
-                   help="parameter dtype to score and generate in (default: the protocol's: bfloat16 under tofu, "
-                        "as TOFU runs its models; the model's own under open-unlearning / simu)")
+                   help="parameter dtype to score and generate in (default: the protocol's: bfloat16 under tofu "
+                        "and semeval, as TOFU's and SemEval's scripts run their models; the model's own under "
+                        "open-unlearning / simu)")
+    p.add_argument("--mmlu", help="lume: MMLU data directory in Hendrycks' layout (test/<subject>_test.csv, "
+                                  "dev/<subject>_dev.csv): its 5-shot accuracy is the MMLU term of the SemEval "
+                                  "final score (open-instruct's eval/mmlu/run_eval.py, which SemEval's scorer reads)")
     p.add_argument("--template", help="QA template: 'tofu' (Question: q\\nAnswer: a, the default), 'llama2' "
                                       "([INST] q [/INST]a) or 'QUESTION_START|QUESTION_END|ANSWER_START' with "
                                       "\\n for a newline; refused when the tokenizer cannot encode it")
@@ -781,11 +848,13 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         raise ValueError("--reference-log (forget quality) applies to the synthetic and tofu benchmarks, not lume")
     if args.reference and args.reference_log:
         raise ValueError("pass --reference (a model) or --reference-log (its TOFU eval log), not both")
-    if args.protocol and args.benchmark == "lume":
-        raise ValueError("--protocol applies to the synthetic and tofu benchmarks; lume follows SemEval's script")
     if args.template and args.benchmark == "lume":
         raise ValueError("--template applies to the synthetic and tofu benchmarks; lume prompts are plain text")
-    proto = get_protocol(args.protocol, default=default_protocol(args.benchmark))
+    if args.mmlu and args.benchmark != "lume":
+        raise ValueError("--mmlu applies to the lume benchmark (the SemEval final score)")
+    if args.gradnorm and args.benchmark == "lume":
+        raise ValueError("--gradnorm applies to the synthetic and tofu benchmarks (forget vs holdout rows)")
+    proto = check_protocol(args.protocol or default_protocol(args.benchmark), args.benchmark)
     template = parse_template(args.template) if args.template else None
     ref_log = None
     if args.reference_log:
@@ -811,8 +880,13 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         template = qa_template(spec) if args.benchmark != "lume" else parse_template("tofu")
     sets = evaluation_sets(load_benchmark(spec), args.limit, args.seed,
                            protocol=proto if args.benchmark != "lume" else None)
+    mmlu = None
     if args.benchmark == "lume":
         member, nonmember = _mia_documents(args, notes)
+        if args.mmlu:
+            from simu_jax.data import load_mmlu
+
+            mmlu = load_mmlu(args.mmlu, limit=args.limit)
     log(f"loading {model_dir}")
     loaded = load_model(model_dir)
     if args.template:
@@ -832,26 +906,21 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         forget, retain = sets["forget"], sets["retain"]
         log(f"evaluating LUME: {len(forget)} forget rows, {len(retain)} retain rows")
         summary, per_sample = evaluate_lume(scorer, forget, retain, member, nonmember, max_new,
-                                            generate=not args.no_generate, log=log)
+                                            generate=not args.no_generate, mmlu=mmlu, log=log)
     else:
-        ref_R = ref_log
         if ref_log is not None and len(ref_log) != len(sets["forget"]):
             notes.append(f"--reference-log has {len(ref_log)} forget rows, this evaluation {len(sets['forget'])}: "
                          "forget quality compares different row sets")
+        ref_scorer = None
         if ref_dir is not None:
-            log(f"reference model {ref_dir}: forget-set truth ratios")
+            log(f"loading the reference model {ref_dir}")
             ref = load_model(ref_dir)
             ref_scorer = Scorer(ref.graphdef, ref.params, ref.tokenizer, template, batch_size=args.batch_size,
                                 max_length=args.max_length, buckets=buckets, protocol=proto, dtype=dtype)
-            ref_R = reference_forget_truth_ratios(ref_scorer, sets["forget"])
-        else:
-            ref_scorer = None
         log(f"evaluating {args.benchmark}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
-        summary, per_sample = evaluate_qa_benchmark(scorer, sets, ref_R, generate=not args.no_generate,
+        summary, per_sample = evaluate_qa_benchmark(scorer, sets, ref_log, generate=not args.no_generate,
                                                     max_new_tokens=max_new, log=log, reference_scorer=ref_scorer,
                                                     gradnorm=args.gradnorm)
-        if ref_R is not None:
-            per_sample["reference_forget_truth_ratio"] = ref_R
     summary["notes"] = notes + list(summary.get("notes", []))
     print(format_summary(summary), flush=True)
     if args.out:
@@ -863,7 +932,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                             settings={"limit": args.limit, "seed": args.seed, "synthetic_seed": args.synthetic_seed,
                                       "max_new_tokens": max_new, "batch_size": args.batch_size,
                                       "generate": not args.no_generate, "protocol": proto.name,
-                                      "dtype": scorer.dtype,
+                                      "dtype": scorer.dtype, "mmlu": str(Path(args.mmlu).expanduser().resolve())
+                                      if args.mmlu else None,
                                       "template": [template.question_start, template.question_end,
                                                    template.answer_start]},
                             elapsed_s=round(time.perf_counter() - t_start, 2))

@@ -84,6 +84,14 @@ def _grad_norm(graphdef, params, input_ids, attention_mask, labels, p=2.0):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _last_logits_pass(graphdef, params, input_ids, attention_mask, token_ids):
+    """[B, C]: the logits of ``token_ids`` [C] at the last position of left-padded rows (the head
+    runs on that position only)."""
+    last = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, jnp.int32)
+    return apply(graphdef, params, input_ids, attention_mask, logits_at=last)[:, 0, :][:, token_ids]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _hit_pass(graphdef, params, input_ids, attention_mask, labels):
     """[B, T-1]: teacher-forced argmax == next label (False where no label)."""
     logits = apply(graphdef, params, input_ids, attention_mask)
@@ -371,6 +379,21 @@ class Scorer:
                   for t, i in zip(texts, ids)]
         return self._stats(rows, scored, with_stats)
 
+    def next_token_logits(self, prompts: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        """[N, C] float32 logits of the candidate ``token_ids`` as the next token after each plain-text
+        prompt (BOS first when the tokenizer adds one, as ``tokenizer(prompt)``; left-padded; a
+        prompt over ``max_length`` tokens keeps its end, with a warning)."""
+        prompts = [str(p) for p in prompts]
+        cand = jnp.asarray(np.asarray(token_ids, np.int32))
+        out = np.zeros((len(prompts), len(token_ids)), np.float32)
+        for idx in self._batches([len(p) for p in prompts]):
+            enc = _fill_rows(tokenize_prompts(self.tokenizer, [prompts[i] for i in idx], PLAIN_TEMPLATE,
+                                              max_length=self.max_length, buckets=self.buckets), self.batch_size)
+            logits = np.asarray(jax.device_get(_last_logits_pass(
+                self.graphdef, self.params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]), cand)))
+            out[idx] = logits[: len(idx)]
+        return out
+
     # ----------------------------------------------------------------- generation
 
     def _generate(self, prompts: Sequence[Any], template: QATemplate, max_new_tokens: "int | Sequence[int]") -> list[str]:
@@ -408,9 +431,16 @@ class Scorer:
         return out  # type: ignore[return-value]
 
     def _decode(self, ids: np.ndarray) -> str:
+        """Generated ids up to the first EOS as text: special tokens skipped, surrounding whitespace
+        stripped; under a protocol with ``clean_up_spaces`` (``semeval``) HF's
+        ``clean_up_tokenization`` is applied, as ``decode(..., clean_up_tokenization_spaces=True)``
+        did in transformers 4.x for every tokenizer (transformers 5 skips it for BPE ones)."""
         ids = [int(t) for t in ids]
         if self.eos_token_id is not None and self.eos_token_id in ids:
             ids = ids[: ids.index(self.eos_token_id)]
+        if self.protocol.clean_up_spaces:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            return self.tokenizer.clean_up_tokenization(text).strip()
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generation_template(self, prompt: str | None = None) -> QATemplate:
