@@ -1,7 +1,7 @@
 """Render docs/results.md (+ plots in docs/results/) from the study outputs.
 
     python experiments/study.py collect --out runs/study
-    python experiments/make_results_md.py --study runs/study/study.json [--real runs/real/real.json]
+    python experiments/make_results_md.py --study runs/study/study.json [--real runs/real/real.json ...]
 
 The prose (what held, what did not) lives in experiments/results_notes.md and is included first;
 every number below it comes from the JSON.
@@ -298,16 +298,18 @@ def section_relearn(d):
     return lines + [_table(header, rows), ""]
 
 
-def section_real(real):
-    if not real:
+def section_real(reals):
+    if not reals:
         return []
-    return ["## 6. Real data (TOFU forget10, LUME)", "", real.get("markdown", ""), ""]
+    return ["## 6. Real data (TOFU forget10, LUME)", ""] + [r.get("markdown", "") + "\n" for r in reals]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", default="runs/study/study.json")
-    p.add_argument("--real", default=None, help="markdown section for the real-data runs (JSON with 'markdown')")
+    p.add_argument("--real", nargs="*", default=[],
+                   help="markdown sections for the real-data runs (JSONs with 'markdown': real.py report's, "
+                        "docs/results/data/lume_2026-11-27.json for the LUME rows not rerun)")
     p.add_argument("--bench", default=str(HERE.parent / "docs" / "benchmarks.json"),
                    help="simu-jax bench --json output: the cost-per-step table")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results.md"))
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
     figdir.mkdir(parents=True, exist_ok=True)
     stop = d["reference_forget_nll"]
     notes = (HERE / "results_notes.md").read_text() if (HERE / "results_notes.md").is_file() else ""
-    real = json.loads(Path(args.real).read_text()) if args.real and Path(args.real).is_file() else None
+    real = [json.loads(Path(r).read_text()) for r in args.real]
     lines = ["# Results", "", notes.strip(), ""]
     lines += section_compare(d, stop) + section_cost(args.bench) + section_ablations(d, stop, figdir)
     lines += section_curvature(d, figdir)
