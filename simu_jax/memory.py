@@ -26,6 +26,7 @@ __all__ = [
     "activation_bytes_per_row",
     "memory_estimate",
     "per_device",
+    "mesh_sizes",
     "memory_table",
     "print_memory_table",
     "PRESETS",
@@ -373,7 +374,7 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     return held + max(rows * first_row, suffix)
 
 
-def _mesh_sizes(mesh) -> dict[str, int]:
+def mesh_sizes(mesh) -> dict[str, int]:
     """A Mesh, a ``{axis: size}`` dict or a spec string -> ``{axis: size}``."""
     if isinstance(mesh, jax.sharding.Mesh):
         return {a: int(mesh.shape.get(a, 1)) for a in MESH_AXES}
@@ -391,7 +392,7 @@ def per_device(estimate: Mapping[str, Any], mesh) -> dict[str, Any]:
     separately), the attribution buffers over those dividing its batch (rows that divide no
     axis are counted whole: replicated). Tensor parallelism's split of the attention / MLP
     activations is not counted (an upper bound). Adds ``devices``."""
-    sizes = _mesh_sizes(mesh)
+    sizes = mesh_sizes(mesh)
     out = _parts(estimate["layout"], sizes)
     out["devices"] = math.prod(sizes.values())
     return out

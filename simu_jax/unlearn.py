@@ -537,11 +537,11 @@ def _plan_layout(cfg: UnlearnConfig) -> str:
     alone (so a dry run on a laptop plans a 16-chip slice): the same ``ValueError`` when the
     run would refuse the mesh (a spec that does not parse, a ``batch_size`` that does not
     divide the batch axes, a parameter dimension that does not divide its axes), else a line."""
-    from simu_jax.memory import _mesh_sizes
+    from simu_jax.memory import mesh_sizes
     from simu_jax.models.spec import model_config_from_spec
     from simu_jax.sharding import check_layout
 
-    sizes = _mesh_sizes(cfg.mesh)
+    sizes = mesh_sizes(cfg.mesh)
     try:
         mcfg = model_config_from_spec(cfg.model) if cfg.model.path else None
     except Exception:  # noqa: BLE001 - no config.json: the memory estimate below says so
