@@ -659,16 +659,10 @@ def tridiagonal_trust_region(alphas: jax.Array, betas: jax.Array, gamma, radius,
     boundary. Returns ``(h, sigma, model_value, boundary, min_eigenvalue)``, ``model_value`` =
     the objective at ``h`` (``<= 0``), ``min_eigenvalue`` of ``T + damping I`` (valid rows).
     """
-    k = alphas.shape[0]
     dtype = alphas.dtype
-    valid = jnp.arange(k) < (k if num_valid is None else num_valid)
     big = 10.0 * (jnp.max(jnp.abs(alphas)) + 2.0 * jnp.max(jnp.abs(betas), initial=0.0) + jnp.abs(damping) + 1.0)
-    diag = jnp.where(valid, alphas, big)  # decoupled invalid rows: eigenvalues far above the rest, c = 0 there
-    tri = jnp.diag(diag)
-    if k > 1:
-        off = jnp.where(valid[1:], betas, 0.0)
-        tri = tri + jnp.diag(off, 1) + jnp.diag(off, -1)
-    theta, u = jnp.linalg.eigh(tri)
+    # decoupled invalid rows: eigenvalues far above the rest, and c = 0 there
+    theta, u = jnp.linalg.eigh(_tridiagonal(alphas, betas, num_valid, fill=big))
     mu = theta + damping
     c = gamma * u[0, :]
     mu_min = mu[0]
@@ -704,16 +698,36 @@ def tridiagonal_trust_region(alphas: jax.Array, betas: jax.Array, gamma, radius,
     return u @ y, sigma, model, ~interior, mu_min
 
 
-def _krylov_step(matvec, g, num_iters, solve):
-    """Lanczos from ``g`` (full reorthogonalization), the small problem solved by ``solve(T, |g|)``
-    -> ``(h, ...)``, and ``p = V^T h`` back in ``g``'s pytree shape (float32 / float64)."""
+def _tridiagonal(alphas, betas, num_valid=None, fill=0.0):
+    """``diag(alphas) + diag(betas, +-1)``, rows ``>= num_valid`` decoupled with ``fill`` on the diagonal."""
+    k = alphas.shape[0]
+    valid = jnp.arange(k) < (k if num_valid is None else num_valid)
+    tri = jnp.diag(jnp.where(valid, alphas, fill))
+    if k > 1:
+        off = jnp.where(valid[1:], betas, 0.0)
+        tri = tri + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return tri
+
+
+def _krylov_step(matvec, g, num_iters, tol, solve) -> tuple[PyTree, SteihaugInfo]:
+    """Lanczos from ``g`` (full reorthogonalization); ``solve(lanczos_result, |g|)`` gives the small
+    problem's ``(h, on_boundary, model_value, lambda_min of T + damping)``; ``p = V^T h`` back in
+    ``g``'s pytree shape (float32 / float64) and the :class:`SteihaugInfo` of the two Krylov
+    solvers (exit codes and residual as documented in :func:`lanczos_trust_region`)."""
     g_acc = to_acc_dtype(g)
     flat, unravel = ravel_pytree(g_acc)
     res = lanczos(lambda v: matvec(_cast_tree(v, g)), g_acc, num_iters, reorthogonalize=True)
     gamma = jnp.linalg.norm(flat)
-    out = solve(res, gamma)
-    p = unravel(res.basis.T @ out[0])
-    return p, res, gamma, out
+    h, on_boundary, model, mu_min = solve(res, gamma)
+    residual = jnp.abs(res.beta_next * h[jnp.maximum(res.num_valid - 1, 0)])
+    code = jnp.where(on_boundary, jnp.where(mu_min > 0, CG_BOUNDARY, CG_NEGATIVE_CURVATURE),
+                     jnp.where(residual <= tol * gamma, CG_CONVERGED, CG_MAX_ITERATIONS))
+    zero = gamma == 0
+    p = jax.tree.map(lambda x: jnp.where(zero, 0.0, x).astype(x.dtype), unravel(res.basis.T @ h))
+    return p, SteihaugInfo(iterations=jnp.where(zero, 0, res.num_valid).astype(jnp.int32),
+                           exit_code=jnp.where(zero, CG_CONVERGED, code).astype(jnp.int32),
+                           residual_norm=jnp.where(zero, 0.0, residual), step_norm=tree_norm(p),
+                           model_value=jnp.where(zero, 0.0, model))
 
 
 def lanczos_trust_region(
@@ -747,19 +761,11 @@ def lanczos_trust_region(
     """
 
     def solve(res, gamma):
-        return tridiagonal_trust_region(res.alphas, res.betas, gamma, radius, damping, res.num_valid)
+        h, _, model, boundary, mu_min = tridiagonal_trust_region(res.alphas, res.betas, gamma, radius, damping,
+                                                                 res.num_valid)
+        return h, boundary, model, mu_min
 
-    gnorm = tree_norm(g)
-    p, res, gamma, (h, sigma, model, boundary, mu_min) = _krylov_step(matvec, g, num_iters, solve)
-    residual = jnp.abs(res.beta_next * h[jnp.maximum(res.num_valid - 1, 0)])
-    code = jnp.where(boundary, jnp.where(mu_min > 0, CG_BOUNDARY, CG_NEGATIVE_CURVATURE),
-                     jnp.where(residual <= tol * gnorm, CG_CONVERGED, CG_MAX_ITERATIONS)).astype(jnp.int32)
-    zero = gamma == 0
-    p = jax.tree.map(lambda x: jnp.where(zero, 0.0, x).astype(x.dtype), p)
-    return p, SteihaugInfo(iterations=jnp.where(zero, 0, res.num_valid).astype(jnp.int32),
-                           exit_code=jnp.where(zero, CG_CONVERGED, code).astype(jnp.int32),
-                           residual_norm=jnp.where(zero, 0.0, residual), step_norm=tree_norm(p),
-                           model_value=jnp.where(zero, 0.0, model))
+    return _krylov_step(matvec, g, num_iters, tol, solve)
 
 
 def saddle_free_step(
@@ -785,13 +791,7 @@ def saddle_free_step(
     step); ``model_value`` = ``m(p)`` of ``B``, the model the trust region's ratio test uses.
     """
     def solve(res, gamma):
-        k = res.alphas.shape[0]
-        valid = jnp.arange(k) < res.num_valid
-        tri = jnp.diag(jnp.where(valid, res.alphas, 0.0))
-        if k > 1:
-            off = jnp.where(valid[1:], res.betas, 0.0)
-            tri = tri + jnp.diag(off, 1) + jnp.diag(off, -1)
-        theta, u = jnp.linalg.eigh(tri)
+        theta, u = jnp.linalg.eigh(_tridiagonal(res.alphas, res.betas, res.num_valid))
         c = gamma * u[0, :]
         den = jnp.abs(theta) + damping
         y = jnp.where(den > 0, -c / jnp.where(den > 0, den, 1.0), 0.0)
@@ -801,17 +801,7 @@ def saddle_free_step(
         model = jnp.vdot(c, y) + 0.5 * jnp.vdot(y, (theta + damping) * y)
         return u @ y, scale < 1, model, theta[0] + damping
 
-    gnorm = tree_norm(g)
-    p, res, gamma, (h, scaled, model, mu_min) = _krylov_step(matvec, g, num_iters, solve)
-    residual = jnp.abs(res.beta_next * h[jnp.maximum(res.num_valid - 1, 0)])
-    code = jnp.where(scaled, jnp.where(mu_min > 0, CG_BOUNDARY, CG_NEGATIVE_CURVATURE),
-                     jnp.where(residual <= tol * gnorm, CG_CONVERGED, CG_MAX_ITERATIONS)).astype(jnp.int32)
-    zero = gamma == 0
-    p = jax.tree.map(lambda x: jnp.where(zero, 0.0, x).astype(x.dtype), p)
-    return p, SteihaugInfo(iterations=jnp.where(zero, 0, res.num_valid).astype(jnp.int32),
-                           exit_code=jnp.where(zero, CG_CONVERGED, code).astype(jnp.int32),
-                           residual_norm=jnp.where(zero, 0.0, residual), step_norm=tree_norm(p),
-                           model_value=jnp.where(zero, 0.0, model))
+    return _krylov_step(matvec, g, num_iters, tol, solve)
 
 
 def ggn_operator(
