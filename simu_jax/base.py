@@ -7,10 +7,13 @@ Nothing here imports another module of the package, so every layer may import it
 from __future__ import annotations
 
 import argparse
+import os
+import re
+from pathlib import Path
 
 __all__ = [
     "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_KEYBOARD", "EXIT_OK", "EXIT_USAGE", "IGNORE_INDEX",
-    "ArgumentParser", "ConfigError", "NonFiniteLossError", "UsageError", "pad_token_id",
+    "ArgumentParser", "ConfigError", "NonFiniteLossError", "UsageError", "local_path", "pad_token_id",
 ]
 
 # Exit codes of every command (simu_jax.cli turns exceptions into them).
@@ -22,6 +25,22 @@ EXIT_KEYBOARD = 130  # interrupted without a checkpoint (second Ctrl-C)
 
 # labels[t] == IGNORE_INDEX: token t carries no loss (the Hugging Face / PyTorch convention).
 IGNORE_INDEX = -100
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: "str | os.PathLike", what: str = "output directory") -> Path:
+    """``Path(path)``, refusing a URL (``gs://bucket/run``, ``s3://...``): run directories,
+    checkpoints and models are local paths here, and ``Path`` would silently turn
+    ``gs://bucket/run`` into a local ``gs:/bucket/run`` (on a TPU pod each worker would then
+    write its own disk). Use a directory every process sees (a shared mount)."""
+    text = os.fspath(path)
+    if isinstance(text, str) and _URL_SCHEME.match(text):
+        scheme = text.split("://", 1)[0]
+        raise UsageError(f"{what} {text}: {scheme}:// paths are not supported yet; use a local or shared-mount "
+                         "directory that every process sees (NFS, Filestore, gcsfuse)")
+    return Path(text)
 
 
 def pad_token_id(tokenizer) -> int | None:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from simu_jax.base import NonFiniteLossError
+from simu_jax.base import NonFiniteLossError, local_path
 from simu_jax.config import to_dict
 
 __all__ = [
@@ -146,7 +146,7 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
       directory is not empty and does not look like a simu-jax run directory, so a typo
       can never wipe an unrelated folder.
     """
-    path = Path(path)
+    path = local_path(path)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume are mutually exclusive")
     if path.exists() and not path.is_dir():

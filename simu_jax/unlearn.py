@@ -136,8 +136,11 @@ class UnlearnConfig:
     debug: DebugSpec = field(default_factory=DebugSpec)
 
     def check(self) -> None:
+        from simu_jax.base import local_path
         from simu_jax.evaluate.protocol import check_protocol
 
+        if self.reference is not None:
+            local_path(self.reference, "reference")
         bench = self.data.benchmark
         if self.eval.protocol is not None:
             try:

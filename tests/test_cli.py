@@ -160,3 +160,27 @@ def test_console_script_subprocess(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "simu-jax: error: config key 'model.seed' must be in [0, inf]; got -1"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", "--out", "gs://bucket/run", "--set", *FAST],
+    ["unlearn", "--out", "gs://bucket/run"],
+    ["attribute", "--out", "s3://bucket/mask"],
+    ["report", "some/run", "--out", "gs://bucket/report"],
+])
+def test_remote_output_paths_are_refused_not_made_local(capsys, tmp_path, monkeypatch, argv):
+    """`Path("gs://bucket/run")` is the local `gs:/bucket/run`: a TPU pod's workers would each
+    write their own disk. Refused in one line (exit 2) before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    scheme = argv[argv.index("--out") + 1].split("://")[0]
+    assert code == 2 and f"{scheme}:// paths are not supported yet" in one_error(err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["model.path", "reference"])
+def test_remote_model_paths_are_refused_when_the_config_loads(capsys, tmp_path, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "unlearn", "--out", str(tmp_path / "run"), "--set", f"{key}=gs://bucket/llama")
+    assert code == 2 and f"{key} gs://bucket/llama: gs:// paths are not supported yet" in one_error(err), err
+    assert list(tmp_path.iterdir()) == []

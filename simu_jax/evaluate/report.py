@@ -419,7 +419,9 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
     p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
     args = p.parse_args(argv)
-    path = write_report([Path(r) for r in args.runs], Path(args.out))
+    from simu_jax.base import local_path
+
+    path = write_report([Path(r) for r in args.runs], local_path(args.out))
     print(format_table([load_run(Path(r)) for r in args.runs]))
     print(f"report written to {path}")
     return 0

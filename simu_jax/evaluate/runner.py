@@ -605,7 +605,9 @@ def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str,
     NaN / inf become ``null``. The non-numeric parts of the summary (TOFU display names,
     ``per_task``, ``notes``, ...) go under ``"details"``; ``extra`` adds top-level keys.
     """
-    out = Path(out_dir)
+    from simu_jax.base import local_path
+
+    out = local_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = summary_metrics(summary)
     details = {k: v for k, v in summary.items() if k not in metrics and k != "notes"}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from simu_jax.base import ConfigError
+from simu_jax.base import ConfigError, local_path
 from simu_jax.models.config import ModelConfig, UnsupportedConfigError
 from simu_jax.models.convert import load_pretrained
 from simu_jax.models.transformer import CausalLM, abstract_model, init_model, split_params
@@ -60,6 +60,8 @@ class ModelSpec:
     seed: int = field(default=0, metadata={"range": (0, None)})
 
     def check(self) -> None:
+        if self.path is not None:
+            local_path(self.path, "model.path")  # a URL is refused here, before any output exists
         if self.path is not None and self.config is not None:
             raise ConfigError("set either model.path (HF directory) or model.config (random init), not both")
         if self.config is not None:
@@ -79,7 +81,7 @@ def resolve_model_path(path: str | os.PathLike, config_only: bool = False) -> Pa
     (config and tokenizer files only with ``config_only``; the safetensors weights
     otherwise; cached, so a second call is free). Offline, set ``HF_HUB_OFFLINE=1`` and
     pre-download, or pass the local directory."""
-    local = Path(path).expanduser()
+    local = local_path(path, "model.path").expanduser()
     if local.is_dir():
         return local
     text = str(path)
