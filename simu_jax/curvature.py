@@ -482,10 +482,7 @@ def lanczos(
     else:  # one vector: T = [alpha_0] (the body, indexing betas, is not even traced)
         j, _, _, w, alphas, betas, basis, _, broke = init
 
-    tri = jnp.diag(alphas)
-    if m > 1:
-        tri = tri + jnp.diag(betas, 1) + jnp.diag(betas, -1)
-    ritz = jnp.linalg.eigh(tri)[0]
+    ritz = jnp.linalg.eigh(_tridiagonal(alphas, betas))[0]
     return LanczosResult(
         ritz_values=ritz,
         min_eigenvalue=ritz[0],
@@ -776,8 +773,8 @@ def saddle_free_step(
     num_iters: int = 20,
     tol: float = 1e-6,
 ) -> tuple[PyTree, SteihaugInfo]:
-    """Saddle-free Newton in the Krylov space (Dauphin et al. 2014, "Identifying and attacking
-    the saddle point problem", Sec. 4 uses a Krylov subspace too): ``p = -V^T U (|theta| +
+    """Saddle-free Newton (Dauphin et al. 2014, "Identifying and attacking the saddle point
+    problem": the step ``-|H|^-1 g``) restricted to the Krylov space: ``p = -V^T U (|theta| +
     damping)^-1 U^T V g`` with ``T = V A V^T = U diag(theta) U^T`` from ``num_iters`` Lanczos steps
     from ``g``, i.e. ``-(|A| + damping I)^-1 g`` restricted to ``K_k(A, g)``, scaled down to
     ``||p|| <= radius``. Every eigen-direction is descended (a negative-curvature direction with

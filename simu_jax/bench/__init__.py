@@ -24,8 +24,9 @@ reports for it (``jax.monitoring`` compile events). Sections:
   policy (``dots``), in turns with the default model's.
 * ``steps``: one ``Unlearner.step`` of ``fo_graddiff`` (AdamW), ``so_graddiff`` (Sophia, SOUL's
   g*g curvature, all params), ``so_graddiff_hutchinson`` (Sophia-H: one exact HVP per step),
-  ``simu_graddiff`` and ``simu_newton`` (time per CG iteration = step time / CG iterations
-  done; the HVP on the SIMU subset timed alone is in ``second_order``), with the
+  ``simu_graddiff``, ``simu_newton``, ``simu_ggn`` and ``simu_influence`` (time per curvature
+  product = step time / products done: Lanczos steps or CG iterations; the HVP on the SIMU
+  subset timed alone is in ``second_order``), with the
   optimizer + curvature state bytes of each method and a breakdown (loss + gradient on the
   method's trainable subset, taken from ``second_order`` at the same config, vs the rest).
   State bytes are split into per-parameter leaves and scalar leaves (the step counter):

@@ -387,6 +387,8 @@ def evaluate_qa_benchmark(
 
 def _reference_truth_ratios(scorer: Scorer, forget_records: Sequence[Mapping[str, Any]],
                             perturbed_mean: str) -> np.ndarray:
+    # the body of reference_forget_truth_ratios, under a name that evaluate_qa_benchmark's
+    # parameter of that name does not shadow
     para = scorer.answer_mean_nll(forget_records, "paraphrased_answer")
     pert = scorer.perturbed_mean_nll(forget_records)
     return M.truth_ratio(para, pert, perturbed_mean=perturbed_mean)
