@@ -148,11 +148,17 @@ def _trimmed(batch: dict) -> dict:
 
 
 def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "ig", steps: int = 3,
-                  all_positions: bool = False) -> np.ndarray:
+                  all_positions: bool = False, place=None) -> np.ndarray:
     """Attribution scores [L, I] summed over all batches (padding rows contribute nothing).
 
     `all_positions` sums over every real token instead of the answer positions; then the IG
     completeness axiom holds: sum_k Att(l, k) -> LL(a_l) - LL(0 * a_l) as m grows (tested).
+
+    `place`: puts a host batch (a dict of numpy arrays, the same whole batch on every process)
+    on the devices; default `jnp.asarray` (one device). On a mesh, with `params` sharded there,
+    `functools.partial(sharding.place_batch, mesh=mesh)`: global arrays with the rows over the
+    batch axes. Scores that span several processes are gathered to every host
+    (`multihost_utils.process_allgather`), so every process gets the same scores, bit for bit.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"attribution method={method!r}; allowed: {', '.join(SCORE_METHODS)}")
@@ -162,7 +168,7 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
     for batch in batches:
         batch = _trimmed(batch)
         batch["positions"], batch["targets"] = _scored_positions(batch["labels"])
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        batch = {k: jnp.asarray(v) for k, v in batch.items()} if place is None else place(batch)
         if method == "grad_down":
             g = _down_grad(graphdef, params, batch)
             down_grad = g if down_grad is None else down_grad + g
@@ -173,10 +179,14 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
     if method == "grad_down":
         if down_grad is None:
             raise ValueError("attribution got no batches (empty data set)")
-        return np.asarray(jnp.sum(jnp.abs(down_grad.astype(jnp.float32)), axis=-1))
+        total = jnp.sum(jnp.abs(down_grad.astype(jnp.float32)), axis=-1)
     if total is None:
         raise ValueError("attribution got no batches (empty data set)")
-    return np.asarray(total)
+    if total.is_fully_addressable:
+        return np.asarray(total)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(total, tiled=True))
 
 
 def critical_neurons(scores: np.ndarray, *, threshold: float | None = None, top_fraction: float | None = None) -> np.ndarray:

@@ -435,9 +435,9 @@ def run_finetune(
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.models import abstract_model, count_params, init_model, split_params
-    from simu_jax.models.convert import load_pretrained, save_pretrained
+    from simu_jax.models.convert import load_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
-    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, to_host
+    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, save_pretrained
 
     t_start = time.time()
     done = RunDirectory.finished(out_dir, resume, "final_metrics.json")
@@ -579,9 +579,13 @@ def run_finetune(
         "train_time_s": round(time.time() - t_loop, 2),
         "resumed_from": resumed_from,
     }
-    params_host = to_host(train["params"])  # (a collective with several processes: every process joins)
+    # every process saves (each HF tensor gathered on device, the files split across the
+    # processes; never the whole model on a host), in the source checkpoint's dtype when there
+    # is one (float32 master weights of a bf16 checkpoint are written as bf16)
+    source = resolve_model_path(cfg.model.path) if cfg.model.path is not None else None
+    save_pretrained(model, out / "model", params=train["params"], source=source, tokenizer_dir=prep.tokenizer_dir,
+                    overwrite=True)
     if run.primary:
-        save_pretrained(model, out / "model", params=params_host, tokenizer_dir=prep.tokenizer_dir, overwrite=True)
         write_json_atomic(out / "final_metrics.json", final)
     run.complete(step, wall_time_s=round(wall, 2), final=_flat_eval(ev))
     return final

@@ -13,7 +13,9 @@ A run is three phases, the same for every pipeline:
   processes all of them agree to stop after the same step (else the others would wait forever
   in the next step's collectives).
 * **finish** (:meth:`RunDirectory.complete`): results written atomically by the pipeline, then
-  ``run.json`` with the final status, then ``COMPLETE`` last.
+  ``run.json`` with the final status, then ``COMPLETE`` last; then every process waits for the
+  others (:meth:`RunDirectory.end`, also after an interruption), so none exits while another
+  still works.
 
 The run-directory contract is :mod:`simu_jax.runio`'s.
 """
@@ -31,7 +33,7 @@ from simu_jax.config import dump_yaml, to_dict
 from simu_jax.runio import (GracefulSignals, NanGuard, is_complete, mark_complete, prepare_output_dir, progress,
                             run_metadata, write_json_atomic, write_text_atomic)
 
-__all__ = ["DebugSpec", "RunDirectory", "StepHook", "run_steps"]
+__all__ = ["DebugSpec", "RunDirectory", "StepHook", "prepare_on_process_0", "run_steps"]
 
 POS = (1, None)
 
@@ -83,7 +85,7 @@ def check_resume_config(cfg, out: Path, free_keys: tuple[str, ...]) -> None:
                               f"{now.get(key)!r} here); resume with the same config or start a new run", key)
 
 
-def _prepare_on_process_0(out: Path, overwrite: bool, resume: bool) -> Path:
+def prepare_on_process_0(out: Path, overwrite: bool, resume: bool) -> Path:
     """``runio.prepare_output_dir`` by process 0 only (with several processes the others would
     find the directory it just created and refuse it, or delete it under ``--overwrite``); the
     others wait for its verdict and raise too if it failed."""
@@ -121,7 +123,7 @@ class RunDirectory:
         self.path = local_path(out_dir)
         if resume and config is not None and self.path.is_dir():
             check_resume_config(config, self.path, resume_free_keys)
-        self.path = _prepare_on_process_0(self.path, overwrite, resume)
+        self.path = prepare_on_process_0(self.path, overwrite, resume)
         self.primary = jax.process_index() == 0
         self.multi = jax.process_count() > 1
         self.meta: dict[str, Any] = {}
@@ -150,6 +152,16 @@ class RunDirectory:
         if self.primary:
             self.update(status="complete", **fields)
             mark_complete(self.path, {"step": step})
+        self.end("complete")
+
+    def end(self, status: str) -> None:
+        """Every process waits here for the others (a no-op with one process), the last
+        collective of a run: no process exits while another still works (process 0 writing the
+        results), so none waits at JAX's shutdown barrier past its timeout, after which every
+        process aborts with exit 134 (``sharding.SHUTDOWN_TIMEOUT_ENV``, 300 s by default)."""
+        from simu_jax.sharding import sync_processes
+
+        sync_processes(f"simu_jax.run.{status}")
 
 
 # A pipeline's per-step hook: (step just finished, its guarded loss terms, progress bar) -> True to
@@ -220,4 +232,5 @@ def run_steps(run: RunDirectory, ckpt, *, total: int, start: int, step_fn: Calla
                 pass
     if status == "interrupted":
         run.update(status="interrupted", stopped_at_step=step)
+        run.end("interrupted")
     return status, step

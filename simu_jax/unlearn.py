@@ -3,13 +3,14 @@
 A run directory holds: `config.yaml` (resolved), `run.json` (what reproduces it: versions,
 git commit, data and mask hashes, devices, mesh), `mask/` (mask.npz + mask_summary.json, for
 masked methods), `metrics.jsonl` (per-step losses, eval curves), `checkpoints/` (orbax),
-`model/` (the unlearned model, HF format), `summary.json` + `per_sample.json` (evaluation),
-and `COMPLETE`, written last.
+`model/` (the unlearned model, HF format, in the source checkpoint's dtype), `summary.json` +
+`per_sample.json` (evaluation), `result.json`, and `COMPLETE`, written last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -240,8 +241,14 @@ def _mesh_param_shardings(mesh):
     return lambda abstract, model_config: param_shardings(abstract, mesh, model_config=model_config)
 
 
-def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
-    """The neuron mask of a run: loaded (`attribution.mask_path`) or attributed on forget + retain."""
+def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True, mesh=None):
+    """The neuron mask of a run: loaded (`attribution.mask_path`) or attributed on forget + retain.
+
+    `mesh`: `prep.params` are sharded on it (several processes included): every attribution
+    batch is placed as global arrays with its rows over the batch axes, so the devices of all
+    processes share the rows, and the summed scores are gathered to every host
+    (`attribution.neuron_scores`), so every process builds the same mask from the same scores
+    (`run_unlearn` checks that by digest)."""
     import numpy as np
 
     from simu_jax.attribution import NeuronMask, build_mask, neuron_scores, random_mask_like
@@ -260,12 +267,19 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
 
     method = "ig" if a.method == "random" else a.method
     t0 = time.time()
-    forget = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["forget"]), method=method, steps=a.steps)
+    place = None
+    if mesh is not None:
+        from simu_jax.sharding import place_batch
+
+        place = functools.partial(place_batch, mesh=mesh)
+    forget = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["forget"]), method=method, steps=a.steps,
+                           place=place)
     # retain scores give dual='exclude' its selection and the summary its per_layer_retain / _dual
     # counts; a random mask keeps neither, so with dual='include' they would be thrown away
     retain = None
     if not (a.method == "random" and a.dual == "include"):
-        retain = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["retain"]), method=method, steps=a.steps)
+        retain = neuron_scores(prep.graphdef, prep.params, batches(prep.arrays["retain"]), method=method,
+                               steps=a.steps, place=place)
     meta = {"method": a.method, "steps": a.steps, "threshold": a.threshold, "top_fraction": a.top_fraction,
             "seconds": round(time.time() - t0, 2)}
     threshold = None if a.top_fraction is not None else a.threshold
@@ -276,6 +290,16 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
         print(f"attribution: {mask.num_selected} neurons selected ({100 * mask.num_selected / mask.selected.size:.1f}%),"
               f" per layer {mask.counts} [{meta['seconds']} s]", file=sys.stderr)
     np.asarray(mask.selected)  # materialized
+    return mask
+
+
+def _agreed(mask):
+    """``mask``, once every process holds the same one (several processes: its digest compared
+    across them, a one-line ``ValueError`` on all of them otherwise; K, the rows per layer,
+    would differ and the processes' SPMD programs diverge)."""
+    from simu_jax.sharding import check_same_on_all_processes
+
+    check_same_on_all_processes(mask.digest(), "the neuron mask")
     return mask
 
 
@@ -290,11 +314,12 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.data import batch_iterator
+    import jax.numpy as jnp
+
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
-    from simu_jax.models.convert import save_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
     from simu_jax.models.spec import model_config_from_spec
-    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, place_like, to_host
+    from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, save_pretrained
 
     t_start = time.time()
     cfg = resolve_config(cfg)  # presets applied: config.yaml and run.json record the values that ran
@@ -319,9 +344,9 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         if resume and (mask_dir / "mask.npz").is_file():
             from simu_jax.attribution import NeuronMask
 
-            mask = NeuronMask.load(mask_dir)
+            mask = _agreed(NeuronMask.load(mask_dir))
         else:
-            mask = compute_mask(cfg, prep, quiet)
+            mask = _agreed(compute_mask(cfg, prep, quiet, mesh))
             if run.primary:
                 mask.save(mask_dir)
     # with a mesh, built directly on it: trainable copy and optimizer state created sharded
@@ -388,8 +413,8 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update(curves(unlearner.params()))
             score = record["eval/forget_loss"] - record["eval/retain_loss"]
-            if cfg.eval.keep_best and score > best["score"]:
-                best.update(score=score, step=step, trainable=to_host(unlearner.trainable))
+            if cfg.eval.keep_best and score > best["score"]:  # a copy on the devices, in place
+                best.update(score=score, step=step, trainable=jax.tree.map(jnp.copy, unlearner.trainable))
             limit = cfg.eval.stop_forget_loss
             reached = limit is not None and record["eval/forget_loss"] >= limit
             if reached:
@@ -409,24 +434,40 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
 
     unlearn_time = time.time() - t_loop
     if best["trainable"] is not None:
-        unlearner.trainable = best["trainable"] if mesh is None else place_like(best["trainable"], unlearner.trainable)
-    final_params = to_host(unlearner.params())  # several processes: an all-gather, every process takes part
+        unlearner.trainable = best["trainable"]
+    # Every process takes part in the end work, with the params where they are (on a mesh:
+    # sharded, never whole on a host): the save gathers one HF tensor at a time on device and
+    # splits the files across the processes (the source checkpoint's dtype), the evaluation runs
+    # its passes on the mesh; process 0 writes the run's files; then all meet at one barrier
+    # (run.complete), so no process reaches JAX's shutdown barrier while another still works.
+    final_params = unlearner.params()
     result: dict[str, Any] = {"status": "complete", "step": step, "method": cfg.method,
                               "unlearn_time_s": round(unlearn_time, 2), "resumed_from": resumed_from,
                               "trainable_parameters": unlearner.num_trainable, "state_bytes": unlearner.state_bytes(),
                               "best_step": best["step"]}
+    t_end = time.time()
+    save_pretrained(prep.model, out / "model", params=final_params, source=prep.tokenizer_dir,
+                    tokenizer_dir=prep.tokenizer_dir, overwrite=True)
+    result["save_time_s"] = round(time.time() - t_end, 2)
+    if cfg.eval.enabled:
+        t_eval = time.time()
+        result["metrics"] = evaluate_run(cfg, prep, final_params, out, quiet, mesh=mesh)
+        result["eval_time_s"] = round(time.time() - t_eval, 2)
     if run.primary:
-        save_pretrained(prep.model, out / "model", params=final_params, tokenizer_dir=prep.tokenizer_dir,
-                        overwrite=True)
-        if cfg.eval.enabled:
-            result["metrics"] = evaluate_run(cfg, prep, final_params, out, quiet)
         write_json_atomic(out / "result.json", result)
     run.complete(step, wall_time_s=round(time.time() - t_start, 2))
     return result
 
 
-def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True) -> dict[str, float]:
-    """Evaluate `params` on the benchmark (forget quality against `cfg.reference`) -> summary.json."""
+def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: bool = True,
+                 mesh=None) -> dict[str, float]:
+    """Evaluate `params` on the benchmark (forget quality against `cfg.reference`) -> summary.json.
+
+    `mesh`: `params` are laid out on it (sharded, several processes included). Then every
+    process must call this: the scorers' passes run on the mesh with each batch's rows over
+    its batch axes (`evaluate.scoring.Scorer`'s `mesh`), the reference model is read straight
+    into its shardings there, every process computes the same summary, and process 0 writes
+    the files."""
     from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, evaluation_sets,
                                           format_summary, summary_metrics, write_results)
 
@@ -435,7 +476,7 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     bench = prep.bench
     protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name), bench.name)
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size,
-                    protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype)
+                    protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype, mesh=mesh)
     sets = evaluation_sets(bench, cfg.eval.limit, protocol=protocol)
     if bench.name == "lume":
         from simu_jax.data import load_mia_documents, load_mmlu
@@ -451,9 +492,9 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     else:
         ref_tr = ref_scorer = None
         if cfg.reference:  # one scorer: forget-quality truth ratios, reference MIA, privleak's reference AUC
-            ref = load_model(cfg.reference)
+            ref = load_model(cfg.reference, shardings=None if mesh is None else _mesh_param_shardings(mesh))
             ref_scorer = Scorer(ref.graphdef, ref.params, prep.tokenizer, prep.template,
-                                batch_size=cfg.eval.batch_size, protocol=protocol, dtype=scorer.dtype)
+                                batch_size=cfg.eval.batch_size, protocol=protocol, dtype=scorer.dtype, mesh=mesh)
         elif cfg.eval.reference_log:
             from simu_jax.evaluate.tofu_log import log_forget_truth_ratios, read_tofu_log
 
@@ -461,7 +502,10 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens,
                                                     reference_scorer=ref_scorer, gradnorm=cfg.eval.gradnorm)
-    write_results(out, cfg.method, summary, per_sample)
+    import jax
+
+    if jax.process_index() == 0:
+        write_results(out, cfg.method, summary, per_sample)
     if not quiet:
         print(format_summary(summary), file=sys.stderr)
     return summary_metrics(summary)
@@ -574,21 +618,39 @@ def cli_main(argv: list[str]) -> int:
 
 
 def attribute_main(argv: list[str]) -> int:
-    """`simu-jax attribute`: compute and save a neuron mask on its own."""
-    from simu_jax.runio import prepare_output_dir
+    """`simu-jax attribute`: compute and save a neuron mask on its own (with a mesh, as every
+    process of a multi-process run: process 0 writes the mask)."""
+    from simu_jax.base import local_path
+    from simu_jax.loop import prepare_on_process_0
 
     p = _parser("simu-jax attribute", "Attribute MLP neurons on the forget/retain sets and save the mask.")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (-1 = the rest); several processes as in unlearn")
     args = p.parse_args(argv)
     cfg = _load(args)
     if args.dry_run:
         print(plan(cfg))
         return 0
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    prep = prepare(cfg)
-    mask = compute_mask(cfg, prep, quiet=args.quiet)
+    mesh = None
+    if cfg.mesh:  # as run_unlearn: params read into their shardings, rows over the batch axes
+        from simu_jax.models.spec import model_config_from_spec
+        from simu_jax.sharding import check_layout, initialize_distributed, make_mesh
+
+        initialize_distributed()
+        mesh = make_mesh(cfg.mesh)
+        check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None)
+    import jax
+
+    from simu_jax.sharding import sync_processes
+
+    primary = jax.process_index() == 0
+    out = prepare_on_process_0(local_path(args.out), overwrite=args.overwrite, resume=False)
+    prep = prepare(cfg, mesh=mesh)
+    mask = _agreed(compute_mask(cfg, prep, quiet=args.quiet or not primary, mesh=mesh))
     if mask.num_selected == 0:
         raise ValueError("the neuron mask selects zero neurons (lower attribution.threshold or set top_fraction)")
-    mask.save(out)
-    print(f"{mask.num_selected} neurons selected, per layer {mask.counts}; mask written to {out}")
+    if primary:
+        mask.save(out)
+        print(f"{mask.num_selected} neurons selected, per layer {mask.counts}; mask written to {out}")
+    sync_processes("simu_jax.attribute.end")
     return 0

@@ -12,7 +12,10 @@ the device counts, the CPU collectives in use, which rows of a global batch it f
 `sharding.place_batch` made of a few whole host batches (rows that divide the batch axes,
 that do not, and a mesh whose device order interleaves the processes), and every file or
 directory it created, wrote, renamed or removed under the run directory, recorded by a
-`sys.addaudithook` hook); the assertions live in the test. Exits with the command's exit code.
+`sys.addaudithook` hook; the digest of each neuron mask `simu_jax.unlearn.compute_mask`
+returned in this process, recorded by a wrapper that calls the real function; what
+`sharding.check_same_on_all_processes` says of a value that differs between the processes);
+the assertions live in the test. Exits with the command's exit code.
 """
 
 from __future__ import annotations
@@ -115,13 +118,24 @@ def main() -> int:
 
     # No launcher: the CLI itself must reach jax.distributed.initialize (in run_unlearn) before
     # anything starts the XLA backend (importing simu_jax.engine does not).
+    import simu_jax.unlearn as unlearn
     from simu_jax.cli import main as cli_main
+
+    masks = []  # the digest of every mask this process attributed (the real compute_mask)
+    real_compute_mask = unlearn.compute_mask
+
+    def compute_mask(*args, **kwargs):
+        mask = real_compute_mask(*args, **kwargs)
+        masks.append(mask.digest())
+        return mask
+
+    unlearn.compute_mask = compute_mask
 
     t0 = time.time()
     code = cli_main(argv)
     seconds = time.time() - t0
 
-    report = {"exit": code, "seconds": round(seconds, 2), "writes": list(writes),
+    report = {"exit": code, "seconds": round(seconds, 2), "writes": list(writes), "mask_digests": masks,
               "collectives": jax.config.jax_cpu_collectives_implementation}
     if jax.distributed.is_initialized():
         from simu_jax import sharding as S
@@ -147,6 +161,12 @@ def main() -> int:
                       roundtrip_ok=bool(np.array_equal(host, x) and np.array_equal(back, x)),
                       any_process_one=S.any_process(jax.process_index() == 1), any_process_none=S.any_process(False))
         report["place_batch"] = _place_batch_checks()
+        S.check_same_on_all_processes("same everywhere", "a value")  # passes
+        try:
+            S.check_same_on_all_processes(f"{jax.process_index()}-abc", "a value")
+            report["differing_value_error"] = None
+        except ValueError as e:
+            report["differing_value_error"] = str(e)
     with open(report_path, "w") as f:
         json.dump(report, f)
     return code

@@ -1,4 +1,5 @@
-"""A real multi-process run: `simu-jax unlearn --mesh fsdp=4` as 2 JAX processes x 2 CPU devices.
+"""A real multi-process run: `simu-jax unlearn --mesh fsdp=4` as 2 JAX processes x 2 CPU devices,
+end to end: attribution, the steps, save and evaluation, every phase on the mesh.
 
 Two subprocesses (`tests/multiprocess_worker.py`) each get
 `XLA_FLAGS=--xla_force_host_platform_device_count=2`, `JAX_PLATFORMS=cpu`, gloo CPU
@@ -7,9 +8,16 @@ collectives and `JAX_COORDINATOR_ADDRESS=localhost:<free port>`, `JAX_NUM_PROCES
 The mesh spans the 4 devices of both processes; each process feeds its rows of every batch
 (the global batch is assembled with `jax.make_array_from_process_local_data`); the step's
 all-gathers and reductions cross the process boundary through gloo. Meanwhile this process
-runs the same config on one device, and the two runs must agree (fp32, 1e-5): per-step
-losses, eval curves, the saved model. Only process 0 may write the run's files (orbax's
-checkpoint writes excepted: every process takes part in those).
+runs the same config on one device, and the two runs must agree (fp32, 1e-5): the neuron
+mask (attributed with the params sharded and the rows over the devices of both processes: the
+same on both processes, and the same as one device's), per-step losses, eval curves, the
+saved model (written from the sharded params by both processes) and the final evaluation's
+metrics (its passes on the mesh, both processes taking part). Only process 0 may write the
+run's files (orbax's checkpoint writes excepted: every process takes part in those).
+
+JAX's shutdown barrier is set to SHUTDOWN_TIMEOUT_S, less than the final evaluation takes:
+the processes must still exit cleanly (they meet at a barrier before they return; a process
+that exits while another still evaluates would make both abort with exit 134).
 
 The run is interrupted after step 2 (`debug.stop_after_step`, a checkpoint written by both
 processes) and resumed with `--resume` (restored by both), so checkpoints are exercised
@@ -35,6 +43,7 @@ pytestmark = pytest.mark.slow  # two launches of 2 processes + a reference run: 
 from simu_jax.cli import main
 from simu_jax.models import split_params
 from simu_jax.models.convert import load_pretrained
+from simu_jax.sharding import SHUTDOWN_TIMEOUT_ENV
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5
@@ -44,23 +53,24 @@ TIMEOUT_S = 240  # per launch of the process pair; a hang is killed, never waite
 # not change what the partitioner does. Retried without them if this XLA does not know them.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STEPS, STOP_AT = 4, 2
+SHUTDOWN_TIMEOUT_S = 5  # JAX's shutdown barrier (default 300 s), set small: the final evaluation takes longer
 
 
 def _common(model_dir: Path) -> list[str]:
-    """SIMU (Sophia on attention + 9 masked down_proj rows), 4 steps of batch 4 (one row per
-    device), eval curves every 2 steps, a checkpoint at step 2; no final evaluation (the
-    resumed multi-process launch turns it on: process 0 runs it alone)."""
+    """SIMU (Sophia on attention + the masked down_proj rows of the attributed neurons: IG with
+    m = 2 on 8 forget and 8 retain rows in batches of 4), 4 steps of batch 4 (one row per
+    device), eval curves every 2 steps, a checkpoint at step 2; the final evaluation on 2 rows
+    per set in batches of 4 (one row per device), with 4 generated tokens per answer."""
     return ["--quiet", "--set", f"model.path={model_dir}", "data.synthetic.num_people=10",
             "data.synthetic.num_general=10", "data.max_length=64", "method=simu_graddiff", f"steps={STEPS}",
-            "batch_size=4", "checkpoint_every=2", "eval.every=2", "eval.enabled=false", "eval.limit=2",
-            "eval.generate=false", f"attribution.mask_path={model_dir.parent / 'mask'}", "optim.learning_rate=1e-2"]
+            "batch_size=4", "checkpoint_every=2", "eval.every=2", "eval.limit=2", "eval.batch_size=4",
+            "eval.max_new_tokens=4", "attribution.steps=2", "attribution.max_examples=8", "attribution.batch_size=4",
+            "optim.learning_rate=1e-2"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random LLaMA with a BPE tokenizer trained on the synthetic benchmark's texts, and a
-    fixed neuron mask beside it (attribution is not what is tested here)."""
-    from simu_jax.attribution import NeuronMask
+    """A tiny random LLaMA with a BPE tokenizer trained on the synthetic benchmark's texts."""
     from simu_jax.data import DataSpec, SyntheticConfig, benchmark_texts, load_benchmark
     from simu_jax.data import train_bpe_tokenizer
     from simu_jax.models import ModelConfig, init_model
@@ -73,11 +83,6 @@ def model_dir(tmp_path_factory) -> Path:
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                       max_position_embeddings=128, initializer_range=0.1, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    selected = np.zeros((cfg.num_hidden_layers, cfg.intermediate_size), bool)
-    rng = np.random.default_rng(3)
-    selected[0, rng.choice(cfg.intermediate_size, 6, replace=False)] = True
-    selected[1, rng.choice(cfg.intermediate_size, 3, replace=False)] = True
-    NeuronMask(selected=selected, meta={"method": "fixed"}).save(root / "mask")
     return save_pretrained(init_model(cfg, seed=0), root / "model", tokenizer_dir=root / "tokenizer")
 
 
@@ -104,6 +109,7 @@ def _launch(tmp: Path, tag: str, argv: list[str], xla_extra: str) -> list[tuple[
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            SHUTDOWN_TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S),
             "PYTHONPATH": os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         })
         for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "SIMU_DISTRIBUTED"):
@@ -179,7 +185,7 @@ def runs(model_dir, tmp_path_factory):
         assert codes == [75] * NUM_PROCESSES, f"exit codes {codes} (expected 75):\n{logs}"
     interrupted = [json.loads(r.read_text()) for _, r, _ in first]
     interrupted_files = sorted(str(p.relative_to(multi)) for p in multi.rglob("*"))
-    resumed, _ = _run_pair(tmp, "resume", [argv[0], "--resume", *argv[1:], "eval.enabled=true"], 0, extra)
+    resumed, _ = _run_pair(tmp, "resume", [argv[0], "--resume", *argv[1:]], 0, extra)
     return {"multi": multi, "single": single, "interrupted": interrupted, "resumed": resumed,
             "interrupted_files": interrupted_files, "seconds": time.time() - t0}
 
@@ -245,9 +251,46 @@ def test_multiprocess_run_equals_single_device(runs, model_dir):
     pm, ps, base = _params(multi / "model"), _params(single / "model"), _params(model_dir)
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(ps, base)) > 100 * TOL  # the steps moved the params
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(pm, ps)) <= TOL
-    # the same neuron mask in both runs
-    assert json.loads((multi / "run.json").read_text())["mask_hash"] == \
-        json.loads((single / "run.json").read_text())["mask_hash"]
+    # the same final evaluation (its passes on the mesh, both processes taking part)
+    em, es = (json.loads((run / "summary.json").read_text())["metrics"] for run in (multi, single))
+    assert set(em) == set(es) and {"forget_rouge", "forget_truth_ratio", "model_utility"} <= set(em)
+    for key, value in es.items():
+        if isinstance(value, float) and np.isfinite(value):
+            assert abs(em[key] - value) <= 1e-4, (key, em[key], value)
+        else:
+            assert em[key] == value or (value != value and em[key] != em[key]), (key, em[key], value)
+    gm, gs = (json.loads((run / "per_sample.json").read_text()) for run in (multi, single))
+    for name in ("forget", "retain", "general"):  # greedy generation on the mesh: the same tokens
+        assert gm[name]["generation"] == gs[name]["generation"] and len(gs[name]["generation"]) == 2, name
+        assert any(gs[name]["generation"]), name
+
+
+def test_attribution_on_the_mesh_gives_one_mask(runs):
+    """Attributed in the first launch (no given mask) with the rows over both processes'
+    devices: both processes built the same mask, which is the one-device run's, and it was
+    checked across them (a value that differs is refused on every process, in one line)."""
+    from simu_jax.attribution import NeuronMask
+
+    multi, single = runs["multi"], runs["single"]
+    digests = [r["mask_digests"] for r in runs["interrupted"]]
+    assert len(digests[0]) == 1 and digests[0] == digests[1], digests
+    assert [r["mask_digests"] for r in runs["resumed"]] == [[], []]  # the resume reads the saved mask
+    run_m, run_s = (json.loads((run / "run.json").read_text()) for run in (multi, single))
+    assert digests[0][0] == run_m["mask_hash"] == run_s["mask_hash"] == NeuronMask.load(multi / "mask").digest()
+    assert 0 < run_m["mask_selected"] < 2 * 64  # some, not all, of the 2 x 64 neurons
+    for r in runs["resumed"]:
+        msg = r["differing_value_error"]
+        assert msg is not None and "\n" not in msg and "differs between the processes" in msg
+        assert "a value differs" in msg and "process 0: 0-abc, process 1: 1-abc" in msg
+
+
+def test_final_phase_outlasts_the_shutdown_timeout(runs):
+    """The resumed launch's final phase (save and evaluation, every process taking part) took
+    longer than JAX's shutdown timeout, and both processes exited cleanly (the fixture asserts
+    exit 0 on both: an abort at the shutdown barrier is exit 134)."""
+    result = json.loads((runs["multi"] / "result.json").read_text())
+    assert result["eval_time_s"] > SHUTDOWN_TIMEOUT_S, result
+    assert all(r["exit"] == 0 for r in runs["resumed"])
 
 
 def test_only_process_zero_writes_run_files(runs):

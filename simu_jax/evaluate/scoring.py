@@ -129,6 +129,13 @@ class Scorer:
         dtype: the parameter dtype to score and generate in: ``"protocol"`` (default: the
             protocol's, bfloat16 under ``tofu`` as TOFU runs its models), ``None`` (the model's
             own) or a name (``"float32"``, ``"bfloat16"``). Logits are float32 either way.
+        mesh: the device mesh ``params`` are laid out on (sharded, several processes included).
+            Every batch is then placed as global arrays with its rows over the mesh's batch axes
+            (:func:`simu_jax.sharding.place_batch`: replicated when the rows do not divide them)
+            and every output is gathered to each host (:func:`simu_jax.sharding.to_host`), so
+            all processes take part in each pass and get the same numbers; every process must
+            make the same calls. The parameters stay where they are (cast in place under
+            ``dtype``). Without a mesh, one device.
 
     Rows are processed longest-first so a batch holds rows of similar length; outputs come
     back in input order.
@@ -136,7 +143,7 @@ class Scorer:
 
     def __init__(self, graphdef, params, tokenizer, template: QATemplate = QATemplate(), batch_size: int = 16,
                  max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 protocol: str | Protocol = "simu", dtype: str | None = "protocol"):
+                 protocol: str | Protocol = "simu", dtype: str | None = "protocol", mesh=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.graphdef = graphdef
@@ -151,6 +158,7 @@ class Scorer:
                 raise ValueError(f"dtype must be a floating dtype name such as 'bfloat16', got {self.dtype!r}") from None
             params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
         self.params = params
+        self.mesh = mesh
         self.batch_size = int(batch_size)
         self.buckets = tuple(int(b) for b in buckets)
         self.config = merge_params(graphdef, params).config
@@ -170,6 +178,26 @@ class Scorer:
         graphdef, params = split_params(model)
         return cls(graphdef, params, tokenizer, **kwargs)
 
+    # ----------------------------------------------------------------- placement
+
+    def _put(self, arrays: Mapping[str, np.ndarray], *keys: str) -> tuple:
+        """The host arrays ``arrays[k]`` (rows first) on the devices: one device, or on the mesh
+        with the rows over its batch axes."""
+        if self.mesh is None:
+            return tuple(jnp.asarray(arrays[k]) for k in keys)
+        from simu_jax.sharding import place_batch
+
+        placed = place_batch({k: np.asarray(arrays[k]) for k in keys}, self.mesh)
+        return tuple(placed[k] for k in keys)
+
+    def _host(self, tree):
+        """A pass's outputs as numpy arrays (on a mesh: gathered from every process's devices)."""
+        if self.mesh is None:
+            return jax.device_get(tree)
+        from simu_jax.sharding import to_host
+
+        return to_host(tree)
+
     # ----------------------------------------------------------------- batching
 
     def _batches(self, lengths: Sequence[int]) -> list[np.ndarray]:
@@ -182,9 +210,9 @@ class Scorer:
         rows: list[dict[str, np.ndarray] | None] = [None] * n
         for idx in self._batches(lengths):
             arrays = _fill_rows(encode(idx), self.batch_size)
-            out = jax.device_get(_label_pass(
-                self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
-                jnp.asarray(arrays["attention_mask"]), jnp.asarray(arrays["labels"]), with_stats=with_stats))
+            out = self._host(_label_pass(self.graphdef, self.params,
+                                         *self._put(arrays, "input_ids", "attention_mask", "labels"),
+                                         with_stats=with_stats))
             for j, i in enumerate(idx):
                 rows[i] = {k: np.asarray(v[j]) for k, v in out.items()}
         return rows  # type: ignore[return-value]
@@ -327,9 +355,8 @@ class Scorer:
         out: list[np.ndarray | None] = [None] * len(records)
         for idx in self._batches([len(str(r["question"])) + len(str(r[answer_key])) for r in records]):
             arrays = _fill_rows(self._encode_qa(records, answer_key, idx), self.batch_size)
-            hit = np.asarray(jax.device_get(_hit_pass(self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
-                                                      jnp.asarray(arrays["attention_mask"]),
-                                                      jnp.asarray(arrays["labels"]))))
+            hit = np.asarray(self._host(_hit_pass(self.graphdef, self.params,
+                                                  *self._put(arrays, "input_ids", "attention_mask", "labels"))))
             valid = arrays["labels"][:, 1:] != -100
             for j, i in enumerate(idx):
                 h = hit[j][valid[j]]
@@ -350,8 +377,9 @@ class Scorer:
             pos = np.nonzero(lab[0] != -100)[0]
             if pos.size:
                 lab[0, pos[-1]] = -100  # drop the EOS prediction
-            out.append(float(_grad_norm(self.graphdef, self.params, jnp.asarray(arrays["input_ids"]),
-                                        jnp.asarray(arrays["attention_mask"]), jnp.asarray(lab), p=p)))
+            out.append(float(self._host(_grad_norm(self.graphdef, self.params,
+                                                   *self._put({**arrays, "labels": lab}, "input_ids",
+                                                              "attention_mask", "labels"), p=p))))
         return np.asarray(out, dtype=np.float64)
 
     def token_logprobs(self, texts: Sequence[str], with_stats: bool = False) -> dict[str, Any]:
@@ -384,13 +412,13 @@ class Scorer:
         prompt (BOS first when the tokenizer adds one, as ``tokenizer(prompt)``; left-padded; a
         prompt over ``max_length`` tokens keeps its end, with a warning)."""
         prompts = [str(p) for p in prompts]
-        cand = jnp.asarray(np.asarray(token_ids, np.int32))
+        cand = np.asarray(token_ids, np.int32)  # the same on every process: replicated
         out = np.zeros((len(prompts), len(token_ids)), np.float32)
         for idx in self._batches([len(p) for p in prompts]):
             enc = _fill_rows(tokenize_prompts(self.tokenizer, [prompts[i] for i in idx], PLAIN_TEMPLATE,
                                               max_length=self.max_length, buckets=self.buckets), self.batch_size)
-            logits = np.asarray(jax.device_get(_last_logits_pass(
-                self.graphdef, self.params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]), cand)))
+            logits = np.asarray(self._host(_last_logits_pass(
+                self.graphdef, self.params, *self._put(enc, "input_ids", "attention_mask"), cand)))
             out[idx] = logits[: len(idx)]
         return out
 
@@ -423,9 +451,9 @@ class Scorer:
             enc = tokenize_prompts(self.tokenizer, [texts[i] for i in idx], template, max_length=limit,
                                    buckets=self.buckets)
             enc = _fill_rows(enc, self.batch_size)
-            new = np.asarray(generate(
-                (self.graphdef, self.params), enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens,
-                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id))
+            new = np.asarray(self._host(generate(
+                (self.graphdef, self.params), *self._put(enc, "input_ids", "attention_mask"),
+                max_new_tokens=new_tokens, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)))
             for j, i in enumerate(idx):
                 out[i] = self._decode(new[j][: budgets[i]])
         return out  # type: ignore[return-value]

@@ -26,7 +26,17 @@ __all__ = [
     "to_host",
     "place_like",
     "any_process",
+    "sync_processes",
+    "check_same_on_all_processes",
+    "SHUTDOWN_TIMEOUT_ENV",
 ]
+
+# Seconds a finished process waits at JAX's shutdown barrier for the others
+# (``jax.distributed.initialize(shutdown_timeout_seconds=...)``, JAX's default 300). The run
+# loops end with every process at one barrier (:func:`sync_processes`), so the processes reach
+# shutdown together whatever the length of the final phase; this only bounds how long a
+# process waits for one that failed. Tests set it small.
+SHUTDOWN_TIMEOUT_ENV = "SIMU_SHUTDOWN_TIMEOUT_S"
 
 
 def _env_int(*names: str) -> int | None:
@@ -50,7 +60,7 @@ def _cluster_detected() -> bool:
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *, local_device_ids: Sequence[int] | None = None,
-                           auto: bool | None = None) -> bool:
+                           auto: bool | None = None, shutdown_timeout_s: int | None = None) -> bool:
     """``jax.distributed.initialize`` from arguments, environment, or cluster auto-detection.
 
     Call it first, before anything touches a device. Arguments default to the environment:
@@ -60,6 +70,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     multi-host TPU slice) or when ``auto=True`` / ``SIMU_DISTRIBUTED=1``. A single process
     (``num_processes == 1``, or nothing detected) is a no-op. Returns whether JAX now runs
     as several processes (True also when it was already initialized).
+
+    ``shutdown_timeout_s`` (default ``$SIMU_SHUTDOWN_TIMEOUT_S``, else JAX's 300 s): how long a
+    process that has finished waits at JAX's shutdown barrier for the others before every
+    process aborts (exit 134); ``jax.distributed.initialize``'s ``shutdown_timeout_seconds``
+    (jax/_src/distributed.py). The run loops meet at :func:`sync_processes` before they
+    return, so a long final phase (save, evaluation) does not run into it.
     """
     if jax.distributed.is_initialized():
         return True
@@ -75,6 +91,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     kwargs = {}
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
+    if shutdown_timeout_s is None:
+        shutdown_timeout_s = _env_int(SHUTDOWN_TIMEOUT_ENV)
+    if shutdown_timeout_s is not None:
+        if shutdown_timeout_s < 1:
+            raise ValueError(f"{SHUTDOWN_TIMEOUT_ENV}={shutdown_timeout_s}: the shutdown timeout must be >= 1 second")
+        kwargs["shutdown_timeout_seconds"] = int(shutdown_timeout_s)
     if coordinator is not None or num_processes is not None or process_id is not None:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, **kwargs)
@@ -220,3 +242,34 @@ def any_process(flag: bool) -> bool:
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
+
+
+def sync_processes(name: str) -> None:
+    """A barrier of all processes (``multihost_utils.sync_global_devices``; a no-op with one
+    process). Every process must call it with the same ``name``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def check_same_on_all_processes(digest: str, what: str) -> None:
+    """Raise ``ValueError`` (one line) unless every process passes the same ``digest`` (a hex
+    or other ASCII string, e.g. a sha256 of what each process computed). A no-op with one
+    process; with several, an all-gather every process must call. Each process's value is
+    checked against all the others', so all of them raise together: none is left waiting in
+    a later collective."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(digest.encode("ascii"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+    width = int(lengths.max())
+    padded = np.zeros(width, np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), width)
+    values = [bytes(r[:n]).decode("ascii") for r, n in zip(rows, lengths)]
+    if len(set(values)) > 1:
+        shown = ", ".join(f"process {i}: {v if len(v) <= 40 else v[:40] + '...'}" for i, v in enumerate(values))
+        raise ValueError(f"{what} differs between the processes ({shown}); every process must compute the same")
