@@ -150,7 +150,7 @@ def main() -> int:
                       local_devices=[d.id for d in jax.local_devices()],
                       mesh_devices=[d.id for d in mesh.devices.flat],
                       batch_rows=[rows.start, rows.stop], process_slice=[even.start, even.stop])
-        # the host <-> global array helpers run_unlearn uses (keep_best, the final gather, stop)
+        # the host <-> global array helpers (to_host, place_like) and the stop agreement (any_process)
         import numpy as np
 
         x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # the same on every process
