@@ -311,11 +311,10 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}.
     `bench`: see `prepare` (default: the benchmark `cfg.data` names)."""
     import jax
+    import jax.numpy as jnp
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.data import batch_iterator
-    import jax.numpy as jnp
-
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
     from simu_jax.models.spec import model_config_from_spec
@@ -468,6 +467,8 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     its batch axes (`evaluate.scoring.Scorer`'s `mesh`), the reference model is read straight
     into its shardings there, every process computes the same summary, and process 0 writes
     the files."""
+    import jax
+
     from simu_jax.evaluate.runner import (Scorer, evaluate_lume, evaluate_qa_benchmark, evaluation_sets,
                                           format_summary, summary_metrics, write_results)
 
@@ -502,8 +503,6 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens,
                                                     reference_scorer=ref_scorer, gradnorm=cfg.eval.gradnorm)
-    import jax
-
     if jax.process_index() == 0:
         write_results(out, cfg.method, summary, per_sample)
     if not quiet:

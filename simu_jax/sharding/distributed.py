@@ -95,7 +95,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         shutdown_timeout_s = _env_int(SHUTDOWN_TIMEOUT_ENV)
     if shutdown_timeout_s is not None:
         if shutdown_timeout_s < 1:
-            raise ValueError(f"{SHUTDOWN_TIMEOUT_ENV}={shutdown_timeout_s}: the shutdown timeout must be >= 1 second")
+            raise ValueError(f"shutdown timeout {shutdown_timeout_s} s (shutdown_timeout_s or {SHUTDOWN_TIMEOUT_ENV}): "
+                             "the shutdown timeout must be >= 1 second")
         kwargs["shutdown_timeout_seconds"] = int(shutdown_timeout_s)
     if coordinator is not None or num_processes is not None or process_id is not None:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
