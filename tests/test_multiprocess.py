@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # two launches of 2 processes + a reference run: ~75 CPU-s, 2-3 min on a busy host
+pytestmark = pytest.mark.slow  # two launches of 2 processes + a reference run: ~150 CPU-s, 3-5 min on a busy host
 
 from simu_jax.cli import main
 from simu_jax.models import split_params
