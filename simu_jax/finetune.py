@@ -36,6 +36,7 @@ Python API: :func:`run_finetune` (returns the final metrics), :func:`plan_finetu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -196,7 +197,8 @@ def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
     records, counts = _train_records(cfg, bench)
 
     def tokenize(recs):
-        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS,
+                           style=cfg.data.tokenization_style())
 
     train = tokenize(records)
     evals = {}
@@ -440,6 +442,7 @@ def run_finetune(
     from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, to_host
 
     t_start = time.time()
+    cfg = dataclasses.replace(cfg, data=cfg.data.resolved())  # config.yaml records the tokenization used
     done = RunDirectory.finished(out_dir, resume, "final_metrics.json")
     if done is not None:
         _say(quiet, f"{out_dir} is already complete; nothing to resume")

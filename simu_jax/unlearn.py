@@ -67,9 +67,10 @@ class EvalSpec:
     (after `--resume`, among the steps since the resume point). Both need `every > 0`.
 
     `protocol`: whose evaluation choices the final evaluation follows (`tofu`: TOFU's
-    evaluate_util.py; `open-unlearning`; `simu`: this project's; null = the benchmark's default,
-    `evaluate.protocol.DEFAULT_PROTOCOL`: tofu for TOFU, simu for the synthetic benchmark, whose
-    models are trained here with the answer alone scored; docs/metrics.md). `max_new_tokens`:
+    evaluate_util.py; `open-unlearning`; `simu`: this project's; null = the one scoring the tokens
+    the model was trained on, `evaluate.protocol.default_protocol` of `data.tokenization`: tofu
+    for TOFU and the synthetic benchmark by default, simu for `tokenization: split`;
+    docs/metrics.md). `max_new_tokens`:
     new-token budget (null = the protocol's; under tofu, TOFU's 200 tokens in total, which a
     number caps further). `reference_log`: a TOFU eval log
     (`eval_log_aggregated.json`, e.g. a published retain model's) whose forget-set truth ratios
@@ -166,8 +167,12 @@ def resolve_config(cfg: UnlearnConfig) -> UnlearnConfig:
 
     A Sophia method (so_*, simu_*) without ``optim.preset`` takes ``soul``, SOUL's optimizer as
     its code runs (docs/method.md#soul-optimizer); then ``OptimSpec.resolved`` (with
-    ``steps`` for the schedule's warmup) and ``LossSpec.resolved``. Idempotent."""
+    ``steps`` for the schedule's warmup) and ``LossSpec.resolved``; ``data.tokenization``
+    (``DataSpec.resolved``). Idempotent."""
     from simu_jax.engine import resolve_settings
+
+    if cfg.data.resolved() != cfg.data:
+        cfg = dataclasses.replace(cfg, data=cfg.data.resolved())
 
     method = resolved_method(cfg)
     o = cfg.optim
@@ -223,7 +228,8 @@ def prepare(cfg: UnlearnConfig, bench=None, mesh=None) -> Prepared:
     max_len = min(cfg.data.max_length, loaded.config.max_position_embeddings)
 
     def tokenize(recs):
-        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS,
+                           style=cfg.data.tokenization_style())
 
     arrays = {"forget": tokenize(bench.forget), "retain": tokenize(bench.retain)}
     if resolved_method(cfg).objective == "idk":
@@ -433,7 +439,8 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     from simu_jax.evaluate.protocol import check_protocol, default_protocol
 
     bench = prep.bench
-    protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name), bench.name)
+    protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name, cfg.data.tokenization_style()),
+                              bench.name)
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size,
                     protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype)
     sets = evaluation_sets(bench, cfg.eval.limit, protocol=protocol)

@@ -702,8 +702,9 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
                                            "forget-quality reference (instead of --reference)")
     p.add_argument("--protocol", choices=PROTOCOL_NAMES,
                    help="whose evaluation choices to follow (rows, scored tokens, tokenization, generation, MIA "
-                        "k, dtype, decoding): tofu (TOFU's evaluate_util.py; the default for tofu), "
-                        "open-unlearning, simu (this project's earlier choices; the default for synthetic), "
+                        "k, dtype, decoding): tofu (TOFU's evaluate_util.py; the default for tofu and synthetic), "
+                        "open-unlearning, simu (this project's earlier choices, for a model trained with "
+                        "data.tokenization split), "
                         "semeval (SemEval-2025 Task 4's evaluate_generations.py: bfloat16, generations decoded "
                         "with clean_up_tokenization_spaces=True; lume only, its default); see docs/metrics.md")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "model"),
