@@ -424,3 +424,35 @@ def test_cli_attack_bad_options_are_one_line_errors(models, tmp_path):
         cli_main(["--model", str(unlearned_dir), "--benchmark", "lume", "--attack", "int4"])
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         cli_main(base + ["--attack", "int4", "--target", str(tmp_path / "missing")])
+
+
+def test_unlearn_evaluation_runs_the_configured_attacks(models, tmp_path):
+    """`simu-jax unlearn`'s final evaluation (evaluate_run) with eval.attack: the target is
+    model.path (the model before unlearning), the attacked model the run's parameters."""
+    from simu_jax.base import ConfigError
+    from simu_jax.config import load_config
+    from simu_jax.models.spec import load_model
+    from simu_jax.unlearn import UnlearnConfig, evaluate_run, prepare
+
+    target_dir, unlearned_dir, target, unlearned, tok = models
+    cfg = load_config(UnlearnConfig, None, [f"model.path={target_dir}", "eval.generate=false", "eval.batch_size=4",
+                                            f"eval.limit={LIMIT}", "eval.attack.names=[nf4]"])
+    prep = prepare(cfg)
+    out = tmp_path / "run"
+    metrics = evaluate_run(cfg, prep, load_model(unlearned_dir).params, out)
+    rob = json.loads((out / "summary.json").read_text())["details"]["robustness"]
+    rows = prep.bench.forget[:LIMIT]  # the simu protocol without a seed: the first rows
+
+    def prob(model):
+        return float(np.mean([np.exp(-torch_answer_nll(model, tok, r)) for r in rows]))
+
+    assert rob["unlearned"]["forget_prob"] == pytest.approx(metrics["forget_prob"], rel=1e-12)
+    assert rob["unlearned"]["forget_prob"] == pytest.approx(prob(unlearned), abs=1e-5)
+    assert rob["target"]["forget_prob"] == pytest.approx(prob(target), abs=1e-5)
+    after = prob(torch_quantized(unlearned, lambda w: bnb_4bit_hf(w, "nf4")))
+    assert rob["attacks"]["nf4"]["forget"]["forget_prob"] == pytest.approx(after, abs=1e-5)
+    assert rob["attacks"]["nf4"]["settings"]["block_size"] == 64
+    with pytest.raises(ConfigError, match="eval.attack.names"):
+        load_config(UnlearnConfig, None, ["data.benchmark=lume", "eval.attack.names=[int4]"])
+    with pytest.raises(ConfigError, match="eval.attack.block_size"):
+        load_config(UnlearnConfig, None, ["eval.attack.block_size=48"])

@@ -1,8 +1,9 @@
 """Robustness attacks on an unlearned model: 4-bit weight quantization and relearning.
 
 Unlearning that moves the weights only a little can be undone without knowing anything about
-the forget set: Zhang et al. (arXiv 2410.16454, ICLR 2025, "Catastrophic failure of LLM
-unlearning via quantization") load unlearned models in 4 bits and find most of the forgotten
+the forget set: Zhang et al. (arXiv 2410.16454, "Does your LLM truly unlearn? An embarrassingly
+simple approach to recover unlearned knowledge"; at ICLR 2025 "Catastrophic failure of LLM
+unlearning via quantization", their README) load unlearned models in 4 bits and find most of the forgotten
 knowledge back, and a few fine-tuning steps on a handful of forget pairs bring back more than
 those pairs (relearning). Each attack here is applied to the unlearned model, then the forget
 metrics are measured again (:func:`run_attacks`, ``simu-jax evaluate --attack``,
@@ -14,7 +15,7 @@ so the forward pass is unchanged; the arithmetic runs in float32):
 
 * :func:`quantize_int4_rtn`: per-group asymmetric round-to-nearest with a zero point, llm-awq's
   ``pseudo_quantize_tensor`` (mit-han-lab/llm-awq @ d6e797a, ``awq/quantize/quantizer.py:61-103``,
-  ``n_bit=4, zero_point=True``; the "RTN g128" baseline of AWQ and GPTQ).
+  ``n_bit=4, zero_point=True``; AWQ's round-to-nearest INT4-g128 baseline).
 * :func:`quantize_nf4` / :func:`quantize_fp4`: bitsandbytes' blockwise 4-bit types, absmax per
   block of 64 and the nearest of 16 code values (bitsandbytes-foundation/bitsandbytes @ 95f9af3,
   ``bitsandbytes/functional.py:772-859`` ``get_4bit_type``, ``backends/default/ops.py:225-259``
@@ -26,8 +27,8 @@ so the forward pass is unchanged; the arithmetic runs in float32):
 Which weights: every linear kernel inside the decoder blocks (attention q/k/v/o, MLP
 gate/up/down). The token embedding, the norms and ``lm_head`` keep their values, as in both
 references: transformers swaps only ``nn.Linear`` modules for bitsandbytes ones and skips the
-output embedding (``integrations/bitsandbytes.py`` ``replace_with_bnb_linear``,
-``quantizers/base.py:39-63`` ``get_keys_to_not_convert``), and llm-awq quantizes the linears of
+output embedding (``integrations/bitsandbytes.py:162`` ``replace_with_bnb_linear``,
+``quantizers/base.py:39-63`` ``get_keys_to_not_convert``, transformers 5.24), and llm-awq quantizes the linears of
 the blocks (``quantizer.py:106-120``).
 
 Layout: our kernels are ``[in, out]`` (``[L, in, out]`` stacked), HF's weights ``[out, in]``
@@ -144,8 +145,9 @@ def quantize_int4_rtn(w: jax.Array, group_size: int = 128, return_stats: bool = 
     wherever ``min(g) <= 0 <= max(g)`` (weight groups practically always); a group entirely
     of one sign gets zero = 0 or 15 by the clamp and loses more, exactly as in llm-awq.
     ``group_size=-1``: one group per output column (llm-awq's ``q_group_size=-1``). When ``in``
-    is not a multiple of ``group_size`` the last group is shorter (GPTQ's column slices,
-    IST-DASLab/gptq ``gptq.py:84-86``; llm-awq asserts divisibility). The stacked layer axis
+    is not a multiple of ``group_size`` the last group is shorter (GPTQ's column slices
+    ``W[:, i:i + groupsize]``, IST-DASLab/gptq @ 2d65066 ``gptq.py:84-86, 121-123``; llm-awq asserts
+    divisibility). The stacked layer axis
     (and any leading axis) is independent: every layer has its own groups.
 
     Returns the dequantized kernel in ``w``'s dtype; with ``return_stats`` also the per-group
@@ -182,7 +184,7 @@ def _quantize_4bit_code(w: jax.Array, code: Sequence[float], block_size: int, re
     elements, the last one shorter when the size is not a multiple (``backends/default/ops.py:
     238-249``); per block ``absmax = max |w|``, ``x = clamp(w * (1 / absmax), -1, 1)``
     (``:244-245``, the same product with the reciprocal as the CUDA kernel,
-    ``csrc/kernels.cu:335-336``); the code index is ``torch.bucketize`` of x over the midpoints
+    ``csrc/kernels.cu:332-337``); the code index is ``torch.bucketize`` of x over the midpoints
     of adjacent sorted codes (``:225-230, 252``: the nearest code, a tie going to the lower
     one, as the CUDA decision trees ``kernels.cu:64-152``); dequantized ``code[i] * absmax``
     (``:275-284``) in float32, then cast to the weight's dtype.

@@ -43,6 +43,9 @@ The numbers use snake_case keys, which are what ``summary.json`` (and so
   ``mia_auc_min_k_pp`` and ``mia_score``, with MMLU data (``--mmlu``) ``mmlu``.  Nested
   extras: ``per_task``, ``semeval`` (the final score), ``mmlu_per_subject``.  The protocol
   ``semeval`` (LUME's default) runs in bfloat16 and decodes as SemEval's script.
+* ``robustness`` (``--attack``, synthetic / tofu): the forget metrics after each robustness
+  attack and their recovery (:func:`simu_jax.evaluate.attacks.run_attacks`); nested, so in
+  ``summary.json`` under ``details``.
 * ``notes``: a list of strings saying what was skipped and why.
 """
 
