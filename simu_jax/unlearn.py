@@ -86,8 +86,9 @@ class EvalSpec:
     `mia_auc_gradnorm` (one gradient per forget / holdout row: slow on large models; synthetic
     and tofu). `attack`: robustness attacks after the evaluation (`evaluate.attacks.AttackSpec`:
     4-bit quantization, relearning; synthetic and tofu), each followed by the forget metrics
-    again, with their recovery towards the target model `model.path`. `mmlu`: LUME only, an MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`,
-    `dev/<subject>_dev.csv`); its 5-shot accuracy (`mmlu`) completes the SemEval final score
+    again, with their recovery towards the target model `model.path`. `mmlu`: LUME only, an
+    MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`, `dev/<subject>_dev.csv`);
+    its 5-shot accuracy (`mmlu`) completes the SemEval final score
     (`evaluate.runner.mmlu_accuracy`); `limit` keeps the first rows of each subject. It is read
     when the config is loaded, so a missing or malformed file fails before the run.
     """
