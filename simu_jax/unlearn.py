@@ -20,6 +20,7 @@ from simu_jax.base import EXIT_INTERRUPTED, ArgumentParser, ConfigError, pad_tok
 from simu_jax.config import load_config
 from simu_jax.data import DataSpec, load_benchmark, qa_template
 from simu_jax.engine import METHODS, StepSettings, get_method
+from simu_jax.evaluate.attacks import AttackSpec
 from simu_jax.loop import DebugSpec, RunDirectory, run_steps
 from simu_jax.losses import LossSpec
 from simu_jax.models.spec import ModelSpec, load_model
@@ -84,8 +85,11 @@ class EvalSpec:
     with a `reference` model also `mia_auc_reference`, `reference_mia_auc_min_k` and `privleak`
     against the reference's Min-K% AUC (else against 0.5). `gradnorm`: also the GradNorm MIA,
     `mia_auc_gradnorm` (one gradient per forget / holdout row: slow on large models; synthetic
-    and tofu). `mmlu`: LUME only, an MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`,
-    `dev/<subject>_dev.csv`); its 5-shot accuracy (`mmlu`) completes the SemEval final score
+    and tofu). `attack`: robustness attacks after the evaluation (`evaluate.attacks.AttackSpec`:
+    4-bit quantization, relearning; synthetic and tofu), each followed by the forget metrics
+    again, with their recovery towards the target model `model.path`. `mmlu`: LUME only, an
+    MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`, `dev/<subject>_dev.csv`);
+    its 5-shot accuracy (`mmlu`) completes the SemEval final score
     (`evaluate.runner.mmlu_accuracy`); `limit` keeps the first rows of each subject. It is read
     when the config is loaded, so a missing or malformed file fails before the run.
     """
@@ -104,6 +108,7 @@ class EvalSpec:
     dtype: Literal["protocol", "model", "bfloat16", "float32"] = "protocol"
     gradnorm: bool = False
     mmlu: str | None = None
+    attack: AttackSpec = field(default_factory=AttackSpec)
 
     def __post_init__(self):
         if self.reference_log is not None and not Path(self.reference_log).expanduser().exists():
@@ -152,6 +157,8 @@ class UnlearnConfig:
             raise ConfigError(f"applies to the lume benchmark (the SemEval final score), not {bench}", "eval.mmlu")
         if self.eval.gradnorm and bench == "lume":
             raise ConfigError("applies to the synthetic and tofu benchmarks (forget vs holdout rows)", "eval.gradnorm")
+        if self.eval.attack.names and bench == "lume":
+            raise ConfigError("applies to the synthetic and tofu benchmarks (QA forget metrics)", "eval.attack.names")
 
 
 def step_settings(cfg: UnlearnConfig) -> StepSettings:
@@ -468,6 +475,13 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens,
                                                     reference_scorer=ref_scorer, gradnorm=cfg.eval.gradnorm)
+        if cfg.eval.attack.names:  # recovery towards the target model (model.path, before unlearning)
+            from simu_jax.evaluate.attacks import run_attacks
+
+            tgt = load_model(cfg.model)
+            summary["robustness"] = run_attacks(cfg.eval.attack, scorer, params, sets, summary, per_sample,
+                                                target=(tgt.graphdef, tgt.params), generate=cfg.eval.generate,
+                                                max_new_tokens=cfg.eval.max_new_tokens)
     write_results(out, cfg.method, summary, per_sample)
     if not quiet:
         print(format_summary(summary), file=sys.stderr)
