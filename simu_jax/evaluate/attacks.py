@@ -439,7 +439,9 @@ def run_attacks(spec: AttackSpec, scorer, params: Mapping[str, Any], sets: Mappi
             settings.update({"group_size": spec.group_size} if name == "int4" else {"block_size": spec.block_size})
         elif name == "relearn":
             recs = relearn_records(forget, spec.relearn_examples)
-            arrays = tokenize_qa(scorer.tokenizer, recs, scorer.template, scorer.max_length, buckets=TRAIN_BUCKETS)
+            # trained on the tokens the protocol scores (tofu: TOFU's joint tokenization, as training)
+            arrays = tokenize_qa(scorer.tokenizer, recs, scorer.template, scorer.max_length, buckets=TRAIN_BUCKETS,
+                                 style=scorer.protocol.tokenization)
             new_params, losses = relearn(scorer.graphdef, params, arrays, steps=spec.relearn_steps,
                                          learning_rate=spec.relearn_lr)
             attacked = _scorer_like(scorer, scorer.graphdef, new_params)
