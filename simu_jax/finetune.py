@@ -139,8 +139,10 @@ class _Prepared:
 def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
     """(tokenizer, directory holding its files)."""
     from simu_jax.data import train_bpe_tokenizer
+    from simu_jax.models.convert import local_metadata_dir
 
-    source = cfg.tokenizer or (str(resolve_model_path(cfg.model.path, config_only=True)) if cfg.model.path else None)
+    source = cfg.tokenizer or (str(local_metadata_dir(resolve_model_path(cfg.model.path, config_only=True)))
+                               if cfg.model.path else None)  # a gs:// model: its tokenizer files, copied locally
     if source is not None:
         try:
             tok = load_tokenizer(source)
@@ -437,6 +439,7 @@ def run_finetune(
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.models import abstract_model, count_params, init_model, split_params
+    from simu_jax.base import is_remote
     from simu_jax.models.convert import load_pretrained, save_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
     from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, to_host
@@ -577,7 +580,7 @@ def run_finetune(
         "step": step,
         "steps": total,
         **ev,
-        "model_dir": str((out / "model").resolve()),
+        "model_dir": str(out / "model" if is_remote(out) else (out / "model").resolve()),  # a URL stays one
         "wall_time_s": round(wall, 2),
         "train_time_s": round(time.time() - t_loop, 2),
         "resumed_from": resumed_from,

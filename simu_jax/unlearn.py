@@ -142,11 +142,11 @@ class UnlearnConfig:
     debug: DebugSpec = field(default_factory=DebugSpec)
 
     def check(self) -> None:
-        from simu_jax.base import local_path
+        from simu_jax.base import as_path
         from simu_jax.evaluate.protocol import check_protocol
 
         if self.reference is not None:
-            local_path(self.reference, "reference")
+            as_path(self.reference, "reference")  # a bad URL scheme is refused before any output exists
         bench = self.data.benchmark
         if self.eval.protocol is not None:
             try:
@@ -295,6 +295,24 @@ def compute_mask(cfg: UnlearnConfig, prep: Prepared, quiet: bool = True):
 # =========================================================================== run
 
 
+def check_inputs(cfg: UnlearnConfig) -> None:
+    """The run's input files, refused in one line naming the file before the run directory
+    exists (so nothing is written): the model and reference directories (config.json and the
+    safetensors headers; no weight is read) and a given mask (read and checked against the
+    model's shape)."""
+    from simu_jax.models.spec import check_model_files, model_config_from_spec
+
+    if cfg.model.path is not None:
+        check_model_files(cfg.model.path)
+    if cfg.reference is not None:
+        check_model_files(cfg.reference)
+    if cfg.attribution.mask_path:
+        from simu_jax.attribution import NeuronMask
+
+        mcfg = model_config_from_spec(cfg.model)
+        NeuronMask.load(cfg.attribution.mask_path, shape=(mcfg.num_hidden_layers, mcfg.intermediate_size))
+
+
 def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bool = False,
                 quiet: bool = False, bench=None) -> dict[str, Any]:
     """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}.
@@ -321,6 +339,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         # no silent replication: refused before anything is read or written
         check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None,
                      batch_sizes={"batch_size": cfg.batch_size})
+    check_inputs(cfg)  # bad model / reference / mask files: one line, before the run directory exists
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary  # progress and messages from process 0 only
@@ -590,7 +609,7 @@ def cli_main(argv: list[str]) -> int:
     if result["status"] == "interrupted":
         return EXIT_INTERRUPTED
     if not args.quiet:
-        print(f"unlearned model written to {Path(args.out) / 'model'}", file=sys.stderr)
+        print(f"unlearned model written to {args.out.rstrip('/')}/model", file=sys.stderr)
     return 0
 
 

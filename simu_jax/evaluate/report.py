@@ -398,7 +398,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     for r in runs:
         r["label"] = r["method"] if counts[r["method"]] == 1 else f"{r['method']} ({r['dir'].name})"
 
-    out_dir = Path(out_dir)
+    from simu_jax.base import as_path
+
+    out_dir = as_path(out_dir)  # local, or a URL (gs://, ...): each file one object upload
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {
         "tradeoff.png": _plot_tradeoff(runs, out_dir / "tradeoff.png"),
@@ -452,9 +454,9 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
     p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
     args = p.parse_args(argv)
-    from simu_jax.base import local_path
+    from simu_jax.base import as_path
 
-    path = write_report([Path(r) for r in args.runs], local_path(args.out))
+    path = write_report([Path(r) for r in args.runs], as_path(args.out))
     print(format_table([load_run(Path(r)) for r in args.runs]))
     print(f"report written to {path}")
     return 0

@@ -611,9 +611,9 @@ def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str,
     NaN / inf become ``null``. The non-numeric parts of the summary (TOFU display names,
     ``per_task``, ``notes``, ...) go under ``"details"``; ``extra`` adds top-level keys.
     """
-    from simu_jax.base import local_path
+    from simu_jax.base import as_path
 
-    out = local_path(out_dir)
+    out = as_path(out_dir)  # a local directory or a URL (gs://, ...: one object upload per file)
     out.mkdir(parents=True, exist_ok=True)
     metrics = summary_metrics(summary)
     details = {k: v for k, v in summary.items() if k not in metrics and k != "notes"}
@@ -896,9 +896,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    model_dir = Path(args.model).expanduser()
-    ref_dir = Path(args.reference).expanduser() if args.reference else None
-    target_dir = Path(args.target).expanduser() if args.target else None
+    from simu_jax.base import as_path, is_remote
+
+    def absolute(p):  # a URL is absolute already (resolve() would make gs://b/x the local /cwd/gs:/b/x)
+        return p if is_remote(p) else p.resolve()
+
+    model_dir = absolute(as_path(args.model, "--model").expanduser())  # a local directory or a URL (gs://, ...)
+    ref_dir = absolute(as_path(args.reference, "--reference").expanduser()) if args.reference else None
+    target_dir = absolute(as_path(args.target, "--target").expanduser()) if args.target else None
     for d in [model_dir] + [x for x in (ref_dir, target_dir) if x]:  # fail fast, before the slow loads
         if not d.is_dir():
             raise FileNotFoundError(f"model directory not found: {d}")
@@ -970,9 +975,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
         print(format_attacks(summary["robustness"]), flush=True)
     if args.out:
-        method = args.method or model_dir.resolve().name
+        method = args.method or model_dir.name
         out = write_results(args.out, method, summary, per_sample, benchmark=args.benchmark,
-                            model=str(model_dir.resolve()), reference=str(ref_dir.resolve()) if ref_dir else None,
+                            model=str(model_dir), reference=str(ref_dir) if ref_dir else None,
                             reference_log=str(Path(args.reference_log).expanduser().resolve())
                             if args.reference_log else None,
                             settings={"limit": args.limit, "seed": args.seed, "synthetic_seed": args.synthetic_seed,
