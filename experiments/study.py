@@ -204,21 +204,17 @@ def group_sequential(root, target, reference, stop):
 
 
 def group_relearn(root, target, reference, stop, steps: int = 10, lr: float = 1e-3):
-    """Relearning attack: fine-tune each unlearned model (matched forgetting runs) on 10% of the
-    forget set (2 of 20 QA pairs) with AdamW for `steps` full-batch steps, then measure the whole
-    forget set (the 18 pairs never relearned show what comes back by itself)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
+    """Relearning attack (:func:`simu_jax.evaluate.attacks.relearn`): fine-tune each unlearned
+    model (matched forgetting runs) on 10% of the forget set (2 of 20 QA pairs,
+    :func:`~simu_jax.evaluate.attacks.relearn_records`) with AdamW for `steps` full-batch steps,
+    then measure the whole forget set (the 18 pairs never relearned show what comes back by itself)."""
     from simu_jax.data import load_benchmark
-    from simu_jax.losses import token_mean_nll
-    from simu_jax.models import apply
+    from simu_jax.evaluate.attacks import relearn, relearn_records
     from simu_jax.runio import is_complete, mark_complete, prepare_output_dir
     from simu_jax.unlearn import evaluate_run, prepare
 
     full = load_benchmark(demo_data(FULL))
-    attack_set = full.forget[:: 10]  # 2 QA pairs, different people
+    attack_set = relearn_records(full.forget, max(len(full.forget) // 10, 1))  # forget[::10]: different people
     for name, model_dir in [("target", target)] + [(m, root / "runs" / "compare" / m / "model") for m in _only(HEADLINE)]:
         out = root / "runs" / "relearn" / name
         if is_complete(out):
@@ -226,25 +222,7 @@ def group_relearn(root, target, reference, stop, steps: int = 10, lr: float = 1e
         print(f"[study] relearn {name}", file=sys.stderr)
         cfg = unlearn_config(BASE, model_dir, reference)
         prep = prepare(cfg, dataclasses.replace(full, forget=attack_set))
-        batch = {a: jnp.asarray(v) for a, v in prep.arrays["forget"].items()}
-
-        def loss(p):
-            logits = apply(prep.graphdef, p, batch["input_ids"], batch["attention_mask"])
-            return token_mean_nll(logits, batch["labels"])
-
-        tx = optax.adamw(lr, weight_decay=0.0)
-
-        @jax.jit
-        def step(p, s):
-            value, g = jax.value_and_grad(loss)(p)
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s, value
-
-        params, state = prep.params, tx.init(prep.params)
-        losses = []
-        for _ in range(steps):
-            params, state, value = step(params, state)
-            losses.append(float(value))
+        params, losses = relearn(prep.graphdef, prep.params, prep.arrays["forget"], steps=steps, learning_rate=lr)
         prepare_output_dir(out, overwrite=out.exists())
         prep.bench = full
         metrics = evaluate_run(cfg, prep, params, out)

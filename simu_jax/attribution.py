@@ -47,7 +47,7 @@ import numpy as np
 from simu_jax.base import IGNORE_INDEX
 from simu_jax.data.tokenize import TRAIN_BUCKETS, bucket_length, sequence_lengths
 from simu_jax.losses import label_logprobs, mean_nll_per_example
-from simu_jax.runio import write_json_atomic
+from simu_jax.runio import write_bytes_atomic, write_json_atomic
 from simu_jax.models import apply, apply_with_aux
 from simu_jax.models.layers import F32
 
@@ -247,17 +247,21 @@ class NeuronMask:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """mask.npz (arrays) + mask_summary.json (readable counts), written atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """mask.npz (arrays) + mask_summary.json (readable counts), written atomically (a local
+        directory or a URL: :func:`simu_jax.runio.write_bytes_atomic`)."""
+        import io
+
+        from simu_jax.base import as_path
+
+        directory = as_path(directory, "mask directory")
         arrays = {"selected": self.selected}
         if self.forget is not None:
             arrays["forget"] = self.forget
         if self.retain is not None:
             arrays["retain"] = self.retain
-        tmp = directory / ".mask.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(directory / "mask.npz")
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        write_bytes_atomic(directory / "mask.npz", buf.getvalue())
         write_json_atomic(directory / "mask_summary.json", self.summary())
         return directory / "mask.npz"
 
@@ -270,7 +274,11 @@ class NeuronMask:
         array, ``forget`` / ``retain`` of another shape, the wrong shape) raises a one-line
         ``ValueError`` naming the file.
         """
-        path = Path(path)
+        import io
+
+        from simu_jax.base import as_path, is_remote
+
+        path = as_path(path, "attribution.mask_path")
         npz = path / "mask.npz" if path.is_dir() else path
         if not npz.is_file():
             raise FileNotFoundError(f"no neuron mask at {npz}")
@@ -279,7 +287,7 @@ class NeuronMask:
             raise ValueError(f"{npz}: not a neuron mask ({why})")
 
         try:
-            data = np.load(npz, allow_pickle=False)
+            data = np.load(io.BytesIO(npz.read_bytes()) if is_remote(npz) else npz, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - pickles, text, broken zips: all "not an .npz"
             bad(f"not an .npz archive: {' '.join(str(e).split())[:100] or type(e).__name__}")
         if not isinstance(data, np.lib.npyio.NpzFile):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 __all__ = [
     "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_KEYBOARD", "EXIT_OK", "EXIT_USAGE", "IGNORE_INDEX",
-    "ArgumentParser", "ConfigError", "NonFiniteLossError", "UsageError", "local_path", "pad_token_id",
+    "ArgumentParser", "ConfigError", "NonFiniteLossError", "UsageError", "as_path", "is_remote", "pad_token_id",
+    "url_scheme",
 ]
 
 # Exit codes of every command (simu_jax.cli turns exceptions into them).
@@ -28,19 +29,75 @@ IGNORE_INDEX = -100
 
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The URL schemes etils.epath knows (``gpath._URI_SCHEMES``), each through an fsspec filesystem
+# whose package is an optional extra (epath uses tf.io.gfile instead when tensorflow is installed).
+REMOTE_PACKAGES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
+# Orbax writes checkpoint arrays with TensorStore, natively only on local disks and gs:// (its
+# GCS driver; orbax/checkpoint/_src/serialization/tensorstore_utils.py `_use_gcs_driver`): a run
+# directory (which holds checkpoints/) may be local or gs:// only.
+CHECKPOINT_SCHEMES = ("gs",)
 
 
-def local_path(path: "str | os.PathLike", what: str = "output directory") -> Path:
-    """``Path(path)``, refusing a URL (``gs://bucket/run``, ``s3://...``): run directories,
-    checkpoints and models are local paths here, and ``Path`` would silently turn
-    ``gs://bucket/run`` into a local ``gs:/bucket/run`` (on a TPU pod each worker would then
-    write its own disk). Use a directory every process sees (a shared mount)."""
+def url_scheme(path: "str | os.PathLike") -> str | None:
+    """``"gs"`` for ``gs://bucket/x`` (also an ``epath.Path`` of it); ``None`` for a local path."""
     text = os.fspath(path)
-    if isinstance(text, str) and _URL_SCHEME.match(text):
-        scheme = text.split("://", 1)[0]
-        raise UsageError(f"{what} {text}: {scheme}:// paths are not supported yet; use a local or shared-mount "
-                         "directory that every process sees (NFS, Filestore, gcsfuse)")
-    return Path(text)
+    return text.split("://", 1)[0] if isinstance(text, str) and _URL_SCHEME.match(text) else None
+
+
+def is_remote(path: "str | os.PathLike") -> bool:
+    return url_scheme(path) is not None
+
+
+def as_path(path: "str | os.PathLike", what: str = "output directory", *, checkpoints: bool = False):
+    """The one place a user's path becomes a path object: a local path is ``pathlib.Path(path)``
+    (unchanged); a URL (``gs://bucket/run``, ``s3://``, ``az://``, ``hf://``) is an
+    ``etils.epath.Path``, whose file operations go to the object store (``pathlib.Path`` would
+    silently make ``gs://bucket/run`` the local ``gs:/bucket/run``, and on a TPU pod every worker
+    would write its own disk). A path object passed in is returned as is, so every layer may
+    call this again.
+
+    Refused in one line naming the path (:class:`UsageError`, exit 2), before anything is
+    written: a scheme epath does not know (``memory://``, ``ftp://``, ...), a scheme whose
+    filesystem package is not installed (``gs:// needs gcsfs: pip install gcsfs``), and with
+    ``checkpoints`` (a run directory) a scheme orbax cannot write checkpoints to (anything but
+    ``gs://``). Writes under a URL: see :func:`simu_jax.runio.write_bytes_atomic` (what stays
+    atomic on an object store).
+    """
+    scheme = url_scheme(path)
+    if scheme is None:
+        return path if isinstance(path, Path) else Path(os.fspath(path))
+    text = os.fspath(path)
+    if scheme not in REMOTE_PACKAGES:
+        raise UsageError(f"{what} {text}: {scheme}:// is not a supported storage scheme (supported: local paths, "
+                         + ", ".join(f"{s}://" for s in REMOTE_PACKAGES) + ")")
+    if checkpoints and scheme not in CHECKPOINT_SCHEMES:
+        raise UsageError(f"{what} {text}: orbax checkpoints (in every run directory) can be written to local paths "
+                         f"and gs:// only, not {scheme}://; use gs:// or a mount every process sees")
+    _check_backend(scheme, text, what)
+    from etils import epath
+
+    return path if isinstance(path, epath.Path) else epath.Path(text)
+
+
+def _check_backend(scheme: str, text: str, what: str) -> None:
+    """Refuse a URL whose filesystem package is missing (one line naming the package), instead of
+    an ImportError deep inside the first write."""
+    try:
+        import etils.epath  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{what} {text}: {scheme}:// paths need etils[epath]: pip install 'etils[epath]'") from None
+    if scheme == "gs":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow") is not None:  # epath then uses tf.io.gfile
+            return
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class("gcs" if scheme == "gs" else scheme)
+    except (ImportError, ValueError):
+        package = REMOTE_PACKAGES[scheme]
+        raise UsageError(f"{what} {text}: {scheme}:// needs {package}: pip install {package}") from None
 
 
 def pad_token_id(tokenizer) -> int | None:

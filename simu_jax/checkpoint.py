@@ -17,16 +17,23 @@ Restoring needs the structure of the array part: pass ``target`` (a pytree of ar
 :func:`abstract_like`). Leaves that carry a ``sharding`` restore onto that sharding, which
 may differ from the one the checkpoint was saved with (another mesh); ``shardings`` (a
 pytree of ``jax.sharding.Sharding`` matching ``target``) overrides them.
+
+The directory may be a ``gs://`` URL (:func:`simu_jax.base.as_path`): orbax takes it as an
+``etils.epath.Path`` and TensorStore writes the arrays with its GCS driver, every process its
+own shards into the one bucket, so a pod resumes from any worker. On GCS orbax cannot rename a
+finished step directory into place; it marks a step complete with a commit file instead
+(orbax ``_src/path/atomicity_defaults.py``), and an unmarked step is ignored as before.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from simu_jax.base import as_path, is_remote
 
 __all__ = ["Checkpointer", "abstract_like", "split_state"]
 
@@ -101,7 +108,8 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        directory = as_path(directory, "checkpoint directory", checkpoints=True)
+        self.directory = directory if is_remote(directory) else directory.absolute()  # orbax wants absolute paths
         self.save_every = int(save_every)
         self.keep = int(keep)
         self._ocp = ocp

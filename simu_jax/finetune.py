@@ -36,6 +36,7 @@ Python API: :func:`run_finetune` (returns the final metrics), :func:`plan_finetu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -138,8 +139,10 @@ class _Prepared:
 def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
     """(tokenizer, directory holding its files)."""
     from simu_jax.data import train_bpe_tokenizer
+    from simu_jax.models.convert import local_metadata_dir
 
-    source = cfg.tokenizer or (str(resolve_model_path(cfg.model.path, config_only=True)) if cfg.model.path else None)
+    source = cfg.tokenizer or (str(local_metadata_dir(resolve_model_path(cfg.model.path, config_only=True)))
+                               if cfg.model.path else None)  # a gs:// model: its tokenizer files, copied locally
     if source is not None:
         try:
             tok = load_tokenizer(source)
@@ -196,7 +199,8 @@ def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
     records, counts = _train_records(cfg, bench)
 
     def tokenize(recs):
-        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS,
+                           style=cfg.data.tokenization_style())
 
     train = tokenize(records)
     evals = {}
@@ -435,11 +439,13 @@ def run_finetune(
 
     from simu_jax.checkpoint import Checkpointer
     from simu_jax.models import abstract_model, count_params, init_model, split_params
+    from simu_jax.base import is_remote
     from simu_jax.models.convert import load_pretrained
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
     from simu_jax.sharding import check_layout, initialize_distributed, make_mesh, place_batch, save_pretrained
 
     t_start = time.time()
+    cfg = dataclasses.replace(cfg, data=cfg.data.resolved())  # config.yaml records the tokenization used
     done = RunDirectory.finished(out_dir, resume, "final_metrics.json")
     if done is not None:
         _say(quiet, f"{out_dir} is already complete; nothing to resume")
@@ -574,7 +580,7 @@ def run_finetune(
         "step": step,
         "steps": total,
         **ev,
-        "model_dir": str((out / "model").resolve()),
+        "model_dir": str(out / "model" if is_remote(out) else (out / "model").resolve()),  # a URL stays one
         "wall_time_s": round(wall, 2),
         "train_time_s": round(time.time() - t_loop, 2),
         "resumed_from": resumed_from,

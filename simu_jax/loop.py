@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from simu_jax.base import ConfigError, NonFiniteLossError, local_path
+from simu_jax.base import ConfigError, NonFiniteLossError, as_path
 from simu_jax.config import dump_yaml, to_dict
 from simu_jax.runio import (GracefulSignals, NanGuard, is_complete, mark_complete, prepare_output_dir, progress,
                             run_metadata, write_json_atomic, write_text_atomic)
@@ -107,7 +107,7 @@ def prepare_on_process_0(out: Path, overwrite: bool, resume: bool) -> Path:
         raise error
     if not ok:
         raise FileExistsError(f"process 0 could not prepare the output directory {out} (see its error)")
-    return Path(out)
+    return out
 
 
 class RunDirectory:
@@ -120,7 +120,7 @@ class RunDirectory:
     def __init__(self, out_dir, *, overwrite: bool, resume: bool, config=None, resume_free_keys: tuple[str, ...] = ()):
         import jax
 
-        self.path = local_path(out_dir)
+        self.path = as_path(out_dir, checkpoints=True)  # local or gs:// (orbax writes checkpoints/ there)
         if resume and config is not None and self.path.is_dir():
             check_resume_config(config, self.path, resume_free_keys)
         self.path = prepare_on_process_0(self.path, overwrite, resume)
@@ -130,7 +130,7 @@ class RunDirectory:
 
     @staticmethod
     def finished(out_dir, resume: bool, result_file: str) -> dict | None:
-        out = local_path(out_dir)
+        out = as_path(out_dir, checkpoints=True)
         if resume and is_complete(out):
             return json.loads((out / result_file).read_text())
         return None

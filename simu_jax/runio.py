@@ -16,6 +16,15 @@ An interrupted, crashed or NaN-stopped run never has ``COMPLETE``; readers (and
 ``--resume``) must check :func:`is_complete`, not the presence of result files.
 All single files are written with :func:`write_text_atomic` / :func:`write_json_atomic`
 (temp file in the same directory, fsync, ``os.replace``).
+
+``OUT`` may be a URL (``gs://bucket/run``; :func:`simu_jax.base.as_path`). On an object store
+a rename is a copy plus a delete, so nothing is renamed there: each single file is one object
+upload, which becomes visible whole when it finishes (never half-written), and ``COMPLETE`` is
+still written last, so a directory without it is still an unfinished run. What is lost is the
+atomic replacement of a whole directory (``--overwrite`` deletes ``COMPLETE`` first, then the
+rest), and ``metrics.jsonl`` (objects cannot be appended to) is uploaded whole again at most
+every :attr:`MetricsLogger.remote_flush_s` seconds and at the end of the run, so a crash loses
+at most those seconds of lines.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from simu_jax.base import NonFiniteLossError, local_path
+from simu_jax.base import NonFiniteLossError, as_path, is_remote
 from simu_jax.config import to_dict
 
 __all__ = [
@@ -65,8 +74,16 @@ _RUN_DIR_MARKERS = ("run.json", "config.yaml", COMPLETE_MARKER, "metrics.jsonl",
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+    A URL (``gs://``, ...) is written as one object upload instead: an object store shows an
+    object only once its upload is complete, so readers never see it half-written, and a
+    temp object plus a rename would be a second full copy."""
+    path = as_path(path, "file")
+    if is_remote(path):
+        with path.open("wb") as f:
+            f.write(data)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -126,12 +143,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    return (Path(path) / COMPLETE_MARKER).is_file()
+    return (as_path(path) / COMPLETE_MARKER).is_file()
 
 
 def mark_complete(path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> Path:
     """Write the ``COMPLETE`` marker (call after every other output is in place)."""
-    return write_json_atomic(Path(path) / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return write_json_atomic(as_path(path) / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                             **(info or {})})
 
 
@@ -145,8 +162,13 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     * ``overwrite``: the old run is deleted first; refused (``FileExistsError``) if the
       directory is not empty and does not look like a simu-jax run directory, so a typo
       can never wipe an unrelated folder.
+
+    ``path`` may be a ``gs://`` URL (:func:`simu_jax.base.as_path`: the run's checkpoints go
+    there too). An object store has no empty directories, so a new remote run directory comes
+    into being with its first file; ``--overwrite`` of a remote one deletes ``COMPLETE`` first
+    (a half-deleted run never looks finished), then the rest.
     """
-    path = local_path(path)
+    path = as_path(path, checkpoints=True)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume are mutually exclusive")
     if path.exists() and not path.is_dir():
@@ -161,6 +183,11 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
         if entries and not any((path / m).exists() for m in _RUN_DIR_MARKERS):
             raise FileExistsError(f"output directory {path} is not empty and is not a simu-jax run directory; "
                                   f"refusing to delete it with --overwrite")
+        if is_remote(path):  # a rename would copy every object: delete in place, the marker first
+            if (path / COMPLETE_MARKER).exists():
+                (path / COMPLETE_MARKER).unlink()
+            path.rmtree()
+            return path
         # Rename first, delete after: a crash mid-delete never leaves a half-old directory at `path`.
         trash = path.with_name(f".{path.name}.deleting-{os.getpid()}")
         os.replace(path, trash)
@@ -280,23 +307,46 @@ def run_metadata(config: Any, extra: Mapping[str, Any] | None = None) -> dict[st
 class MetricsLogger:
     """Append JSON lines to ``path`` (e.g. ``metrics.jsonl``), flushed after every line.
 
-    Only process 0 writes when ``primary=False`` is passed by other processes.
+    Only process 0 writes when ``primary=False`` is passed by other processes. On an object
+    store (a URL ``path``), where objects cannot be appended to, the lines are kept and the
+    whole file (the lines already there on resume included) is uploaded again at most every
+    ``remote_flush_s`` seconds and on :meth:`close`.
     """
 
+    remote_flush_s = 30.0
+
     def __init__(self, path: str | os.PathLike, primary: bool = True):
-        self.path = Path(path)
+        self.path = as_path(path, "metrics file")
         self.primary = primary
-        self._f = open(self.path, "a", encoding="utf-8") if primary else None
+        self._f = None
+        self._lines: list[str] | None = None  # remote: every line, uploaded whole
+        self._flushed = 0.0
+        if primary and is_remote(self.path):
+            self._lines = self.path.read_text(encoding="utf-8").splitlines(True) if self.path.exists() else []
+        elif primary:
+            self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: Mapping[str, Any] | None = None, **kwargs) -> None:
-        if self._f is None:
+        if self._f is None and self._lines is None:
             return
         rec = {**(record or {}), **kwargs}
         rec = _finite_json(json.loads(json.dumps(rec, default=_json_default)))
+        if self._lines is not None:
+            self._lines.append(json.dumps(rec) + "\n")
+            if time.monotonic() - self._flushed >= self.remote_flush_s:
+                self._upload()
+            return
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
 
+    def _upload(self) -> None:
+        write_text_atomic(self.path, "".join(self._lines))
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
+        if self._lines is not None:
+            self._upload()
+            self._lines = None
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -310,7 +360,7 @@ class MetricsLogger:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in as_path(path, "metrics file").read_text(encoding="utf-8").splitlines():
         if line.strip():
             out.append(json.loads(line))
     return out

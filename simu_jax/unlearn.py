@@ -21,6 +21,7 @@ from simu_jax.base import EXIT_INTERRUPTED, ArgumentParser, ConfigError, pad_tok
 from simu_jax.config import load_config
 from simu_jax.data import DataSpec, load_benchmark, qa_template
 from simu_jax.engine import METHODS, StepSettings, get_method
+from simu_jax.evaluate.attacks import AttackSpec
 from simu_jax.loop import DebugSpec, RunDirectory, run_steps
 from simu_jax.losses import LossSpec
 from simu_jax.models.spec import ModelSpec, load_model
@@ -68,9 +69,10 @@ class EvalSpec:
     (after `--resume`, among the steps since the resume point). Both need `every > 0`.
 
     `protocol`: whose evaluation choices the final evaluation follows (`tofu`: TOFU's
-    evaluate_util.py; `open-unlearning`; `simu`: this project's; null = the benchmark's default,
-    `evaluate.protocol.DEFAULT_PROTOCOL`: tofu for TOFU, simu for the synthetic benchmark, whose
-    models are trained here with the answer alone scored; docs/metrics.md). `max_new_tokens`:
+    evaluate_util.py; `open-unlearning`; `simu`: this project's; null = the one scoring the tokens
+    the model was trained on, `evaluate.protocol.default_protocol` of `data.tokenization`: tofu
+    for TOFU and the synthetic benchmark by default, simu for `tokenization: split`;
+    docs/metrics.md). `max_new_tokens`:
     new-token budget (null = the protocol's; under tofu, TOFU's 200 tokens in total, which a
     number caps further). `reference_log`: a TOFU eval log
     (`eval_log_aggregated.json`, e.g. a published retain model's) whose forget-set truth ratios
@@ -84,8 +86,11 @@ class EvalSpec:
     with a `reference` model also `mia_auc_reference`, `reference_mia_auc_min_k` and `privleak`
     against the reference's Min-K% AUC (else against 0.5). `gradnorm`: also the GradNorm MIA,
     `mia_auc_gradnorm` (one gradient per forget / holdout row: slow on large models; synthetic
-    and tofu). `mmlu`: LUME only, an MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`,
-    `dev/<subject>_dev.csv`); its 5-shot accuracy (`mmlu`) completes the SemEval final score
+    and tofu). `attack`: robustness attacks after the evaluation (`evaluate.attacks.AttackSpec`:
+    4-bit quantization, relearning; synthetic and tofu), each followed by the forget metrics
+    again, with their recovery towards the target model `model.path`. `mmlu`: LUME only, an
+    MMLU directory in Hendrycks' layout (`test/<subject>_test.csv`, `dev/<subject>_dev.csv`);
+    its 5-shot accuracy (`mmlu`) completes the SemEval final score
     (`evaluate.runner.mmlu_accuracy`); `limit` keeps the first rows of each subject. It is read
     when the config is loaded, so a missing or malformed file fails before the run.
     """
@@ -104,6 +109,7 @@ class EvalSpec:
     dtype: Literal["protocol", "model", "bfloat16", "float32"] = "protocol"
     gradnorm: bool = False
     mmlu: str | None = None
+    attack: AttackSpec = field(default_factory=AttackSpec)
 
     def __post_init__(self):
         if self.reference_log is not None and not Path(self.reference_log).expanduser().exists():
@@ -137,11 +143,11 @@ class UnlearnConfig:
     debug: DebugSpec = field(default_factory=DebugSpec)
 
     def check(self) -> None:
-        from simu_jax.base import local_path
+        from simu_jax.base import as_path
         from simu_jax.evaluate.protocol import check_protocol
 
         if self.reference is not None:
-            local_path(self.reference, "reference")
+            as_path(self.reference, "reference")  # a bad URL scheme is refused before any output exists
         bench = self.data.benchmark
         if self.eval.protocol is not None:
             try:
@@ -152,6 +158,8 @@ class UnlearnConfig:
             raise ConfigError(f"applies to the lume benchmark (the SemEval final score), not {bench}", "eval.mmlu")
         if self.eval.gradnorm and bench == "lume":
             raise ConfigError("applies to the synthetic and tofu benchmarks (forget vs holdout rows)", "eval.gradnorm")
+        if self.eval.attack.names and bench == "lume":
+            raise ConfigError("applies to the synthetic and tofu benchmarks (QA forget metrics)", "eval.attack.names")
 
 
 def step_settings(cfg: UnlearnConfig) -> StepSettings:
@@ -167,8 +175,12 @@ def resolve_config(cfg: UnlearnConfig) -> UnlearnConfig:
 
     A Sophia method (so_*, simu_*) without ``optim.preset`` takes ``soul``, SOUL's optimizer as
     its code runs (docs/method.md#soul-optimizer); then ``OptimSpec.resolved`` (with
-    ``steps`` for the schedule's warmup) and ``LossSpec.resolved``. Idempotent."""
+    ``steps`` for the schedule's warmup) and ``LossSpec.resolved``; ``data.tokenization``
+    (``DataSpec.resolved``). Idempotent."""
     from simu_jax.engine import resolve_settings
+
+    if cfg.data.resolved() != cfg.data:
+        cfg = dataclasses.replace(cfg, data=cfg.data.resolved())
 
     method = resolved_method(cfg)
     o = cfg.optim
@@ -224,7 +236,8 @@ def prepare(cfg: UnlearnConfig, bench=None, mesh=None) -> Prepared:
     max_len = min(cfg.data.max_length, loaded.config.max_position_embeddings)
 
     def tokenize(recs):
-        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS)
+        return tokenize_qa(tok, recs, template, max_len, truncation=cfg.data.truncation, buckets=TRAIN_BUCKETS,
+                           style=cfg.data.tokenization_style())
 
     arrays = {"forget": tokenize(bench.forget), "retain": tokenize(bench.retain)}
     if resolved_method(cfg).objective == "idk":
@@ -306,6 +319,24 @@ def _agreed(mask):
 # =========================================================================== run
 
 
+def check_inputs(cfg: UnlearnConfig) -> None:
+    """The run's input files, refused in one line naming the file before the run directory
+    exists (so nothing is written): the model and reference directories (config.json and the
+    safetensors headers; no weight is read) and a given mask (read and checked against the
+    model's shape)."""
+    from simu_jax.models.spec import check_model_files, model_config_from_spec
+
+    if cfg.model.path is not None:
+        check_model_files(cfg.model.path)
+    if cfg.reference is not None:
+        check_model_files(cfg.reference)
+    if cfg.attribution.mask_path:
+        from simu_jax.attribution import NeuronMask
+
+        mcfg = model_config_from_spec(cfg.model)
+        NeuronMask.load(cfg.attribution.mask_path, shape=(mcfg.num_hidden_layers, mcfg.intermediate_size))
+
+
 def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bool = False,
                 quiet: bool = False, bench=None) -> dict[str, Any]:
     """Unlearn per `cfg` into `out_dir`; returns {'status', 'step', 'metrics'?, ...}.
@@ -332,6 +363,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         # no silent replication: refused before anything is read or written
         check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None,
                      batch_sizes={"batch_size": cfg.batch_size})
+    check_inputs(cfg)  # bad model / reference / mask files: one line, before the run directory exists
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
     quiet = quiet or not run.primary  # progress and messages from process 0 only
@@ -475,7 +507,8 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
     from simu_jax.evaluate.protocol import check_protocol, default_protocol
 
     bench = prep.bench
-    protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name), bench.name)
+    protocol = check_protocol(cfg.eval.protocol or default_protocol(bench.name, cfg.data.tokenization_style()),
+                              bench.name)
     scorer = Scorer(prep.graphdef, params, prep.tokenizer, prep.template, batch_size=cfg.eval.batch_size,
                     protocol=protocol, dtype=None if cfg.eval.dtype == "model" else cfg.eval.dtype, mesh=mesh)
     sets = evaluation_sets(bench, cfg.eval.limit, protocol=protocol)
@@ -503,6 +536,13 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, reference_forget_truth_ratios=ref_tr,
                                                     generate=cfg.eval.generate, max_new_tokens=cfg.eval.max_new_tokens,
                                                     reference_scorer=ref_scorer, gradnorm=cfg.eval.gradnorm)
+        if cfg.eval.attack.names:  # recovery towards the target model (model.path, before unlearning)
+            from simu_jax.evaluate.attacks import run_attacks
+
+            tgt = load_model(cfg.model, shardings=None if mesh is None else _mesh_param_shardings(mesh))
+            summary["robustness"] = run_attacks(cfg.eval.attack, scorer, params, sets, summary, per_sample,
+                                                target=(tgt.graphdef, tgt.params), generate=cfg.eval.generate,
+                                                max_new_tokens=cfg.eval.max_new_tokens)
     if jax.process_index() == 0:
         write_results(out, cfg.method, summary, per_sample)
     if not quiet:
@@ -612,14 +652,14 @@ def cli_main(argv: list[str]) -> int:
     if result["status"] == "interrupted":
         return EXIT_INTERRUPTED
     if not args.quiet:
-        print(f"unlearned model written to {Path(args.out) / 'model'}", file=sys.stderr)
+        print(f"unlearned model written to {args.out.rstrip('/')}/model", file=sys.stderr)
     return 0
 
 
 def attribute_main(argv: list[str]) -> int:
     """`simu-jax attribute`: compute and save a neuron mask on its own (with a mesh, as every
     process of a multi-process run: process 0 writes the mask)."""
-    from simu_jax.base import local_path
+    from simu_jax.base import as_path
     from simu_jax.loop import prepare_on_process_0
 
     p = _parser("simu-jax attribute", "Attribute MLP neurons on the forget/retain sets and save the mask.")
@@ -643,7 +683,7 @@ def attribute_main(argv: list[str]) -> int:
     from simu_jax.sharding import sync_processes
 
     primary = jax.process_index() == 0
-    out = prepare_on_process_0(local_path(args.out), overwrite=args.overwrite, resume=False)
+    out = prepare_on_process_0(as_path(args.out), overwrite=args.overwrite, resume=False)
     prep = prepare(cfg, mesh=mesh)
     mask = _agreed(compute_mask(cfg, prep, quiet=args.quiet or not primary, mesh=mesh))
     if mask.num_selected == 0:

@@ -167,6 +167,83 @@ def test_bad_inputs_keep_previous_output(demo, plain, tmp_path, capsys):
     assert after == snapshot
 
 
+def _damage(kind: str, src, dst):
+    """A copy of directory ``src`` at ``dst`` damaged one way; returns the file the error must name."""
+    shutil.copytree(src, dst)
+    if kind in ("truncated", "corrupt_header"):
+        f = dst / "model.safetensors"
+        raw = bytearray(f.read_bytes())
+        raw = raw[: len(raw) // 2] if kind == "truncated" else raw[:8] + b"\x00not json" + raw[17:]
+        f.write_bytes(bytes(raw))
+    elif kind == "bad_config":
+        f = dst / "config.json"
+        f.write_text("{not json")
+    elif kind == "garbage_mask":
+        f = dst / "mask.npz"
+        f.write_bytes(b"\x80\x04garbage, not an npz")
+    elif kind == "not_a_mask":
+        f = dst / "mask.npz"
+        np.savez(f, weights=np.zeros((2, 3)))
+    return f
+
+
+@pytest.mark.parametrize("key, kind", [
+    ("model.path", "truncated"), ("model.path", "corrupt_header"), ("model.path", "bad_config"),
+    ("reference", "truncated"), ("attribution.mask_path", "garbage_mask"), ("attribution.mask_path", "not_a_mask"),
+])
+def test_bad_model_and_mask_files_are_one_line_naming_the_file_and_write_nothing(demo, tmp_path, capsys, key, kind):
+    """Refused before the run directory exists (headers and the mask only: no weight is read,
+    nothing compiled): exit 1, one line naming the file, no output directory."""
+    src = demo / ("runs/simu_graddiff/mask" if key.startswith("attribution") else "target/model")
+    named = _damage(kind, src, tmp_path / "input")
+    out = tmp_path / "run"
+    assert main(_unlearn_args(demo, out, f"{key}={tmp_path / 'input'}")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"simu-jax: error: {named}") and "internal error" not in err[0], err
+    assert not out.exists()
+
+
+def test_unlearn_and_evaluate_on_an_object_store(demo, plain, tmp_path, capsys):
+    """The model, the mask, the run directory and the evaluation's output all on gs:// (an
+    in-memory store with gcsfs's semantics, tests/remote_fs.py): the same model bytes, mask and
+    metrics as the local run, COMPLETE last; evaluating the remote model into gs:// gives the
+    local model's numbers. (No checkpoint is written: orbax writes gs:// arrays with TensorStore's
+    GCS driver, which no offline store serves.)"""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import remote_fs
+
+    from simu_jax.base import as_path
+
+    remote_fs.install()
+    try:
+        for src, url in ((demo / "target" / "model", "gs://bucket/target"),
+                         (demo / "runs" / "simu_graddiff" / "mask", "gs://bucket/mask")):
+            for f in src.iterdir():
+                (as_path(url) / f.name).write_bytes(f.read_bytes())
+        args = _unlearn_args(demo, "gs://bucket/run", "model.path=gs://bucket/target",
+                             "attribution.mask_path=gs://bucket/mask", "checkpoint_every=100")
+        assert main(args) == 0
+        run = {k.removeprefix("bucket/run/"): v for k, v in remote_fs.objects("bucket/run/").items()}
+        assert list(run)[-1] == "COMPLETE" and json.loads(run["run.json"])["status"] == "complete"
+        for f in (plain / "model").iterdir():
+            assert run[f"model/{f.name}"] == f.read_bytes(), f.name
+        def rows(text):
+            return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in text.splitlines()]
+
+        assert rows(run["metrics.jsonl"].decode()) == rows((plain / "metrics.jsonl").read_text())
+        assert not any(k.startswith("checkpoints/") for k in run)
+
+        ev = ["evaluate", "--benchmark", "synthetic", "--limit", "3", "--no-generate"]
+        assert main([*ev, "--model", "gs://bucket/run/model", "--out", "gs://bucket/eval"]) == 0
+        assert main([*ev, "--model", str(plain / "model"), "--out", str(tmp_path / "eval")]) == 0
+        remote = json.loads(remote_fs.objects()["bucket/eval/summary.json"])
+        local = json.loads((tmp_path / "eval" / "summary.json").read_text())
+        assert remote["metrics"] == local["metrics"] and remote["model"] == "gs://bucket/run/model"
+    finally:
+        remote_fs.uninstall()
+    capsys.readouterr()
+
+
 def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
     out = tmp_path / "mask"
     args = ["attribute", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",

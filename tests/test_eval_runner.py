@@ -373,7 +373,7 @@ def test_cli_writes_summary_json(hf, tmp_path, capsys):
     assert all(" " not in k for k in metrics)
     per = json.loads((out / "per_sample.json").read_text())
     assert len(per["forget"]["generation"]) == 3 and len(per["holdout"]["answer"]) == 3
-    assert per["meta"]["protocol"] == "simu" and doc["settings"]["protocol"] == "simu"  # the synthetic default (DEFAULT_PROTOCOL)
+    assert per["meta"]["protocol"] == "tofu" and doc["settings"]["protocol"] == "tofu"  # the synthetic default (DEFAULT_PROTOCOL)
     # no temp files left; the per-row results also in TOFU's eval-log layout
     assert sorted(p.name for p in out.iterdir()) == ["eval_log_aggregated.json", "per_sample.json", "summary.json"]
     tofu_log = json.loads((out / "eval_log_aggregated.json").read_text())
@@ -507,13 +507,15 @@ def test_unlearn_evaluation_reports_the_evaluate_suite(hf, bench, tmp_path):
     cfg = load_config(UnlearnConfig, None, [
         f"model.path={model_dir}", f"reference={ref_dir}", "data.synthetic.num_people=5",
         "data.synthetic.facts_per_person=3", "data.synthetic.num_general=5", "eval.generate=false",
-        "eval.gradnorm=true", "eval.batch_size=4"])
+        "eval.gradnorm=true", "eval.batch_size=4",
+        "data.tokenization=split"])  # scored as trained: the `simu` protocol, which the references below restate
     prep = prepare(cfg)
     assert [r["question"] for r in prep.bench.holdout] == [r["question"] for r in bench.holdout]
     out = tmp_path / "run"
     metrics = evaluate_run(cfg, prep, prep.params, out)
 
     doc = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "per_sample.json").read_text())["meta"]["protocol"] == "simu"  # from data.tokenization
     for key in ("mia_auc_reference", "reference_mia_auc_min_k", "privleak", "mia_auc_gradnorm",
                 "forget_extraction_strength", "forget_exact_memorization", "forget_quality"):
         assert np.isfinite(doc["metrics"][key]) and metrics[key] == doc["metrics"][key], key

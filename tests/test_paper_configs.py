@@ -129,18 +129,21 @@ def test_every_documented_mesh_plans_offline(name, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_every_documented_method_plans_offline(name, capsys, tmp_path):
+def test_every_documented_method_plans_offline_on_every_mesh(name, capsys, tmp_path):
+    """Each method x each documented mesh (8 GPUs; v5e-16 / v4-32), as its header's command line."""
     methods = documented_methods(name)
     assert set(methods) == METHODS
     for method, sets in sorted(methods.items()):
         optim = {k.removeprefix("optim."): float(v) for k, v in (s.split("=", 1) for s in sets)
                  if k.startswith("optim.")}
-        code, out, err = dry_run(capsys, tmp_path, name, *sets, flags=("--mesh", "fsdp=16"))
-        assert code == 0, (method, err)
-        assert out.startswith(f"method: {method} "), out
-        assert "mesh fsdp=16 (16 devices)" in out
-        peak = expected_peak(name, method, "fsdp=16", **optim)
-        assert f"{peak:,d}" in peak_line(out), (method, peak_line(out), peak)
+        for mesh in sorted(CONFIGS[name]["meshes"]):
+            code, out, err = dry_run(capsys, tmp_path, name, *sets, flags=("--mesh", mesh))
+            assert code == 0, (method, mesh, err)
+            assert out.startswith(f"method: {method} "), out
+            n = math.prod(int(axis.split("=")[1]) for axis in mesh.split(","))
+            assert f"mesh {mesh} ({n} devices)" in out and "the run's check_layout passes" in out
+            peak = expected_peak(name, method, mesh, **optim)
+            assert f"{peak:,d}" in peak_line(out), (method, mesh, peak_line(out), peak)
 
 
 def test_dry_run_refuses_what_the_run_refuses(capsys, tmp_path):

@@ -437,9 +437,38 @@ def test_tofu_scores_in_bfloat16(hf, bench):
 
 
 def test_default_protocol_per_benchmark():
-    # TOFU is evaluated as TOFU's code does; the synthetic benchmark's models (trained here,
-    # answer tokens only) keep the project's protocol until finetune can train TOFU-style.
+    # TOFU and the synthetic benchmark (whose targets finetune trains TOFU-style by default) are
+    # evaluated as TOFU's code does; a model trained with another tokenization is scored on the
+    # tokens it was trained on.
+    from simu_jax.data import DataSpec
     from simu_jax.evaluate.protocol import default_protocol, get_protocol
 
     assert default_protocol("tofu") == "tofu" and get_protocol(None, default_protocol("tofu")).name == "tofu"
-    assert default_protocol("synthetic") == "simu" and default_protocol("lume") == "semeval"
+    assert default_protocol("synthetic") == "tofu" and default_protocol("lume") == "semeval"
+    assert [DataSpec(benchmark=b).tokenization_style() for b in ("synthetic", "tofu", "lume")] == ["tofu", "tofu",
+                                                                                                  "split"]
+    assert default_protocol("synthetic", "split") == "simu" and default_protocol("tofu", "open-unlearning") == \
+        "open-unlearning"
+    assert default_protocol("lume", "split") == "semeval"
+
+
+def test_training_tokenization_is_tofus(hf, bench):
+    # TOFU trains (finetune.py / forget.py: TextDatasetQA, TextForgetDatasetQA) with the same
+    # convert_raw_data_to_model_format it evaluates with: data.tokenization tofu gives its rows.
+    _, _, tok = hf
+    recs = bench.forget[:10]
+    ours = tokenize_qa(tok, recs, TEMPLATE, 200, style="tofu", pad_to=200)
+    for i, r in enumerate(recs):
+        ids, labels, mask = tofu_convert(tok, 200, r["question"], r["answer"])
+        np.testing.assert_array_equal(ours["labels"][i], labels.numpy())
+        n = int(mask.sum())  # TOFU's attended tokens; ours also attend to the appended EOS
+        np.testing.assert_array_equal(ours["input_ids"][i, :n], ids[:n].numpy())
+        assert ours["attention_mask"][i].sum() == n + 1 and ours["input_ids"][i, n] == tok.eos_token_id
+    # training's truncation rule applies: a cut row is reported (warn) or refused (error)
+    long = [{"question": "Who?", "answer": " ".join(["word"] * 400)}]
+    with pytest.warns(UserWarning, match="longer than 64 tokens"):
+        cut = tokenize_qa(tok, long, TEMPLATE, 64, style="tofu")
+    assert cut["attention_mask"].sum() == 64 and (cut["labels"] != -100).sum() == 64 - len(
+        tok.tokenize(QS + "Who?" + QE, add_special_tokens=True))
+    with pytest.raises(ValueError, match="longer than 64 tokens"):
+        tokenize_qa(tok, long, TEMPLATE, 64, truncation="error", style="tofu")

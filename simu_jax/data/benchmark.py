@@ -38,6 +38,10 @@ _DEFAULT_SPLITS = {
     "tofu": {"forget": "forget10", "retain": "retain90", "holdout": "holdout10"},
     "lume": {"forget": "forget", "retain": "retain", "holdout": None},
 }
+# How QA pairs are tokenized for training and unlearning unless data.tokenization says:
+# TOFU's own way for TOFU and the synthetic benchmark (evaluated under the `tofu` protocol),
+# the prompt and the answer apart for LUME (whose evaluation scores plain texts).
+_DEFAULT_TOKENIZATION = {"synthetic": "tofu", "tofu": "tofu", "lume": "split"}
 _DEFAULT_TEMPLATES = {
     "synthetic": ("Question: ", "\n", "Answer: "),
     "tofu": ("Question: ", "\n", "Answer: "),
@@ -56,6 +60,13 @@ class DataSpec:
     TOFU forget10/retain90/holdout10; LUME forget/retain (no holdout).
     Sequences longer than ``max_length`` tokens are truncated with a warning
     (``truncation: error`` makes it an error).
+    ``tokenization``: how a QA pair becomes tokens and labels, for fine-tuning and unlearning
+    (:func:`simu_jax.data.tokenize_qa`): ``tofu`` (TOFU's ``convert_raw_data_to_model_format``,
+    ``data_module.py:8-32``: question and answer as one string, the answer tag, answer and
+    EOS scored; what the ``tofu`` evaluation protocol scores), ``open-unlearning`` (prompt +
+    answer as one string, answer and EOS scored) or ``split`` (prompt and answer encoded
+    apart, answer and EOS scored). ``None``: ``tofu`` for synthetic and TOFU, ``split`` for LUME.
+    A model is best unlearned with the tokenization it was trained with.
     """
 
     benchmark: Literal["synthetic", "tofu", "lume"] = "synthetic"
@@ -67,6 +78,7 @@ class DataSpec:
     template: TemplateSpec = field(default_factory=TemplateSpec)
     max_length: int = field(default=256, metadata={"range": (8, None)})
     truncation: Literal["warn", "error"] = "warn"
+    tokenization: Literal["tofu", "open-unlearning", "split"] | None = None
 
     def check(self) -> None:
         if self.benchmark == "tofu":
@@ -81,6 +93,14 @@ class DataSpec:
                     raise ConfigError(f"must be one of {', '.join(allowed)}; got {split!r}", name)
             if self.holdout is not None:
                 raise ConfigError("must be null for LUME (it has no holdout split)", "holdout")
+
+    def tokenization_style(self) -> str:
+        """``tokenization``, or the benchmark's default (see the class docstring)."""
+        return self.tokenization or _DEFAULT_TOKENIZATION[self.benchmark]
+
+    def resolved(self) -> "DataSpec":
+        """This spec with ``tokenization`` filled in (what a run's config.yaml records)."""
+        return self if self.tokenization else dataclasses.replace(self, tokenization=self.tokenization_style())
 
     def split_name(self, which: str) -> str | None:
         value = getattr(self, which)

@@ -8,9 +8,11 @@ Conventions (Hugging Face style):
   compiles only a few shapes.
 * QA pairs: the prompt and the answer are tokenized separately and their ids
   concatenated, so the answer boundary is exact and the prompt tokens are the same
-  ones the model later sees at generation time (:func:`tokenize_prompts`). Evaluation under
-  an official protocol (TOFU, open-unlearning) tokenizes question and answer as one string
-  instead: :func:`tokenize_qa_joint` (training is unchanged).
+  ones the model later sees at generation time (:func:`tokenize_prompts`): ``style="split"``.
+  The official codebases (TOFU, open-unlearning) tokenize question and answer as one string
+  instead, for training and evaluation alike: :func:`tokenize_qa_joint`, which
+  ``tokenize_qa(style="tofu" | "open-unlearning")`` calls (``data.tokenization``; the
+  default for the synthetic and TOFU benchmarks is ``"tofu"``).
 """
 
 from __future__ import annotations
@@ -166,16 +168,26 @@ def tokenize_qa(
     add_eos: bool = True,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     pad_to: int | None = None,
+    style: str = "split",
 ) -> dict[str, np.ndarray]:
     """Tokenize QA records for training/loss evaluation.
 
     Returns int32 arrays ``input_ids``, ``attention_mask``, ``labels`` of shape [N, T],
-    right-padded with the pad id (or EOS). Labels cover exactly the answer tokens and
-    the EOS token. ``T`` is the smallest bucket >= the longest sequence (capped at
-    ``max_length``), or ``pad_to`` if given. Sequences longer than ``max_length``
-    (or ``pad_to``) lose their end: a warning by default, ``ValueError`` with
+    right-padded with the pad id (or EOS). ``T`` is the smallest bucket >= the longest
+    sequence (capped at ``max_length``), or ``pad_to`` if given. Sequences longer than
+    ``max_length`` (or ``pad_to``) lose their end: a warning by default, ``ValueError`` with
     ``truncation="error"``.
+
+    ``style``: ``"split"`` (prompt and answer encoded apart, ids concatenated; labels cover
+    exactly the answer tokens and the EOS token) or an official codebase's joint tokenization,
+    ``"tofu"`` / ``"open-unlearning"`` (:func:`tokenize_qa_joint`: TOFU trains and evaluates
+    with the same ``convert_raw_data_to_model_format``, so its labels also cover the answer
+    tag; ``add_eos`` is then the codebase's own rule).
     """
+    if style != "split":
+        limit = min((x for x in (max_length, pad_to) if x is not None), default=None)
+        return tokenize_qa_joint(tokenizer, records, template, limit, answer_key, style=style,
+                                 question_key=question_key, buckets=buckets, pad_to=pad_to, truncation=truncation)
     prefix = bos_prefix(tokenizer)
     eos = [_eos_id(tokenizer)] if add_eos else []
     prompts = _encode(tokenizer, [template.prompt(r[question_key]) for r in records])
@@ -209,9 +221,11 @@ def tokenize_qa_joint(
     question_key: str = "question",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     pad_to: int | None = None,
+    truncation: str = "silent",
 ) -> dict[str, np.ndarray]:
-    """Tokenize QA records for *evaluation* the way an official benchmark does: question and
-    answer encoded as one string (so the seam tokens are the ones the joint text gives).
+    """Tokenize QA records the way an official benchmark does, for training and evaluation:
+    question and answer encoded as one string (so the seam tokens are the ones the joint text
+    gives).
 
     ``style="tofu"`` (``locuslab/tofu`` ``data_module.py:8-32``
     ``convert_raw_data_to_model_format``): ``new_question = question_start + question +
@@ -228,12 +242,23 @@ def tokenize_qa_joint(
     and the EOS are scored.
 
     Returns int32 ``input_ids``, ``attention_mask``, ``labels`` [N, T] like :func:`tokenize_qa`
-    (right-padded; ``T`` a bucket, or ``pad_to``). Training keeps using :func:`tokenize_qa`.
+    (right-padded; ``T`` a bucket, or ``pad_to``). The cut at ``max_length`` is silent, as in
+    both codebases (``truncation=True``); ``truncation="warn"`` / ``"error"`` report the rows it
+    cuts (training: :func:`tokenize_qa`'s rule).
+
+    TOFU pads its inputs with EOS at attention 0 and puts the appended EOS in the labels only;
+    here that EOS is an attended input token. The losses agree: the EOS label is predicted
+    from the last answer token, and under a causal mask the extra position changes no earlier
+    logit.
     """
     if style not in ("tofu", "open-unlearning"):
         raise ValueError(f"style must be 'tofu' or 'open-unlearning', got {style!r}")
     eos = _eos_id(tokenizer)
     seqs, labs = [], []
+    if truncation != "silent" and max_length is not None:  # count the rows the cut below shortens
+        texts = [template.text(str(r[question_key]), str(r[answer_key])) for r in records]
+        full_lengths = [[0] * len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        _truncate(full_lengths, max_length, truncation, "QA sequences")
     for r in records:
         q, a = str(r[question_key]), str(r[answer_key])
         if style == "tofu":

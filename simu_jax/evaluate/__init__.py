@@ -4,7 +4,8 @@
 (``Scorer``), :mod:`simu_jax.evaluate.runner` turns its statistics into the reported suites and
 is ``simu-jax evaluate``; :mod:`simu_jax.evaluate.protocol` holds the evaluation protocols
 (``tofu``, ``open-unlearning``, ``simu``, ``semeval``), :mod:`simu_jax.evaluate.tofu_log` TOFU's eval-log
-layout; :mod:`simu_jax.evaluate.report` (matplotlib) reads run directories.
+layout; :mod:`simu_jax.evaluate.attacks` the robustness attacks (4-bit quantization, relearning);
+:mod:`simu_jax.evaluate.report` (matplotlib) reads run directories.
 Definitions and their official sources: ``docs/metrics.md``.
 """
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["PROTOCOLS", "PROTOCOL_NAMES", "Protocol", "check_protocol", "default_protocol", "get_protocol"]
+__all__ = ["PROTOCOLS", "PROTOCOL_NAMES", "PROTOCOL_OF_TOKENIZATION", "Protocol", "check_protocol", "default_protocol", "get_protocol"]
 
 
 @dataclass(frozen=True)
@@ -119,18 +119,21 @@ PROTOCOLS["semeval"] = PROTOCOLS["simu"].with_(name="semeval", dtype="bfloat16",
 PROTOCOL_NAMES: tuple[str, ...] = tuple(PROTOCOLS)
 
 
-# The protocol a benchmark is evaluated with unless one is named. TOFU's own protocol for TOFU
-# (its published models were trained TOFU-style: question and answer tokenized as one string,
-# the answer tag scored). The synthetic benchmark's models are trained here by `simu-jax
-# finetune`, which scores the answer tokens only with prompt and answer tokenized apart; under
-# `tofu` such a model is scored on an answer tag it never learned to produce (forget prob 0.024
-# against 0.764 under `simu` on the quick demo's target), so it keeps `simu` until finetune can
-# train TOFU-style. LUME: SemEval's own script (`semeval`).
-DEFAULT_PROTOCOL: dict[str, str] = {"tofu": "tofu", "synthetic": "simu", "lume": "semeval"}
+# The protocol a benchmark is evaluated with unless one is named: TOFU's own for TOFU and the
+# synthetic benchmark (whose targets `simu-jax finetune` trains TOFU-style by default,
+# `data.tokenization: tofu`), SemEval's script for LUME (`semeval`).
+DEFAULT_PROTOCOL: dict[str, str] = {"tofu": "tofu", "synthetic": "tofu", "lume": "semeval"}
+# A QA model trained with another tokenization (data.tokenization) is scored the way it was
+# trained: the protocol whose scored tokens match its labels.
+PROTOCOL_OF_TOKENIZATION: dict[str, str] = {"tofu": "tofu", "open-unlearning": "open-unlearning", "split": "simu"}
 
 
-def default_protocol(benchmark: str) -> str:
-    """The protocol name :data:`DEFAULT_PROTOCOL` gives ``benchmark`` (``simu`` when unlisted)."""
+def default_protocol(benchmark: str, tokenization: str | None = None) -> str:
+    """The protocol name :data:`DEFAULT_PROTOCOL` gives ``benchmark`` (``simu`` when unlisted);
+    for a QA benchmark whose model was trained with ``tokenization`` (``data.tokenization``),
+    the protocol scoring the same tokens (:data:`PROTOCOL_OF_TOKENIZATION`)."""
+    if tokenization is not None and benchmark != "lume":
+        return PROTOCOL_OF_TOKENIZATION[tokenization]
     return DEFAULT_PROTOCOL.get(benchmark, "simu")
 
 

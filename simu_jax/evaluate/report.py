@@ -21,6 +21,10 @@ Run-directory schema (one directory per method / run)
   ``_min_k_pp`` / ``_reference`` / ``_gradnorm``, ``reference_mia_auc_min_k`` and ``privleak``
   (what ``simu-jax evaluate`` and ``simu-jax unlearn`` write).  Non-numeric values are ignored.
 
+  ``details.robustness`` (optional; ``simu-jax evaluate --attack``, ``eval.attack``): the
+  robustness attacks' forget metrics and recovery (:func:`simu_jax.evaluate.attacks.run_attacks`),
+  tabulated in their own section.
+
 ``metrics.jsonl`` (optional): one JSON object per line, each with ``"step"``
 (int) and any numeric keys, e.g.
 ``{"step": 10, "forget_loss": 2.3, "retain_loss": 0.4, "eval/forget_rouge": 0.5}``.
@@ -109,7 +113,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     """Read one run directory (schema in the module docstring).
 
     Returns ``{"dir": Path, "method": str, "metrics": {name: float},
-    "history": [dict] | None, "mask": dict | None}``.
+    "history": [dict] | None, "mask": dict | None, "robustness": dict | None}``.
     Raises ``FileNotFoundError`` (with the path) when the directory or its
     ``summary.json`` is missing, ``ValueError`` when summary.json is malformed.
     """
@@ -136,7 +140,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if mask_path.is_file():
         with open(mask_path, encoding="utf-8") as f:
             mask = json.load(f)
-    return {"dir": run_dir, "method": method, "metrics": metrics, "history": history, "mask": mask}
+    details = summary.get("details") if isinstance(summary.get("details"), dict) else {}
+    robustness = details.get("robustness") if isinstance(details.get("robustness"), dict) else None
+    return {"dir": run_dir, "method": method, "metrics": metrics, "history": history, "mask": mask,
+            "robustness": robustness or None}
 
 
 # --------------------------------------------------------------------------- #
@@ -350,6 +357,31 @@ def _diagnostics_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _robustness_table(runs: list[dict[str, Any]]) -> list[str]:
+    """One row per (run, model): the unlearned model, the target, then each attack; each cell
+    the forget metric, with the attack's recovery in parentheses (docs/metrics.md#robustness-attacks)."""
+    have = [r for r in runs if r.get("robustness")]
+    if not have:
+        return []
+    from simu_jax.evaluate.attacks import FORGET_METRICS, attack_table
+
+    rows = [(r["label"], *row) for r in have for row in attack_table(r["robustness"])]
+    cols = [c for c in FORGET_METRICS if any(_is_number(v.get(c)) for _, _, v, _ in rows)]
+    lines = ["## Robustness attacks", "",
+             "Forget metrics after each attack; in parentheses the recovery (after - unlearned) / "
+             "(target - unlearned): 0 = nothing undone, 1 = back to the target model.", "",
+             "| method | model | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for label, name, vals, rec in rows:
+        cells = []
+        for c in cols:
+            cell = _fmt(float(vals[c])) if _is_number(vals.get(c)) else "–"
+            if _is_number(rec.get(c)) and math.isfinite(rec[c]):
+                cell += f" ({rec[c]:+.2f})"
+            cells.append(cell)
+        lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     """Write ``report.md`` and the PNG plots for ``run_dirs`` into ``out_dir``.
 
@@ -366,7 +398,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     for r in runs:
         r["label"] = r["method"] if counts[r["method"]] == 1 else f"{r['method']} ({r['dir'].name})"
 
-    out_dir = Path(out_dir)
+    from simu_jax.base import as_path
+
+    out_dir = as_path(out_dir)  # local, or a URL (gs://, ...): each file one object upload
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {
         "tradeoff.png": _plot_tradeoff(runs, out_dir / "tradeoff.png"),
@@ -394,6 +428,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             extras.append("mask summary")
         lines.append(f"- **{r['label']}**: `{r['dir']}`" + (f" ({', '.join(extras)})" if extras else ""))
     lines.append("")
+    lines += _robustness_table(runs)
     lines += _diagnostics_table(runs)
     titles = {
         "tradeoff.png": "Forget / retain trade-off",
@@ -419,9 +454,9 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
     p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
     args = p.parse_args(argv)
-    from simu_jax.base import local_path
+    from simu_jax.base import as_path
 
-    path = write_report([Path(r) for r in args.runs], local_path(args.out))
+    path = write_report([Path(r) for r in args.runs], as_path(args.out))
     print(format_table([load_run(Path(r)) for r in args.runs]))
     print(f"report written to {path}")
     return 0

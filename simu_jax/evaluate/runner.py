@@ -43,12 +43,16 @@ The numbers use snake_case keys, which are what ``summary.json`` (and so
   ``mia_auc_min_k_pp`` and ``mia_score``, with MMLU data (``--mmlu``) ``mmlu``.  Nested
   extras: ``per_task``, ``semeval`` (the final score), ``mmlu_per_subject``.  The protocol
   ``semeval`` (LUME's default) runs in bfloat16 and decodes as SemEval's script.
+* ``robustness`` (``--attack``, synthetic / tofu): the forget metrics after each robustness
+  attack and their recovery (:func:`simu_jax.evaluate.attacks.run_attacks`); nested, so in
+  ``summary.json`` under ``details``.
 * ``notes``: a list of strings saying what was skipped and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -607,9 +611,9 @@ def write_results(out_dir: str | os.PathLike, method: str, summary: Mapping[str,
     NaN / inf become ``null``. The non-numeric parts of the summary (TOFU display names,
     ``per_task``, ``notes``, ...) go under ``"details"``; ``extra`` adds top-level keys.
     """
-    from simu_jax.base import local_path
+    from simu_jax.base import as_path
 
-    out = local_path(out_dir)
+    out = as_path(out_dir)  # a local directory or a URL (gs://, ...: one object upload per file)
     out.mkdir(parents=True, exist_ok=True)
     metrics = summary_metrics(summary)
     details = {k: v for k, v in summary.items() if k not in metrics and k != "notes"}
@@ -702,8 +706,9 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
                                            "forget-quality reference (instead of --reference)")
     p.add_argument("--protocol", choices=PROTOCOL_NAMES,
                    help="whose evaluation choices to follow (rows, scored tokens, tokenization, generation, MIA "
-                        "k, dtype, decoding): tofu (TOFU's evaluate_util.py; the default for tofu), "
-                        "open-unlearning, simu (this project's earlier choices; the default for synthetic), "
+                        "k, dtype, decoding): tofu (TOFU's evaluate_util.py; the default for tofu and synthetic), "
+                        "open-unlearning, simu (this project's earlier choices, for a model trained with "
+                        "data.tokenization split), "
                         "semeval (SemEval-2025 Task 4's evaluate_generations.py: bfloat16, generations decoded "
                         "with clean_up_tokenization_spaces=True; lume only, its default); see docs/metrics.md")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "model"),
@@ -741,6 +746,18 @@ def build_parser(prog: str = "simu-jax evaluate") -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="token limit (default: the model's max_position_embeddings)")
     p.add_argument("--buckets", help="comma-separated padded lengths, e.g. 128,512 (default: 32,64,128,...); "
                                      "each batch is padded to the smallest that fits, one compilation per length")
+    a = p.add_argument_group("robustness attacks (synthetic / tofu; docs/metrics.md#robustness-attacks)")
+    a.add_argument("--attack", help="comma-separated attacks after the evaluation, each followed by the forget "
+                                    "metrics again: int4 (per-group round-to-nearest), nf4, fp4 (bitsandbytes' "
+                                    "4-bit types), relearn (fine-tuning on a few forget pairs)")
+    a.add_argument("--target", help="the model before unlearning: its forget metrics give each attack's "
+                                    "recovery = (after - unlearned) / (target - unlearned)")
+    a.add_argument("--attack-group-size", type=int, help="int4: input features per group (default 128; -1 = one "
+                                                         "group per output channel)")
+    a.add_argument("--attack-block-size", type=int, help="nf4 / fp4: elements per absmax block (default 64)")
+    a.add_argument("--relearn-steps", type=int, help="relearn: AdamW steps (default 10)")
+    a.add_argument("--relearn-examples", type=int, help="relearn: forget pairs trained on (default 2)")
+    a.add_argument("--relearn-lr", type=float, help="relearn: learning rate (default 1e-3)")
     return p
 
 
@@ -858,6 +875,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         raise ValueError("--mmlu applies to the lume benchmark (the SemEval final score)")
     if args.gradnorm and args.benchmark == "lume":
         raise ValueError("--gradnorm applies to the synthetic and tofu benchmarks (forget vs holdout rows)")
+    from simu_jax.evaluate.attacks import spec_from_cli
+
+    attack = spec_from_cli(args.attack, group_size=args.attack_group_size, block_size=args.attack_block_size,
+                           relearn_steps=args.relearn_steps, relearn_examples=args.relearn_examples,
+                           relearn_lr=args.relearn_lr)
+    if attack.names and args.benchmark == "lume":
+        raise ValueError("--attack applies to the synthetic and tofu benchmarks (QA forget metrics), not lume")
+    if args.target and not attack.names:
+        raise ValueError("--target (the model before unlearning) is only used by --attack")
     proto = check_protocol(args.protocol or default_protocol(args.benchmark), args.benchmark)
     template = parse_template(args.template) if args.template else None
     ref_log = None
@@ -870,9 +896,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    model_dir = Path(args.model).expanduser()
-    ref_dir = Path(args.reference).expanduser() if args.reference else None
-    for d in [model_dir] + ([ref_dir] if ref_dir else []):  # fail fast, before the slow loads
+    from simu_jax.base import as_path, is_remote
+
+    def absolute(p):  # a URL is absolute already (resolve() would make gs://b/x the local /cwd/gs:/b/x)
+        return p if is_remote(p) else p.resolve()
+
+    model_dir = absolute(as_path(args.model, "--model").expanduser())  # a local directory or a URL (gs://, ...)
+    ref_dir = absolute(as_path(args.reference, "--reference").expanduser()) if args.reference else None
+    target_dir = absolute(as_path(args.target, "--target").expanduser()) if args.target else None
+    for d in [model_dir] + [x for x in (ref_dir, target_dir) if x]:  # fail fast, before the slow loads
         if not d.is_dir():
             raise FileNotFoundError(f"model directory not found: {d}")
     notes: list[str] = []
@@ -925,12 +957,27 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         summary, per_sample = evaluate_qa_benchmark(scorer, sets, ref_log, generate=not args.no_generate,
                                                     max_new_tokens=max_new, log=log, reference_scorer=ref_scorer,
                                                     gradnorm=args.gradnorm)
+        if attack.names:
+            from simu_jax.evaluate.attacks import run_attacks
+
+            target = None
+            if target_dir is not None:
+                log(f"loading the target model {target_dir}")
+                tgt = load_model(target_dir)
+                target = (tgt.graphdef, tgt.params)
+            summary["robustness"] = run_attacks(attack, scorer, loaded.params, sets, summary, per_sample,
+                                                target=target, generate=not args.no_generate,
+                                                max_new_tokens=max_new, log=log)
     summary["notes"] = notes + list(summary.get("notes", []))
     print(format_summary(summary), flush=True)
+    if summary.get("robustness"):
+        from simu_jax.evaluate.attacks import format_attacks
+
+        print(format_attacks(summary["robustness"]), flush=True)
     if args.out:
-        method = args.method or model_dir.resolve().name
+        method = args.method or model_dir.name
         out = write_results(args.out, method, summary, per_sample, benchmark=args.benchmark,
-                            model=str(model_dir.resolve()), reference=str(ref_dir.resolve()) if ref_dir else None,
+                            model=str(model_dir), reference=str(ref_dir) if ref_dir else None,
                             reference_log=str(Path(args.reference_log).expanduser().resolve())
                             if args.reference_log else None,
                             settings={"limit": args.limit, "seed": args.seed, "synthetic_seed": args.synthetic_seed,
@@ -939,7 +986,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                                       "dtype": scorer.dtype, "mmlu": str(Path(args.mmlu).expanduser().resolve())
                                       if args.mmlu else None,
                                       "template": [template.question_start, template.question_end,
-                                                   template.answer_start]},
+                                                   template.answer_start],
+                                      "attack": dataclasses.asdict(attack) if attack.names else None,
+                                      "target": str(target_dir.resolve()) if target_dir else None},
                             elapsed_s=round(time.perf_counter() - t_start, 2))
         log(f"wrote {out / 'summary.json'} and {out / 'per_sample.json'}")
     return 0

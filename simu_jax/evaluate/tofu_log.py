@@ -221,6 +221,8 @@ def write_tofu_log(out_dir: str | os.PathLike, per_sample: Mapping[str, Any]) ->
     log = to_tofu_log(per_sample)
     if not log:
         return None
-    path = Path(out_dir) / TOFU_LOG_NAME
+    from simu_jax.base import as_path
+
+    path = as_path(out_dir) / TOFU_LOG_NAME
     write_text_atomic(path, json.dumps(log, indent=1, allow_nan=False) + "\n")
     return path

@@ -141,11 +141,19 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
+        from simu_jax.base import as_path
+
+        path = as_path(path, "model directory")  # local, or a URL (gs://...)
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json at {cfg_file}")
-        return cls.from_hf_dict(json.loads(cfg_file.read_text()))
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not a valid config.json ({' '.join(str(e).split())[:100]})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{cfg_file}: not a valid config.json (not a JSON object)")
+        return cls.from_hf_dict(hf)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF config dict that transformers loads as the same model."""

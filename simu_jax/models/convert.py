@@ -13,7 +13,17 @@ no full-model copy on a host or a device. Saving (:func:`save_pretrained`) slice
 gathers one HF tensor at a time on device and streams it into its file
 (:func:`write_safetensors`); with several processes each writes its share of the files.
 The mesh-aware entry points (``mesh=``, ``rules=``, the source dtype on save) are
-:mod:`simu_jax.sharding.hf_io`, also ``simu_jax.load_pretrained`` / ``simu_jax.save_pretrained``."""
+:mod:`simu_jax.sharding.hf_io`, also ``simu_jax.load_pretrained`` / ``simu_jax.save_pretrained``.
+
+Remote directories (``gs://bucket/model``, any URL :func:`simu_jax.base.as_path` accepts) are
+read in place, not downloaded: the headers are parsed from the objects (:func:`read_header`,
+a ranged read of the first bytes), and each device's block is one ranged read of the rows it
+spans (:func:`_read_block`; safetensors' ``safe_open`` needs a local file to memory-map), so
+loading from a bucket reads what it reads from a disk, plus whole rows for a block split
+along a tensor's second dimension. The small files (config.json, tokenizer files) are copied
+into a local cache, :func:`local_metadata_dir` (tokenizers load from local files). Saving to a
+URL writes every file in place (an object store renames by copying) with config.json last: a
+directory without config.json is no model, to this loader or to transformers."""
 
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from simu_jax.base import as_path, is_remote
 from simu_jax.models.config import ModelConfig
 from simu_jax.models.transformer import CausalLM, abstract_model
 
@@ -98,11 +109,13 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Where one checkpoint tensor lives: its file, shape and dtype (from the file's header)."""
+    """Where one checkpoint tensor lives: its file, shape and dtype (from the file's header),
+    and the byte offset of its data in the file."""
 
     file: Path
     shape: tuple[int, ...]
     dtype: np.dtype
+    offset: int = 0
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -139,6 +152,26 @@ def _weight_map(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     )
 
 
+def local_metadata_dir(path) -> Path:
+    """A local directory holding the small files of the HF directory ``path``: ``path`` itself
+    when it is local; for a URL, config.json and the tokenizer files copied into
+    ``$SIMU_JAX_CACHE/remote/<hash of the URL>`` (default ``~/.cache/simu_jax``), refreshed on
+    every call (tokenizers load from local files only; the weights are read in place)."""
+    import hashlib
+
+    path = as_path(path, "model directory")
+    if not is_remote(path):
+        return path
+    from simu_jax.runio import write_bytes_atomic
+
+    root = Path(os.environ.get("SIMU_JAX_CACHE", "~/.cache/simu_jax")).expanduser()
+    local = root / "remote" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (path / name).is_file():
+            write_bytes_atomic(local / name, (path / name).read_bytes())
+    return local
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """The tensors of one safetensors file, from its header alone (nothing else is read); a
     truncated or corrupt file (bad header, offsets past the end or overlapping, wrong byte
@@ -146,8 +179,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     def bad(why: str):
         raise CheckpointFileError(f"{file}: not a valid safetensors file ({why})")
 
-    size = file.stat().st_size
-    with open(file, "rb") as f:
+    stat = file.stat()
+    size = stat.length if is_remote(file) else stat.st_size  # epath's StatResult / os.stat_result
+    with file.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             bad(f"{size} bytes, shorter than the 8-byte header length")
@@ -174,7 +208,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if stop - start != math.prod(shape) * dtype.itemsize:
             bad(f"tensor {name}: {stop - start} bytes for shape {shape} {dtype}")
         spans.append((start, stop, name))
-        out[name] = TensorInfo(file, shape, dtype)
+        out[name] = TensorInfo(file, shape, dtype, 8 + n + start)
     end = 0
     for start, stop, name in sorted(spans):
         if start != end:
@@ -190,7 +224,7 @@ def checkpoint_tensors(path: str | Path) -> dict[str, TensorInfo]:
     read from the files' headers only. Refuses (one line naming the file) a bad or missing index,
     a missing shard, a truncated or corrupt file, a tensor in two files, and a tensor the index
     places in a file that does not hold it."""
-    path = Path(path)
+    path = as_path(path, "model directory")
     files, weight_map = _weight_map(path)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -210,14 +244,39 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of an HF directory as a numpy array, whole (the simple path: the full model on
     the host; :func:`load_params` reads slices instead)."""
     by_file: dict[Path, list[str]] = {}
-    for name, info in checkpoint_tensors(path).items():
+    infos = checkpoint_tensors(path)
+    for name, info in infos.items():
         by_file.setdefault(info.file, []).append(name)
     tensors: dict[str, np.ndarray] = {}
     for f, names in by_file.items():
+        if is_remote(f):
+            for name in names:
+                tensors[name] = _read_block(infos[name], name, ())
+            continue
         with safe_open(str(f), framework="numpy") as st:
             for name in names:
                 tensors[name] = st.get_tensor(name)
     return tensors
+
+
+def _read_block(info: TensorInfo, name: str, src: tuple) -> np.ndarray:
+    """The block ``src`` (one slice per dimension; ``()``: all) of one checkpoint tensor. A local
+    file: safetensors' memory-mapped ``get_slice``. A URL: one ranged read of the rows the block
+    spans (a range of the first dimension is contiguous in the file; fsspec turns the seek and
+    read into a ranged GET), the other dimensions sliced on the host."""
+    if not is_remote(info.file):
+        with safe_open(str(info.file), framework="numpy") as st:  # mapped for this one tensor only
+            return st.get_slice(name)[src] if src else st.get_tensor(name)
+    shape = info.shape
+    start, stop, step = src[0].indices(shape[0]) if src else (0, shape[0] if shape else 1, 1)
+    row = math.prod(shape[1:]) * info.dtype.itemsize
+    with info.file.open("rb") as f:
+        f.seek(info.offset + start * row)
+        raw = f.read((stop - start) * row)
+    if len(raw) != (stop - start) * row:
+        raise CheckpointFileError(f"{info.file}: tensor {name} ends early (the file changed while it was read?)")
+    block = np.frombuffer(raw, info.dtype).reshape((stop - start, *shape[1:]) if shape else ())
+    return block[(slice(None, None, step), *src[1:])] if src else block
 
 
 def _refuse_unused(cfg: ModelConfig, tensors, used: set) -> None:
@@ -312,6 +371,17 @@ def _match_checkpoint(cfg: ModelConfig, tensors: dict[str, TensorInfo], shapes: 
     return plan
 
 
+def check_checkpoint(path, cfg: ModelConfig | None = None) -> None:
+    """Refuse an HF directory that :func:`load_params` would refuse (one line naming the file or
+    tensor: a bad config.json, index or header, a missing shard, a tensor missing, unexpected
+    or of the wrong shape), from config.json and the safetensors headers alone: no weight is
+    read. The pipelines call it before they create their run directory."""
+    path = as_path(path, "model directory")
+    cfg = ModelConfig.from_pretrained(path) if cfg is None else cfg
+    _, abstract_state = nnx.split(abstract_model(cfg))
+    _match_checkpoint(cfg, checkpoint_tensors(path), _flatten(nnx.to_pure_dict(abstract_state)))
+
+
 def _index_key(index: tuple, shape: tuple[int, ...]) -> tuple:
     return tuple(s.indices(d) if isinstance(s, slice) else (s, s + 1, 1) for s, d in zip(index, shape))
 
@@ -333,8 +403,7 @@ def _slice_reader(shape: tuple[int, ...], dtype, infos, stacked: bool, transpose
         src = inner[::-1] if transpose else inner
         for j, layer in enumerate(layers):
             name, info = infos[layer]
-            with safe_open(str(info.file), framework="numpy") as st:  # mapped for this one tensor only
-                part = st.get_slice(name)[src] if src else st.get_tensor(name)
+            part = _read_block(info, name, src)
             part = part.T if transpose else part
             if stacked:
                 out[j] = part
@@ -381,7 +450,7 @@ def load_params(path: str | Path, cfg: ModelConfig | None = None, shardings=None
     checked first, from the headers alone: :class:`CheckpointFileError` /
     :class:`WeightMismatchError` (one line naming the file or tensor) before anything is read.
     """
-    path = Path(path)
+    path = as_path(path, "model directory")
     cfg = ModelConfig.from_pretrained(path) if cfg is None else cfg
     _, abstract_state = nnx.split(abstract_model(cfg, param_dtype=dtype))
     abstract = nnx.to_pure_dict(abstract_state)
@@ -414,7 +483,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, rem
     :func:`load_params`), so the host's peak memory is about the model's size in `dtype`. For a
     device mesh use ``simu_jax.load_pretrained(path, mesh=...)`` (:mod:`simu_jax.sharding.hf_io`).
     """
-    path = Path(path)
+    path = as_path(path, "model directory")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = ModelConfig.from_pretrained(path)
@@ -532,7 +601,7 @@ def write_safetensors(file: str | Path, tensors: list[tuple[str, tuple[int, ...]
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
+    with as_path(file, "weights file").open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype in tensors:
@@ -573,9 +642,13 @@ def save_pretrained(
     directory must be on storage they share). Tokenizer files (and generation_config.json) are
     copied from `tokenizer_dir` when given. The directory is written beside its destination and
     renamed into place, so an interrupted save never leaves a directory that looks complete; an
-    existing directory is refused unless `overwrite`.
+    existing directory is refused unless `overwrite`. A URL `path` (``gs://...``) is written in
+    place instead (an object store renames by copying every object): an old directory is
+    deleted first (its config.json first), config.json is written last, and a failed save
+    deletes what it wrote, so no directory with a config.json is ever half-written.
     """
-    path = Path(path)
+    path = as_path(path, "model directory")
+    remote = is_remote(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     cfg = _config_of(model, params)
@@ -599,7 +672,12 @@ def save_pretrained(
     proc, nproc = (jax.process_index(), jax.process_count()) if spans else (0, 1)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if nproc == 1:
+    if remote:  # written in place, config.json last
+        tmp = path
+        if proc == 0 and path.exists():
+            _remove_model_dir(path)
+        _barrier("simu_jax.save_pretrained.start", nproc)
+    elif nproc == 1:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     else:  # one name every process agrees on, made fresh by process 0
         tmp = path.with_name(f".{path.name}.tmp-save")
@@ -607,6 +685,7 @@ def save_pretrained(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier("simu_jax.save_pretrained.start", nproc)
+    saved = False
     try:
         for k, (fname, shard) in enumerate(zip(names, shards)):
             owner = k % nproc == proc
@@ -619,27 +698,43 @@ def save_pretrained(
                     _host_tensor(flat[t.path], t, False)
         _barrier("simu_jax.save_pretrained.files", nproc)
         if proc == 0:
-            hf_cfg = cfg.to_hf_dict()
-            emb = [t for t in tensors if t.name == "model.embed_tokens.weight"] or tensors
-            hf_cfg["dtype"] = str(jnp.dtype(emb[0].dtype))
-            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
             if len(shards) > 1:
                 index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors))},
                          "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             if tokenizer_dir is not None:
+                source = as_path(tokenizer_dir, "tokenizer directory")
                 for name in TOKENIZER_FILES:
-                    if (Path(tokenizer_dir) / name).is_file():
-                        shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-            if path.exists():
+                    if (source / name).is_file():
+                        if remote or is_remote(source):
+                            (tmp / name).write_bytes((source / name).read_bytes())
+                        else:
+                            shutil.copy2(source / name, tmp / name)
+            hf_cfg = cfg.to_hf_dict()
+            emb = [t for t in tensors if t.name == "model.embed_tokens.weight"] or tensors
+            hf_cfg["dtype"] = str(jnp.dtype(emb[0].dtype))
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")  # last: see the docstring
+            if not remote and path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
                 os.replace(tmp, path)
                 shutil.rmtree(old)
-            else:
+            elif not remote:
                 os.replace(tmp, path)
         _barrier("simu_jax.save_pretrained.done", nproc)
+        saved = True
     finally:
-        if proc == 0 and tmp.exists():
+        if proc == 0 and not remote and tmp.exists():
             shutil.rmtree(tmp)
+        elif proc == 0 and remote and not saved and path.exists():
+            _remove_model_dir(path)  # nothing half-written
     return path
+
+
+def _remove_model_dir(path) -> None:
+    """Delete an HF directory on an object store, config.json first (a directory without it is
+    no model, so an interrupted delete never leaves one that loads)."""
+    if (path / "config.json").exists():
+        (path / "config.json").unlink()
+    if path.exists():
+        path.rmtree()

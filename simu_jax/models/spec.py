@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from simu_jax.base import ConfigError, local_path
+from simu_jax.base import ConfigError, as_path, is_remote
 from simu_jax.models.config import ModelConfig, UnsupportedConfigError
-from simu_jax.models.convert import load_pretrained
+from simu_jax.models.convert import load_pretrained, local_metadata_dir
 from simu_jax.models.transformer import CausalLM, abstract_model, init_model, split_params
 
-__all__ = ["LoadedModel", "ModelSpec", "build_model", "host_init_params", "jnp_dtype", "load_model",
+__all__ = ["LoadedModel", "ModelSpec", "build_model", "check_model_files", "host_init_params", "jnp_dtype", "load_model",
            "load_tokenizer", "model_config_from_spec", "resolve_model_path"]
 
 
@@ -61,7 +61,7 @@ class ModelSpec:
 
     def check(self) -> None:
         if self.path is not None:
-            local_path(self.path, "model.path")  # a URL is refused here, before any output exists
+            as_path(self.path, "model.path")  # a bad URL scheme is refused here, before any output exists
         if self.path is not None and self.config is not None:
             raise ConfigError("set either model.path (HF directory) or model.config (random init), not both")
         if self.config is not None:
@@ -80,12 +80,14 @@ def resolve_model_path(path: str | os.PathLike, config_only: bool = False) -> Pa
     repository id (``owner/name``) fetched with ``huggingface_hub.snapshot_download``
     (config and tokenizer files only with ``config_only``; the safetensors weights
     otherwise; cached, so a second call is free). Offline, set ``HF_HUB_OFFLINE=1`` and
-    pre-download, or pass the local directory."""
-    local = local_path(path, "model.path").expanduser()
+    pre-download, or pass the local directory. A URL (``gs://bucket/model``) is returned as an
+    ``etils.epath.Path`` (:func:`simu_jax.base.as_path`): its weights are read in place
+    (:mod:`simu_jax.models.convert`)."""
+    local = as_path(path, "model.path").expanduser()
     if local.is_dir():
         return local
     text = str(path)
-    if local.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
+    if is_remote(local) or local.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
         raise FileNotFoundError(f"model directory {path} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -95,6 +97,21 @@ def resolve_model_path(path: str | os.PathLike, config_only: bool = False) -> Pa
     except Exception as e:  # network, auth, missing repo: one clear line
         raise FileNotFoundError(f"model.path {text!r} is not a local directory and could not be fetched from the "
                                 f"Hugging Face hub ({type(e).__name__}: {one_line(str(e))[:200]})") from None
+
+
+def check_model_files(path: str | os.PathLike) -> Path:
+    """The model directory ``path`` resolves to (:func:`resolve_model_path`), refused in one line
+    naming the file when its files would not load: no config.json or weights, a bad config.json,
+    index or safetensors header, a missing shard, a tensor of the wrong name or shape
+    (:func:`simu_jax.models.convert.check_checkpoint`; headers only, no weight is read). A
+    pipeline calls this before it creates its run directory, so a bad model leaves nothing
+    behind."""
+    from simu_jax.models.convert import check_checkpoint
+
+    local = resolve_model_path(path)
+    _check_model_dir(local)
+    check_checkpoint(local)
+    return local
 
 
 def model_config_from_spec(spec: ModelSpec, **defaults):
@@ -184,7 +201,8 @@ def load_tokenizer(source: str | os.PathLike):
 class LoadedModel:
     """What :func:`load_model` returns. ``model`` is an abstract :class:`CausalLM` (graph only:
     ``graphdef`` is its graph, ``params`` the loaded weights); ``tokenizer_dir`` holds the
-    tokenizer files (copied next to a saved model)."""
+    tokenizer files (copied next to a saved model); always a local directory (for a model on
+    an object store, :func:`simu_jax.models.convert.local_metadata_dir`)."""
 
     model: CausalLM
     graphdef: Any
@@ -231,11 +249,12 @@ def load_model(source: "ModelSpec | str | os.PathLike", *, dtype: str | None = N
     # The graph of a freshly built model (not of `loaded`, which carries its source directory
     # as an attribute), so equal configs share compiled steps.
     model = abstract_model(loaded.config, **kw)
+    tokenizer_dir = local_metadata_dir(path)  # `path` itself, or a local copy of a remote one's small files
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"no tokenizer in model directory {path}: {one_line(str(e))[:160]}") from None
     if len(tokenizer) > loaded.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{loaded.config.vocab_size} ({path})")
-    return LoadedModel(model, nnx.graphdef(model), params, tokenizer, path)
+    return LoadedModel(model, nnx.graphdef(model), params, tokenizer, tokenizer_dir)

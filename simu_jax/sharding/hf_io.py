@@ -66,7 +66,9 @@ def source_dtype(directory) -> Any | None:
     ``dtype``: float32, bfloat16, float16), or None when it has none (or no config)."""
     if directory is None:
         return None
-    cfg = Path(directory) / "config.json"
+    from simu_jax.base import as_path
+
+    cfg = as_path(directory, "model directory") / "config.json"
     try:
         hf = json.loads(cfg.read_text())
     except (OSError, ValueError):
