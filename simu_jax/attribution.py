@@ -8,9 +8,13 @@ Integrated-gradients attribution (docs/method.md#stage-1):
 L_i is sample i's mean next-token log-likelihood over its answer tokens (the negative of the
 loss: a positive score means the neuron *supports* the answer, i.e. stores it; with the loss
 itself the top scores would be the neurons that hurt the answer, the opposite of what the
-mask is for); ans(i) are the positions whose next-token prediction is an answer token; the whole
-layer l is scaled by j/m (the other layers untouched). Gradients are taken w.r.t. activations
-only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`_ig_scores`):
+mask is for); ans(i) are the positions whose next-token prediction is an answer token. The path
+scales exactly the positions whose scores it sums: layer l's neurons at the answer positions go
+from 0 to a_l (every other position and every other layer untouched), so IG's completeness
+holds per layer, sum_k Att(l, k) -> LL(a) - LL(a with layer l's answer-position neurons zeroed)
+as m grows, the error being the right Riemann sum's (tested). Gradients are taken w.r.t.
+activations only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch
+(`_ig_scores`):
 
 - j = m (alpha = 1) is the unscaled network for every layer at once: one forward + backward
   gives dL/da_l for all l, and caches a_l and each layer's mid residual r_l (between its
@@ -18,7 +22,8 @@ only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`
 - for j < m only layer l's down projection and the layers after it see the scaling, so
   layer l's m-1 points are one suffix run (`CausalLM.run(start_layer=l, start_residual=r_l,
   start_neurons=alpha_j a_l)`, the m-1 alphas stacked on the batch axis), differentiated
-  w.r.t. its neuron input.
+  w.r.t. its neuron input (the neurons at the unscored positions kept at a_l: at alpha_j they
+  are constants of the path, as are all positions of the other layers).
 
 Measured on CPU (`simu-jax bench`, docs/benchmarks.md: LLaMA, 8 layers, hidden 256, 4 x 128
 tokens, m = 3): 6.7x the time of one weight-gradient step of the same rows (16-19x with a full
@@ -96,6 +101,8 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
         return _loglik(logits, targets), aux
 
     grads, aux = jax.grad(at_one, has_aux=True)(jnp.zeros((n_layers, b, t, width), F32))
+    # the scored positions: the path scales these and only these (completeness, module docstring)
+    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[..., None]  # [B, T, 1]
 
     if steps > 1:  # alpha_j = j/m, j = 1..m-1, stacked on the batch axis: row block j has alpha_j
         alphas = jnp.repeat(jnp.arange(1, steps, dtype=F32) / steps, b)  # [(m-1) B]
@@ -104,24 +111,25 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
             return jnp.tile(z, (steps - 1,) + (1,) * (z.ndim - 1))
 
         def scaled_grad(layer):
-            """sum_{j<m} dLL/da_l at (alpha_j a_l, other layers untouched) [B, T, I]: only layer
-            l's down projection and the layers after it see the scaled neurons, so run just that
-            (CausalLM.run's suffix run from the cached r_l) and differentiate w.r.t. its input."""
+            """sum_{j<m} dLL/da_l at (alpha_j a_l at the scored positions, the rest untouched)
+            [B, T, I]: only layer l's down projection and the layers after it see the scaled
+            neurons, so run just that (CausalLM.run's suffix run from the cached r_l) and
+            differentiate w.r.t. its input."""
             def at_alphas(neurons):
                 logits, _ = apply_with_aux(graphdef, params, rep(ids), rep(mask), start_layer=layer,
                                            start_residual=rep(aux["mlp_residuals"][layer]), start_neurons=neurons,
                                            logits_at=rep(positions))
                 return _loglik(logits, rep(targets))
 
-            scaled = alphas[:, None, None] * rep(aux["mlp_acts"][layer].astype(F32))  # [(m-1) B, T, I]
+            acts = rep(aux["mlp_acts"][layer].astype(F32))
+            scaled = jnp.where(rep(where), alphas[:, None, None] * acts, acts)  # [(m-1) B, T, I]
             return jax.grad(at_alphas)(scaled).reshape(steps - 1, b, t, width).sum(0)
 
         grads = grads + jax.lax.map(scaled_grad, jnp.arange(n_layers))
 
     # Att(l, k) = sum over the scored positions of a_l * (1/m) sum_j g_l(alpha_j)
-    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[None, ..., None]
     acts = aux["mlp_acts"].astype(F32)
-    return jnp.sum(jnp.where(where, acts * grads / steps, 0.0), axis=(1, 2))
+    return jnp.sum(jnp.where(where[None], acts * grads / steps, 0.0), axis=(1, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -151,8 +159,9 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
                   all_positions: bool = False) -> np.ndarray:
     """Attribution scores [L, I] summed over all batches (padding rows contribute nothing).
 
-    `all_positions` sums over every real token instead of the answer positions; then the IG
-    completeness axiom holds: sum_k Att(l, k) -> LL(a_l) - LL(0 * a_l) as m grows (tested).
+    The path scales the scored positions only, so IG's completeness holds for every layer:
+    sum_k Att(l, k) -> LL(a) - LL(layer l's scored neurons zeroed) as m grows (tested). The
+    scored positions are the answer positions, or with `all_positions` every real token.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"attribution method={method!r}; allowed: {', '.join(SCORE_METHODS)}")
