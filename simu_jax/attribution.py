@@ -207,6 +207,56 @@ def critical_neurons(scores: np.ndarray, *, threshold: float | None = None, top_
     return out
 
 
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for the boolean ``truth`` (same shape): the probability that a
+    random true neuron scores above a random other one, ties counting 1/2, i.e. the
+    Mann-Whitney U over n1 * n0, from the average ranks. ``None`` when one class is empty."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, np.float64).ravel(), np.asarray(truth, bool).ravel()
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    return float((rankdata(s)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _precision_recall(selected: np.ndarray, truth: np.ndarray) -> dict:
+    hits, n_sel, n_true = int((selected & truth).sum()), int(selected.sum()), int(truth.sum())
+    return {"selected": n_sel, "precision": hits / n_sel if n_sel else None,
+            "recall": hits / n_true if n_true else None}
+
+
+def localization_metrics(scores: np.ndarray, truth: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """How well attribution scores [L, I] find the neurons that hold a set, ``truth`` [L, I]
+    (e.g. a planted benchmark's, :mod:`simu_jax.data.planted`), per layer and over all layers:
+
+    - ``auc``: :func:`roc_auc` (threshold-free); overall, pooled over every (layer, neuron),
+      so it also asks whether scores compare across layers; ``mean_layer_auc`` does not;
+    - ``threshold``: precision and recall of SIMU's mask, :func:`critical_neurons` at ``t``;
+    - ``top_k``: precision of each layer's top |truth_l| neurons (= their recall); overall,
+      the hits over all layers / |truth|.
+    """
+    scores, truth = np.asarray(scores, np.float64), np.asarray(truth, bool)
+    if scores.shape != truth.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and truth {truth.shape} must be the same [layers, neurons] shape")
+    chosen = critical_neurons(scores, threshold=threshold)
+    top = np.zeros_like(truth)
+    for layer, k in enumerate(truth.sum(axis=1)):
+        top[layer, np.argsort(-scores[layer], kind="stable")[:k]] = True
+    per_layer = []
+    for layer in range(truth.shape[0]):
+        k = int(truth[layer].sum())
+        per_layer.append({"auc": roc_auc(scores[layer], truth[layer]), "true": k,
+                          "threshold": _precision_recall(chosen[layer], truth[layer]),
+                          "top_k": int((top[layer] & truth[layer]).sum()) / k if k else None})
+    aucs = [m["auc"] for m in per_layer if m["auc"] is not None]
+    overall = {"auc": roc_auc(scores, truth), "mean_layer_auc": float(np.mean(aucs)) if aucs else None,
+               "true": int(truth.sum()), "threshold": _precision_recall(chosen, truth),
+               "top_k": int((top & truth).sum()) / int(truth.sum()) if truth.any() else None}
+    return {"overall": overall, "per_layer": per_layer, "threshold_t": threshold}
+
+
 @dataclasses.dataclass
 class NeuronMask:
     """Per-layer boolean neuron masks: forget-critical, retain-critical, and the selected set."""
