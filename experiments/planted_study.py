@@ -1,5 +1,5 @@
 """Attribution against a planted truth (issue 16): plant the forget facts into known MLP neurons
-(:mod:`simu_jax.data.planted`), then ask each attribution method where they are.
+(:mod:`simu_jax.planted`), then ask each attribution method where they are.
 
     PYTHONPATH=. python experiments/planted_study.py --out /tmp/planted_study [--quick]
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from simu_jax.attribution import (NeuronMask, build_mask, localization_metrics, neuron_scores, random_mask_like)
 from simu_jax.data import SyntheticConfig, batch_iterator
-from simu_jax.data.planted import PlantedConfig, make_planted, planted_sets
+from simu_jax.planted import PlantedConfig, make_planted, planted_sets
 from simu_jax.models.spec import load_model
 from simu_jax.runio import write_json_atomic
 

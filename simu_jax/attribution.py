@@ -34,6 +34,9 @@ mask with the same count per layer as a given mask).
 
 A neuron is critical in layer l when Att(l, k) > t * max_k Att(l, k) (or among the top
 fraction). Dual neurons (critical for forget and retain) are kept by default.
+
+Against a known truth (the planted benchmark, :mod:`simu_jax.planted`): `localization_metrics`
+(ROC AUC per layer and pooled, precision / recall of the t mask, top-|truth| precision).
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ def _precision_recall(selected: np.ndarray, truth: np.ndarray) -> dict:
 
 def localization_metrics(scores: np.ndarray, truth: np.ndarray, *, threshold: float = 0.5) -> dict:
     """How well attribution scores [L, I] find the neurons that hold a set, ``truth`` [L, I]
-    (e.g. a planted benchmark's, :mod:`simu_jax.data.planted`), per layer and over all layers:
+    (e.g. a planted benchmark's, :mod:`simu_jax.planted`), per layer and over all layers:
 
     - ``auc``: :func:`roc_auc` (threshold-free); overall, pooled over every (layer, neuron),
       so it also asks whether scores compare across layers; ``mean_layer_auc`` does not;

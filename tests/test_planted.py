@@ -14,7 +14,7 @@ from scipy.stats import mannwhitneyu
 from simu_jax.attribution import NeuronMask, localization_metrics, roc_auc
 from simu_jax.base import ConfigError
 from simu_jax.data import SyntheticConfig
-from simu_jax.data.planted import PlantedConfig, choose_neurons, evaluate_sets, make_planted, plant, trainable_tree
+from simu_jax.planted import PlantedConfig, choose_neurons, evaluate_sets, make_planted, plant, trainable_tree
 from simu_jax.models import ModelConfig, init_model, split_params
 from simu_jax.models.convert import load_params
 
