@@ -236,7 +236,8 @@ def planted_sets(cfg: PlantedConfig, tokenizer) -> dict[str, dict]:
 
     spec = _data_spec(cfg)
     bench = load_benchmark(spec)
-    sets = {name: tokenize_qa(tokenizer, recs, qa_template(spec), cfg.max_length, buckets=TRAIN_BUCKETS)
+    sets = {name: tokenize_qa(tokenizer, recs, qa_template(spec), cfg.max_length, buckets=TRAIN_BUCKETS,
+                              style=spec.tokenization_style())
             for name, recs in (("forget", bench.forget), ("retain", bench.retain), ("general", bench.general))
             if recs}
     width = max(v["input_ids"].shape[1] for v in sets.values())
