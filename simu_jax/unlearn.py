@@ -499,6 +499,7 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
 
             tgt = load_model(cfg.model)
             summary["robustness"] = run_attacks(cfg.eval.attack, scorer, params, sets, summary, per_sample,
+                                                evaluate_qa=evaluate_qa_benchmark,
                                                 target=(tgt.graphdef, tgt.params), generate=cfg.eval.generate,
                                                 max_new_tokens=cfg.eval.max_new_tokens)
     write_results(out, cfg.method, summary, per_sample)
