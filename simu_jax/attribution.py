@@ -8,9 +8,13 @@ Integrated-gradients attribution (docs/method.md#stage-1):
 L_i is sample i's mean next-token log-likelihood over its answer tokens (the negative of the
 loss: a positive score means the neuron *supports* the answer, i.e. stores it; with the loss
 itself the top scores would be the neurons that hurt the answer, the opposite of what the
-mask is for); ans(i) are the positions whose next-token prediction is an answer token; the whole
-layer l is scaled by j/m (the other layers untouched). Gradients are taken w.r.t. activations
-only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`_ig_scores`):
+mask is for); ans(i) are the positions whose next-token prediction is an answer token. The path
+scales exactly the positions whose scores it sums: layer l's neurons at the answer positions go
+from 0 to a_l (every other position and every other layer untouched), so IG's completeness
+holds per layer, sum_k Att(l, k) -> LL(a) - LL(a with layer l's answer-position neurons zeroed)
+as m grows, the error being the right Riemann sum's (tested). Gradients are taken w.r.t.
+activations only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch
+(`_ig_scores`):
 
 - j = m (alpha = 1) is the unscaled network for every layer at once: one forward + backward
   gives dL/da_l for all l, and caches a_l and each layer's mid residual r_l (between its
@@ -18,7 +22,8 @@ only (an additive zero `mlp_delta`), never weights, in 1 + L passes per batch (`
 - for j < m only layer l's down projection and the layers after it see the scaling, so
   layer l's m-1 points are one suffix run (`CausalLM.run(start_layer=l, start_residual=r_l,
   start_neurons=alpha_j a_l)`, the m-1 alphas stacked on the batch axis), differentiated
-  w.r.t. its neuron input.
+  w.r.t. its neuron input (the neurons at the unscored positions kept at a_l: at alpha_j they
+  are constants of the path, as are all positions of the other layers).
 
 Measured on CPU (`simu-jax bench`, docs/benchmarks.md: LLaMA, 8 layers, hidden 256, 4 x 128
 tokens, m = 3): 6.7x the time of one weight-gradient step of the same rows (16-19x with a full
@@ -29,6 +34,9 @@ mask with the same count per layer as a given mask).
 
 A neuron is critical in layer l when Att(l, k) > t * max_k Att(l, k) (or among the top
 fraction). Dual neurons (critical for forget and retain) are kept by default.
+
+Against a known truth (the planted benchmark, :mod:`simu_jax.planted`): `localization_metrics`
+(ROC AUC per layer and pooled, precision / recall of the t mask, top-|truth| precision).
 """
 
 from __future__ import annotations
@@ -96,6 +104,8 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
         return _loglik(logits, targets), aux
 
     grads, aux = jax.grad(at_one, has_aux=True)(jnp.zeros((n_layers, b, t, width), F32))
+    # the scored positions: the path scales these and only these (completeness, module docstring)
+    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[..., None]  # [B, T, 1]
 
     if steps > 1:  # alpha_j = j/m, j = 1..m-1, stacked on the batch axis: row block j has alpha_j
         alphas = jnp.repeat(jnp.arange(1, steps, dtype=F32) / steps, b)  # [(m-1) B]
@@ -104,24 +114,25 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
             return jnp.tile(z, (steps - 1,) + (1,) * (z.ndim - 1))
 
         def scaled_grad(layer):
-            """sum_{j<m} dLL/da_l at (alpha_j a_l, other layers untouched) [B, T, I]: only layer
-            l's down projection and the layers after it see the scaled neurons, so run just that
-            (CausalLM.run's suffix run from the cached r_l) and differentiate w.r.t. its input."""
+            """sum_{j<m} dLL/da_l at (alpha_j a_l at the scored positions, the rest untouched)
+            [B, T, I]: only layer l's down projection and the layers after it see the scaled
+            neurons, so run just that (CausalLM.run's suffix run from the cached r_l) and
+            differentiate w.r.t. its input."""
             def at_alphas(neurons):
                 logits, _ = apply_with_aux(graphdef, params, rep(ids), rep(mask), start_layer=layer,
                                            start_residual=rep(aux["mlp_residuals"][layer]), start_neurons=neurons,
                                            logits_at=rep(positions))
                 return _loglik(logits, rep(targets))
 
-            scaled = alphas[:, None, None] * rep(aux["mlp_acts"][layer].astype(F32))  # [(m-1) B, T, I]
+            acts = rep(aux["mlp_acts"][layer].astype(F32))
+            scaled = jnp.where(rep(where), alphas[:, None, None] * acts, acts)  # [(m-1) B, T, I]
             return jax.grad(at_alphas)(scaled).reshape(steps - 1, b, t, width).sum(0)
 
         grads = grads + jax.lax.map(scaled_grad, jnp.arange(n_layers))
 
     # Att(l, k) = sum over the scored positions of a_l * (1/m) sum_j g_l(alpha_j)
-    where = (mask.astype(bool) if all_positions else _answer_positions(labels))[None, ..., None]
     acts = aux["mlp_acts"].astype(F32)
-    return jnp.sum(jnp.where(where, acts * grads / steps, 0.0), axis=(1, 2))
+    return jnp.sum(jnp.where(where[None], acts * grads / steps, 0.0), axis=(1, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -151,8 +162,9 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
                   all_positions: bool = False, place=None) -> np.ndarray:
     """Attribution scores [L, I] summed over all batches (padding rows contribute nothing).
 
-    `all_positions` sums over every real token instead of the answer positions; then the IG
-    completeness axiom holds: sum_k Att(l, k) -> LL(a_l) - LL(0 * a_l) as m grows (tested).
+    The path scales the scored positions only, so IG's completeness holds for every layer:
+    sum_k Att(l, k) -> LL(a) - LL(layer l's scored neurons zeroed) as m grows (tested). The
+    scored positions are the answer positions, or with `all_positions` every real token.
 
     `place`: puts a host batch (a dict of numpy arrays, the same whole batch on every process)
     on the devices; default `jnp.asarray` (one device). On a mesh, with `params` sharded there,
@@ -206,6 +218,56 @@ def critical_neurons(scores: np.ndarray, *, threshold: float | None = None, top_
     out = np.zeros(scores.shape, bool)
     np.put_along_axis(out, order, True, axis=1)
     return out
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for the boolean ``truth`` (same shape): the probability that a
+    random true neuron scores above a random other one, ties counting 1/2, i.e. the
+    Mann-Whitney U over n1 * n0, from the average ranks. ``None`` when one class is empty."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, np.float64).ravel(), np.asarray(truth, bool).ravel()
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    return float((rankdata(s)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _precision_recall(selected: np.ndarray, truth: np.ndarray) -> dict:
+    hits, n_sel, n_true = int((selected & truth).sum()), int(selected.sum()), int(truth.sum())
+    return {"selected": n_sel, "precision": hits / n_sel if n_sel else None,
+            "recall": hits / n_true if n_true else None}
+
+
+def localization_metrics(scores: np.ndarray, truth: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """How well attribution scores [L, I] find the neurons that hold a set, ``truth`` [L, I]
+    (e.g. a planted benchmark's, :mod:`simu_jax.planted`), per layer and over all layers:
+
+    - ``auc``: :func:`roc_auc` (threshold-free); overall, pooled over every (layer, neuron),
+      so it also asks whether scores compare across layers; ``mean_layer_auc`` does not;
+    - ``threshold``: precision and recall of SIMU's mask, :func:`critical_neurons` at ``t``;
+    - ``top_k``: precision of each layer's top |truth_l| neurons (= their recall); overall,
+      the hits over all layers / |truth|.
+    """
+    scores, truth = np.asarray(scores, np.float64), np.asarray(truth, bool)
+    if scores.shape != truth.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and truth {truth.shape} must be the same [layers, neurons] shape")
+    chosen = critical_neurons(scores, threshold=threshold)
+    top = np.zeros_like(truth)
+    for layer, k in enumerate(truth.sum(axis=1)):
+        top[layer, np.argsort(-scores[layer], kind="stable")[:k]] = True
+    per_layer = []
+    for layer in range(truth.shape[0]):
+        k = int(truth[layer].sum())
+        per_layer.append({"auc": roc_auc(scores[layer], truth[layer]), "true": k,
+                          "threshold": _precision_recall(chosen[layer], truth[layer]),
+                          "top_k": int((top[layer] & truth[layer]).sum()) / k if k else None})
+    aucs = [m["auc"] for m in per_layer if m["auc"] is not None]
+    overall = {"auc": roc_auc(scores, truth), "mean_layer_auc": float(np.mean(aucs)) if aucs else None,
+               "true": int(truth.sum()), "threshold": _precision_recall(chosen, truth),
+               "top_k": int((top & truth).sum()) / int(truth.sum()) if truth.any() else None}
+    return {"overall": overall, "per_layer": per_layer, "threshold_t": threshold}
 
 
 @dataclasses.dataclass

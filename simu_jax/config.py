@@ -123,9 +123,37 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def _deep_merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key, any other value replaces."""
+    out = _copy(base)
+    for k, v in child.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else _copy(v)
+    return out
+
+
+def read_config_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config with its ``base:`` chain resolved: ``base: FILE`` (relative to this file)
+    names a config whose keys this one overrides (mappings merged key by key), so a family of
+    runs shares one file and each run states only what differs."""
+    path = Path(path)
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of a YAML config, got {_show(base)}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen + (path.resolve(),):
+        raise ConfigError(f"{path}: base {base} makes a cycle")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config not found: {base_path}")
+    return _deep_merge(read_config_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
 def load_config(cls, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()):
-    """Read ``path`` (YAML; ``None`` = all defaults), apply ``overrides``, build and check ``cls``."""
-    data = read_yaml(path) if path is not None else {}
+    """Read ``path`` (YAML, with its ``base:`` chain, :func:`read_config_yaml`; ``None`` = all
+    defaults), apply ``overrides``, build and check ``cls``."""
+    data = read_config_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or ())
     return from_dict(cls, data)
 

@@ -541,6 +541,7 @@ def evaluate_run(cfg: UnlearnConfig, prep: Prepared, params, out: Path, quiet: b
 
             tgt = load_model(cfg.model, shardings=None if mesh is None else _mesh_param_shardings(mesh))
             summary["robustness"] = run_attacks(cfg.eval.attack, scorer, params, sets, summary, per_sample,
+                                                evaluate_qa=evaluate_qa_benchmark,
                                                 target=(tgt.graphdef, tgt.params), generate=cfg.eval.generate,
                                                 max_new_tokens=cfg.eval.max_new_tokens)
     if jax.process_index() == 0:

@@ -73,6 +73,7 @@ LAYERS: dict[str, int] = {
     # 11 top
     "simu_jax.evaluate.report": 11,
     "simu_jax.demo": 11,
+    "simu_jax.planted": 11,
     "simu_jax.bench": 11,
     "simu_jax.cli": 11,
     "simu_jax": 11,

@@ -376,7 +376,8 @@ def test_cli_attack_int4_writes_recovery_and_the_report_table(models, sets, tmp_
     target_dir, unlearned_dir, target, unlearned, tok = models
     out = tmp_path / "eval"
     rc = cli_main(["--model", str(unlearned_dir), "--benchmark", "synthetic", "--no-generate", "--batch-size", "4",
-                   "--buckets", "128", "--out", str(out), "--target", str(target_dir), "--attack", "int4,relearn",
+                   "--buckets", "128", "--protocol", "simu", "--out", str(out), "--target", str(target_dir),
+                   "--attack", "int4,relearn",
                    "--attack-group-size", str(GROUP), "--relearn-steps", str(STEPS), "--limit", str(LIMIT)])
     assert rc == 0
     doc = json.loads((out / "summary.json").read_text())
@@ -436,7 +437,8 @@ def test_unlearn_evaluation_runs_the_configured_attacks(models, tmp_path):
 
     target_dir, unlearned_dir, target, unlearned, tok = models
     cfg = load_config(UnlearnConfig, None, [f"model.path={target_dir}", "eval.generate=false", "eval.batch_size=4",
-                                            f"eval.limit={LIMIT}", "eval.attack.names=[nf4]"])
+                                            f"eval.limit={LIMIT}", "eval.attack.names=[nf4]",
+                                            "data.tokenization=split"])  # the simu protocol, restated here
     prep = prepare(cfg)
     out = tmp_path / "run"
     metrics = evaluate_run(cfg, prep, load_model(unlearned_dir).params, out)

@@ -295,3 +295,27 @@ def test_metrics_logger_and_run_metadata(tmp_path):
     assert meta["device_count"] >= 1 and meta["devices"]
     assert "git" in meta and "mesh" in meta
     json.dumps(meta)  # JSON-able
+
+
+def test_base_config_chain_merges_mappings_and_refuses_bad_bases(tmp_path):
+    from simu_jax.unlearn import UnlearnConfig
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "steps: 7\nbatch_size: 2\noptim:\n  learning_rate: 0.5\n  damping: 0.25\ndata:\n  max_length: 64\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/base.yaml\noptim:\n  damping: 0.125\n")  # relative to this file
+    (tmp_path / "run.yaml").write_text("base: mid.yaml\nmethod: simu_newton\nsteps: 9\n")
+    cfg = load_config(UnlearnConfig, tmp_path / "run.yaml", ["batch_size=3"])
+    # the child overrides key by key; untouched keys of a merged mapping come from the base
+    assert (cfg.method, cfg.steps, cfg.batch_size) == ("simu_newton", 9, 3)
+    assert (cfg.optim.learning_rate, cfg.optim.damping, cfg.data.max_length) == (0.5, 0.125, 64)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(UnlearnConfig, tmp_path / "a.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="base config not found"):
+        load_config(UnlearnConfig, tmp_path / "lost.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be the path"):
+        load_config(UnlearnConfig, tmp_path / "bad.yaml")

@@ -146,6 +146,27 @@ def test_every_documented_method_plans_offline_on_every_mesh(name, capsys, tmp_p
             assert f"{peak:,d}" in peak_line(out), (method, mesh, peak_line(out), peak)
 
 
+@pytest.mark.parametrize("name, folder", [("llama2_7b_tofu_unlearn.yaml", "tofu"), ("olmo1b_lume_unlearn.yaml", "lume")])
+def test_one_config_file_per_method(name, folder, capsys, tmp_path):
+    """experiments/paper/<benchmark>/<method>.yaml (``base:`` the shared config) is exactly the
+    shared config with the method's documented --set values, and plans offline."""
+    from simu_jax.config import load_config
+    from simu_jax.unlearn import UnlearnConfig
+
+    files = {p.stem: p for p in (PAPER / folder).glob("*.yaml")}
+    assert set(files) == METHODS
+    for method, sets in documented_methods(name).items():
+        assert load_config(UnlearnConfig, files[method]) == load_config(UnlearnConfig, PAPER / name, sets), method
+        assert f"--config experiments/paper/{folder}/{method}.yaml" in files[method].read_text()
+    spec = CONFIGS[name]
+    code = main(["unlearn", "--config", str(files["simu_newton"]), "--dry-run", "--out", str(tmp_path / "never"),
+                 "--mesh", "fsdp=8", "--set", f"model.path={PAPER / 'models' / spec['model']}"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("method: simu_newton "), err
+    assert f"{expected_peak(name, 'simu_newton', 'fsdp=8', trust_radius=0.5, damping=1e-3):,d}" in peak_line(out)
+    assert not (tmp_path / "never").exists()
+
+
 def test_dry_run_refuses_what_the_run_refuses(capsys, tmp_path):
     name = "llama2_7b_tofu_unlearn.yaml"
     # 16 rows split over data x fsdp = 32 devices: every row would be computed twice

@@ -383,20 +383,20 @@ def _scorer_like(scorer, graphdef, params):
                   dtype=scorer.dtype, mesh=scorer.mesh)
 
 
-def _forget_metrics(scorer, forget, ref_tr, generate: bool, max_new_tokens, log) -> dict[str, float]:
+def _forget_metrics(evaluate_qa, scorer, forget, ref_tr, generate: bool, max_new_tokens, log) -> dict[str, float]:
     """The :data:`FORGET_METRICS` of ``scorer`` on the forget rows (the QA evaluation restricted
     to them, forget quality against the same reference truth ratios)."""
-    from simu_jax.evaluate.runner import evaluate_qa_benchmark, summary_metrics
+    from simu_jax.evaluate.metrics import summary_metrics
 
-    summary, _ = evaluate_qa_benchmark(scorer, {"forget": list(forget)}, ref_tr, generate=generate,
-                                       max_new_tokens=max_new_tokens, log=log)
+    summary, _ = evaluate_qa(scorer, {"forget": list(forget)}, ref_tr, generate=generate,
+                             max_new_tokens=max_new_tokens, log=log)
     metrics = summary_metrics(summary)
     return {k: metrics[k] for k in FORGET_METRICS if k in metrics}
 
 
 def run_attacks(spec: AttackSpec, scorer, params: Mapping[str, Any], sets: Mapping[str, Sequence],
                 summary: Mapping[str, Any], per_sample: Mapping[str, Any], *,
-                target: tuple[Any, Mapping[str, Any]] | None = None, generate: bool = True,
+                evaluate_qa: Callable, target: tuple[Any, Mapping[str, Any]] | None = None, generate: bool = True,
                 max_new_tokens: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Attack the evaluated model and measure the forget metrics again.
 
@@ -408,6 +408,8 @@ def run_attacks(spec: AttackSpec, scorer, params: Mapping[str, Any], sets: Mappi
     forget metrics are ``summary``'s; forget quality uses its reference truth ratios);
     ``target``: ``(graphdef, params)`` of the model before unlearning: its forget metrics
     are measured and each attack gets ``recovery`` per metric (:func:`recovery`).
+    ``evaluate_qa``: the QA evaluation, :func:`simu_jax.evaluate.runner.evaluate_qa_benchmark`
+    (passed in: this module sits below the runner, whose CLI calls it).
 
     Returns ``{"unlearned": {metric: v}, "target": {...} (with a target), "attacks": {name:
     {"forget": {metric: v}, "recovery": {metric: r} (with a target), "settings": {...}}}}``.
@@ -426,7 +428,8 @@ def run_attacks(spec: AttackSpec, scorer, params: Mapping[str, Any], sets: Mappi
     tgt = None
     if target is not None:
         t0 = time.perf_counter()
-        tgt = _forget_metrics(_scorer_like(scorer, *target), forget, ref_tr, generate, max_new_tokens, log)
+        tgt = _forget_metrics(evaluate_qa, _scorer_like(scorer, *target), forget, ref_tr, generate,
+                              max_new_tokens, log)
         out["target"] = tgt
         log(f"  attack reference (target model): {time.perf_counter() - t0:.1f}s")
     for name in spec.names:
@@ -451,7 +454,7 @@ def run_attacks(spec: AttackSpec, scorer, params: Mapping[str, Any], sets: Mappi
                         "losses": losses}
         else:
             raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
-        after = _forget_metrics(attacked, forget, ref_tr, generate, max_new_tokens, log)
+        after = _forget_metrics(evaluate_qa, attacked, forget, ref_tr, generate, max_new_tokens, log)
         res: dict[str, Any] = {"forget": after, "settings": settings}
         if tgt is not None:
             res["recovery"] = {k: recovery(v, unlearned.get(k), tgt.get(k)) for k, v in after.items()}

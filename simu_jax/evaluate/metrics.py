@@ -34,6 +34,7 @@ from scipy import stats as _stats
 
 __all__ = [
     "METRIC_ORDER",
+    "summary_metrics",
     "TOFU_SETS",
     "TOFU_SET_NAMES",
     "MODEL_UTILITY_KEYS",
@@ -680,4 +681,14 @@ def semeval_final_score(
         )
     if not math.isfinite(final):
         out["note"] += "; non-finite component"
+    return out
+
+
+def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The snake_case numeric entries of a summary (what ``summary.json["metrics"]`` holds)."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and k == k.lower() \
+                and " " not in k:
+            out[k] = float(v)
     return out

@@ -67,7 +67,7 @@ import numpy as np
 from simu_jax.data.tokenize import DEFAULT_BUCKETS
 from simu_jax.evaluate import metrics as M
 from simu_jax.evaluate import mia as MIA
-from simu_jax.evaluate.metrics import METRIC_ORDER
+from simu_jax.evaluate.metrics import METRIC_ORDER, summary_metrics
 from simu_jax.evaluate.protocol import PROTOCOL_NAMES, check_protocol, default_protocol, get_protocol
 from simu_jax.evaluate.scoring import Scorer
 
@@ -568,16 +568,6 @@ def mmlu_accuracy(scorer: Scorer, data: Mapping[str, Any]) -> tuple[float, dict[
 # --------------------------------------------------------------------------- output
 
 
-def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The snake_case numeric entries of a summary (what ``summary.json["metrics"]`` holds)."""
-    out = {}
-    for k, v in summary.items():
-        if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and k == k.lower() \
-                and " " not in k:
-            out[k] = float(v)
-    return out
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -966,6 +956,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                 tgt = load_model(target_dir)
                 target = (tgt.graphdef, tgt.params)
             summary["robustness"] = run_attacks(attack, scorer, loaded.params, sets, summary, per_sample,
+                                                evaluate_qa=evaluate_qa_benchmark,
                                                 target=target, generate=not args.no_generate,
                                                 max_new_tokens=max_new, log=log)
     summary["notes"] = notes + list(summary.get("notes", []))
