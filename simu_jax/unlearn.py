@@ -319,6 +319,19 @@ def _agreed(mask):
 # =========================================================================== run
 
 
+def layout_batch_sizes(cfg: UnlearnConfig) -> dict[str, int]:
+    """The batch sizes a run places over the mesh's batch axes, by config key (each must divide
+    them, :func:`simu_jax.sharding.check_layout`): the step's ``batch_size``, the attribution's
+    (when it attributes) and the final evaluation's (when it evaluates). The evaluation's last,
+    partial batch of a set is the one batch that may not divide; it is replicated."""
+    sizes = {"batch_size": cfg.batch_size}
+    if resolved_method(cfg).trainable.mlp == "masked" and not cfg.attribution.mask_path:
+        sizes["attribution.batch_size"] = cfg.attribution.batch_size
+    if cfg.eval.enabled:
+        sizes["eval.batch_size"] = cfg.eval.batch_size
+    return sizes
+
+
 def check_inputs(cfg: UnlearnConfig) -> None:
     """The run's input files, refused in one line naming the file before the run directory
     exists (so nothing is written): the model and reference directories (config.json and the
@@ -362,7 +375,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         mesh = make_mesh(cfg.mesh)  # validates the spec against the device count before any work
         # no silent replication: refused before anything is read or written
         check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None,
-                     batch_sizes={"batch_size": cfg.batch_size})
+                     batch_sizes=layout_batch_sizes(cfg))
     check_inputs(cfg)  # bad model / reference / mask files: one line, before the run directory exists
     run = RunDirectory(out_dir, overwrite=overwrite, resume=resume, config=cfg, resume_free_keys=RESUME_FREE_KEYS)
     out = run.path
@@ -633,8 +646,10 @@ def _plan_layout(cfg: UnlearnConfig) -> str:
         mcfg = model_config_from_spec(cfg.model) if cfg.model.path else None
     except Exception:  # noqa: BLE001 - no config.json: the memory estimate below says so
         mcfg = None
-    check_layout(sizes, model_config=mcfg, batch_sizes={"batch_size": cfg.batch_size})
-    what = "batch_size and every parameter dimension divide" if mcfg is not None else "batch_size divides"
+    batch_sizes = layout_batch_sizes(cfg)
+    check_layout(sizes, model_config=mcfg, batch_sizes=batch_sizes)
+    keys = " and ".join(batch_sizes)
+    what = f"{keys} and every parameter dimension divide" if mcfg is not None else f"{keys} divide"
     return f"layout: {what} their axes of the mesh {cfg.mesh} (the run's check_layout passes)"
 
 
@@ -678,7 +693,8 @@ def attribute_main(argv: list[str]) -> int:
 
         initialize_distributed()
         mesh = make_mesh(cfg.mesh)
-        check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None)
+        check_layout(mesh, model_config=model_config_from_spec(cfg.model) if cfg.model.path else None,
+                     batch_sizes={"attribution.batch_size": cfg.attribution.batch_size})
     import jax
 
     from simu_jax.sharding import sync_processes

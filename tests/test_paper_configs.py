@@ -180,7 +180,16 @@ def test_dry_run_refuses_what_the_run_refuses(capsys, tmp_path):
     # without a model (no config.json to read) the batch is still checked
     assert main(["unlearn", "--dry-run", "--out", str(tmp_path / "never"), "--set", "mesh=fsdp=16", "batch_size=8"]) == 1
     assert "use a multiple of 16" in capsys.readouterr().err
-    assert main(["unlearn", "--dry-run", "--out", str(tmp_path / "never"), "--set", "mesh=fsdp=16", "batch_size=16"]) == 0
+    # ... and so are the attribution's and the final evaluation's batches
+    assert main(["unlearn", "--dry-run", "--out", str(tmp_path / "never"), "--set", "mesh=fsdp=16", "batch_size=16",
+                 "attribution.batch_size=8"]) == 1
+    assert "attribution.batch_size = 8 rows do not divide" in capsys.readouterr().err
+    assert main(["unlearn", "--dry-run", "--out", str(tmp_path / "never"), "--set", "mesh=fsdp=16", "batch_size=16",
+                 "attribution.batch_size=16", "eval.batch_size=12"]) == 1
+    assert "eval.batch_size = 12 rows do not divide" in capsys.readouterr().err
+    assert main(["unlearn", "--dry-run", "--out", str(tmp_path / "never"), "--set", "mesh=fsdp=16", "batch_size=16",
+                 "attribution.batch_size=16", "eval.batch_size=32"]) == 0
     out = capsys.readouterr().out
-    assert "layout: batch_size divides their axes of the mesh fsdp=16" in out and "memory estimate unavailable" in out
+    assert ("layout: batch_size and attribution.batch_size and eval.batch_size divide their axes of the mesh fsdp=16"
+            in out and "memory estimate unavailable" in out)
     assert not (tmp_path / "never").exists()
