@@ -322,8 +322,8 @@ def _agreed(mask):
 def layout_batch_sizes(cfg: UnlearnConfig) -> dict[str, int]:
     """The batch sizes a run places over the mesh's batch axes, by config key (each must divide
     them, :func:`simu_jax.sharding.check_layout`): the step's ``batch_size``, the attribution's
-    (when it attributes) and the final evaluation's (when it evaluates). The evaluation's last,
-    partial batch of a set is the one batch that may not divide; it is replicated."""
+    (when it attributes) and the final evaluation's (when it evaluates: the scorer fills each
+    set's last batch up to ``eval.batch_size`` rows, so every evaluation batch then divides)."""
     sizes = {"batch_size": cfg.batch_size}
     if resolved_method(cfg).trainable.mlp == "masked" and not cfg.attribution.mask_path:
         sizes["attribution.batch_size"] = cfg.attribution.batch_size
