@@ -224,7 +224,12 @@ class Unlearner:
             return compiled(trainable, opt_state, frozen, ref, rows, place_batch(batch, mesh, rules=rules), key,
                             step_count)
 
+        def lower(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
+            return compiled.lower(trainable, opt_state, frozen, ref, rows, place_batch(batch, mesh, rules=rules), key,
+                                  step_count)
+
         sharded_step.compiled = compiled  # for inspection (lower / cost analysis)
+        sharded_step.lower = lower
         self._step_fn = sharded_step
         if self.partition.row_index is not None:
             self._scatter = jax.jit(scatter_rows, out_shardings=get_path(self.frozen, DOWN).sharding)
@@ -244,6 +249,16 @@ class Unlearner:
             jnp.int32(self.step_count))
         self.step_count += 1
         return metrics
+
+    def lower_step(self, batch: dict, key: jax.Array | None = None):
+        """The step on ``batch`` traced and lowered, not run: a ``jax.stages.Lowered`` whose
+        ``.compile()`` gives XLA's ``memory_analysis()`` (per device on a mesh) and
+        ``cost_analysis()``. The same program as :meth:`step` (on a mesh the batch is placed first)."""
+        args = (self.trainable, self.opt_state, self.frozen, self.ref, self.partition.rows, batch,
+                jax.random.key(0) if key is None else key, jnp.int32(self.step_count))
+        if self.mesh is not None:
+            return self._step_fn.lower(*args)
+        return _jitted_step().lower(self.graphdef, self.partition, self.method, self.settings, *args)
 
     def params(self) -> dict:
         """The full parameter tree with the unlearned values written in (into the frozen tree:

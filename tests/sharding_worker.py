@@ -8,7 +8,7 @@ by `engine.shard_unlearner`); the shards each device holds, at construction and 
 steps; a Sophia-H (Hutchinson) step on a mesh, with the sharding the compiler gave the
 probes; a checkpoint saved on one mesh and restored onto another; `sharding.place_batch` of
 [B, T] and [A, B, T] batches whose rows do and do not divide the batch axes; XLA's per-device
-temp bytes of the SIMU step on each mesh against one device's, and the residual-stream
+temp bytes of the SIMU step on each mesh against one device's (and the memory model's), and the residual-stream
 constraints of `sharding.activation_sharding` for batches that divide the batch axes, a
 prefix of them or none. Writes its measurements as JSON; the assertions live in the test.
 """
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from simu_jax import curvature as C
+from simu_jax import memory as M
 from simu_jax import sharding as S
 from simu_jax.checkpoint import Checkpointer, abstract_like
-from simu_jax.engine import StepSettings, Unlearner, _jitted_step, build_unlearner, get_method, shard_unlearner
+from simu_jax.engine import StepSettings, Unlearner, build_unlearner, get_method, shard_unlearner
 from simu_jax.optim import OptimSpec
 from simu_jax.models import ModelConfig, apply, init_model, split_params
 
@@ -180,16 +181,9 @@ def place_batch_report() -> dict:
     return out
 
 
-def step_temp_bytes(unlearner, batch, mesh=None) -> int:
+def step_temp_bytes(unlearner, batch) -> int:
     """XLA's temp bytes (per device on a mesh) of the Unlearner's compiled step."""
-    args = (unlearner.trainable, unlearner.opt_state, unlearner.frozen, unlearner.ref, unlearner.partition.rows,
-            batch if mesh is None else S.place_batch(batch, mesh), jax.random.key(0), jnp.int32(0))
-    if mesh is None:
-        lowered = _jitted_step().lower(unlearner.graphdef, unlearner.partition, unlearner.method, unlearner.settings,
-                                       *args)
-    else:
-        lowered = unlearner._step_fn.compiled.lower(*args)
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    return int(unlearner.lower_step(batch).compile().memory_analysis().temp_size_in_bytes)
 
 
 def activation_layout_report(graphdef, params) -> dict:
@@ -237,6 +231,11 @@ def main(out_path: str, tmp: str) -> None:
     res["moved"] = max_diff(ref_tr, init_tr)
     res["ref_losses"] = ref_losses
     res["ref_temp_bytes"] = step_temp_bytes(ref, batches[0])
+    # the memory model's step working set (activations + gradients + transient), whole and per device
+    est = M.memory_estimate(CFG, "simu_graddiff", settings=settings, batch_size=B, seq_len=T,
+                            neuron_rows=int(sel.sum(axis=1).max()))
+    res["memory_model"] = {spec: {k: d[k] for k in ("activations", "gradients", "transient")}
+                           for spec, d in [("one", est), *((m, M.per_device(est, m)) for m in MESHES)]}
     res["activation_layout"] = activation_layout_report(graphdef, params)
 
     sharded = {}
@@ -272,7 +271,7 @@ def main(out_path: str, tmp: str) -> None:
                                            u.frozen["model"]["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec),
             "before": before,
             "after": after,
-            "temp_bytes": step_temp_bytes(u, batches[0], mesh),
+            "temp_bytes": step_temp_bytes(u, batches[0]),
             "seconds": time.perf_counter() - t,
         }
         sharded[spec] = (mesh, u)

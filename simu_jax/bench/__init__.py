@@ -95,10 +95,10 @@ from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer, find_
 from simu_jax.bench.problems import attribution_jobs, compile_job, init_params, make_batch, model_config, \
     random_neuron_mask, remat_jobs, second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import FULL, QUICK, QUICK_XLA_FLAGS, SECOND_ORDER_OPS, STEP_METHODS, SUMMARY_KEYS, \
-    TARGETS, UNTARGETED, Profile
+    TARGETS, UNTARGETED, Profile, ScaleSpec
 from simu_jax.bench.profiling import PROFILE_XLA_FLAGS, op_category, profile_call, profile_run
 from simu_jax.bench.runner import run
-from simu_jax.bench.scale import ScaleSpec, device_bytes, run_scale
+from simu_jax.bench.scale import device_bytes, run_scale
 
 __all__ = [
     "COMPARE", "COMPILE_EVENTS", "DEFAULT_ENV_CALLS", "FULL", "PEER_CALLS", "PEER_ENVS", "PROFILE_XLA_FLAGS",

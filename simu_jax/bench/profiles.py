@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from simu_jax.bench.scale import ScaleSpec
-
 __all__ = ["FULL", "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS",
-           "UNTARGETED", "Profile", "step_settings"]
+           "UNTARGETED", "Profile", "ScaleSpec", "step_settings"]
 
 SUMMARY_KEYS = (
     "jax_over_torch_so_step",
@@ -95,6 +93,21 @@ STEP_METHODS = {  # label -> (registry name, StepSettings overrides)
     "simu_ggn": ("simu_ggn", {}),
     "simu_influence": ("simu_influence", {}),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleSpec:
+    """The checkpoint of the scale section (a random LLaMA) and the step-memory batch."""
+
+    hidden: int = 1024
+    mlp: int = 2816
+    layers: int = 24
+    vocab: int = 32000
+    heads: int = 16
+    kv_heads: int = 8
+    files: int = 4
+    load_dtype: str = "float32"
+    step_batch: int = 8  # rows per part of the step-memory step: divides fsdp=8
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ Each measurement is a fresh subprocess (``python -m simu_jax.bench.scale CHILD J
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (added to the bench's own flags) and
 ``JAX_PLATFORMS=cpu``, so the bench process keeps its one device and each peak is its own:
 
-1. ``make``: a random LLaMA (``ScaleSpec``: by default 349 M parameters, hidden 1024, MLP 2816,
+1. ``make``: a random LLaMA (``profiles.ScaleSpec``: by default 349 M parameters, hidden 1024, MLP 2816,
    24 layers, 16 / 8 KV heads, vocabulary 32000) written as ``files`` bf16 safetensors shards +
    index, by ``simu_jax.save_pretrained`` from host (numpy) arrays drawn leaf by leaf (our own
    streaming safetensors writer; no torch).
@@ -25,13 +25,13 @@ host memory, so a load's peak includes the arrays it builds: 1.0 would be a load
 transient copy; the save starts with the params resident, so its peak is what saving adds.
 Per-device bytes are each live array's shard size on each device it occupies (replicated
 arrays count on every device): for the load, the final arrays; for the save, the largest
-total over the save, sampled right after each tensor's on-device gather (``convert._gather_fn``
-wrapped), when the gathered tensor and all params are alive. "Model" is the load's final
+total over the save, sampled right after each tensor's on-device gather (a
+``convert.GATHER_LISTENERS`` callback), when the gathered tensor and all params are alive. "Model" is the load's final
 arrays in ``load_dtype`` (``model_bytes``); the save's RSS is over the written (bf16) bytes and
 its device share over the params it saves (the loaded float32 model), per device: model / 8.
 
 Result keys (``result["scale"]``): ``what``, ``devices`` (8), ``mesh`` ("fsdp=8"),
-``spec`` (the ``ScaleSpec``), ``checkpoint`` {``parameters``, ``files``, ``file_bytes``,
+``spec`` (the ``profiles.ScaleSpec``), ``checkpoint`` {``parameters``, ``files``, ``file_bytes``,
 ``seconds``}, ``load`` {``dtype``, ``model_bytes``, ``peak_rss_bytes``, ``peak_rss_over_model``,
 ``device_bytes`` (per device, in device order), ``max_device_share_over_model_per_device``,
 ``seconds``}, ``save`` {``dtype``, ``params_bytes``, ``written_bytes`` (the tensors' bytes in the
@@ -56,25 +56,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHILDREN", "ScaleSpec", "device_bytes", "make_checkpoint", "peak_rss_reset", "peak_rss_since", "run_scale"]
+from simu_jax.bench.profiles import ScaleSpec
+
+__all__ = ["CHILDREN", "device_bytes", "make_checkpoint", "peak_rss_reset", "peak_rss_since", "run_scale"]
 
 DEVICES = 8
 MESH = "fsdp=8"
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaleSpec:
-    """The checkpoint of the scale section (a random LLaMA) and the step-memory batch."""
-
-    hidden: int = 1024
-    mlp: int = 2816
-    layers: int = 24
-    vocab: int = 32000
-    heads: int = 16
-    kv_heads: int = 8
-    files: int = 4
-    load_dtype: str = "float32"
-    step_batch: int = 8  # rows per part of the step-memory step: divides fsdp=8
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,19 +195,12 @@ def save(path: str, spec: dict, out: str) -> dict:
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     del params
     samples: list[list[int]] = []
-    original = convert._gather_fn
 
-    def sampled(*key):  # after each tensor's gather: every live array (params + the gathered tensor)
-        fn = original(*key)
+    def sample(name, gathered):  # after each tensor's gather: every live array (params + the gathered tensor)
+        jax.block_until_ready(gathered)
+        samples.append(device_bytes(jax.live_arrays()))
 
-        def call(*args):
-            out_ = jax.block_until_ready(fn(*args))
-            samples.append(device_bytes(jax.live_arrays()))
-            return out_
-
-        return call
-
-    convert._gather_fn = sampled
+    convert.GATHER_LISTENERS.append(sample)
     try:
         base = peak_rss_reset()
         t0 = time.perf_counter()
@@ -228,7 +208,7 @@ def save(path: str, spec: dict, out: str) -> dict:
         seconds = time.perf_counter() - t0
         peak = peak_rss_since(base)
     finally:
-        convert._gather_fn = original
+        convert.GATHER_LISTENERS.remove(sample)
     tensors = convert.checkpoint_tensors(out).values()  # from the written headers
     written = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
     dtype = json.loads((Path(out) / "config.json").read_text()).get("dtype")
@@ -249,7 +229,7 @@ def step_memory(profile: dict, spec: dict) -> dict:
     from simu_jax import sharding as S
     from simu_jax.bench.problems import init_params, make_batch, model_config, random_neuron_mask
     from simu_jax.bench.profiles import Profile, step_settings
-    from simu_jax.engine import Unlearner, _jitted_step, build_unlearner, get_method
+    from simu_jax.engine import Unlearner, build_unlearner, get_method
 
     def tuples(v):  # JSON lists back to the Profile's tuples
         return tuple(tuples(x) for x in v) if isinstance(v, list) else v
@@ -264,17 +244,11 @@ def step_memory(profile: dict, spec: dict) -> dict:
     batch = jax.tree.map(jnp.asarray, make_batch(p, seed=0))
     method, settings = get_method("simu_graddiff"), step_settings(p)
 
-    def args(u, b):
-        return (u.trainable, u.opt_state, u.frozen, u.ref, u.partition.rows, b, jax.random.key(0), jnp.int32(0))
-
     t0 = time.perf_counter()
     one = Unlearner(graphdef, params, method, settings, selected=selected)
-    one_temp = _jitted_step().lower(one.graphdef, one.partition, one.method, one.settings,
-                                    *args(one, batch)).compile().memory_analysis().temp_size_in_bytes
-    mesh = S.make_mesh(MESH)
-    u = build_unlearner(graphdef, params, method, settings, mesh, selected=selected, model_config=cfg)
-    mesh_temp = u._step_fn.compiled.lower(*args(u, S.place_batch(batch, mesh))).compile() \
-        .memory_analysis().temp_size_in_bytes
+    one_temp = one.lower_step(batch).compile().memory_analysis().temp_size_in_bytes
+    u = build_unlearner(graphdef, params, method, settings, S.make_mesh(MESH), selected=selected, model_config=cfg)
+    mesh_temp = u.lower_step(batch).compile().memory_analysis().temp_size_in_bytes
     return {"method": "simu_graddiff",
             "config": {"hidden": hidden, "intermediate": inter, "layers": cfg.num_hidden_layers,
                        "vocab": cfg.vocab_size, "heads": cfg.num_attention_heads,
@@ -317,7 +291,7 @@ def run_scale(spec: ScaleSpec, profile: dict, log=print, workdir: str | None = N
     with tempfile.TemporaryDirectory(prefix="simu_bench_scale_", dir=workdir) as tmp:
         ckpt, out = str(Path(tmp) / "model"), str(Path(tmp) / "saved")
         made = _child("make", ckpt, s)
-        log(f"  checkpoint: {made['parameters'] / 1e6:.0f} M parameters, {made['files']} bf16 files "
+        log(f"  checkpoint: {made['parameters'] / 1e6:.3g} M parameters, {made['files']} bf16 files "
             f"({made['seconds']:.1f} s)")
         loaded = _child("load", ckpt, s)
         log(f"  load onto {MESH} ({spec.load_dtype}): peak RSS {loaded['peak_rss_over_model']:.3f}x the model, "
