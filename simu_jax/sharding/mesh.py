@@ -492,8 +492,9 @@ def activation_sharding(mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFA
     Why: with Auto axes and the weights sharded over ``fsdp`` on their hidden axis, XLA's
     propagation lets the hidden-axis sharding of a weight win over the batch sharding of the
     input at some matmuls and all-gathers the [tokens, H] activations: the per-device temp
-    memory of a SIMU step on ``fsdp=8`` was 0.45x one device's instead of about 1/8 (measured
-    by ``simu-jax bench``'s scale section, which now reports it with these constraints).
+    memory of a SIMU step on ``fsdp=8`` was 0.60x one device's instead of about 1/8 at the
+    bench's step config; with these constraints 0.13x (``simu-jax bench``'s scale section,
+    ``scale_step_temp_fsdp8_over_one_device``; tests/test_sharding.py checks <= 1.5/8).
 
     Enter it inside the function being traced (``jax.jit(f)`` with ``f`` entering it), so the
     layout is part of that jit's cache key (the engine's mesh step is made per mesh and rules);
