@@ -33,8 +33,8 @@ from simu_jax.optim import OptimSpec
 from simu_jax.models import apply
 from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, count_trainable, get_path,
                                 gather_rows, scatter_rows)
-from simu_jax.sharding import (DEFAULT_RULES, device_put_tree, opt_state_shardings, param_shardings, place_batch,
-                               replicated, shard_mask)
+from simu_jax.sharding import (DEFAULT_RULES, activation_sharding, device_put_tree, hashable_rules,
+                               opt_state_shardings, param_shardings, place_batch, replicated, shard_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +217,19 @@ class Unlearner:
         pinning the new trainable params and optimizer state to `tr_sh` / `opt_sh` (the
         shardings the state already has: `Unlearner(..., mesh=)` and `shard_unlearner` place
         it first). Batches given to `step` go through `sharding.place_batch` (`rules`)."""
-        compiled = _mesh_step(self.graphdef, self.partition, self.method, self.settings, mesh,
+        compiled = _mesh_step(self.graphdef, self.partition, self.method, self.settings, mesh, hashable_rules(rules),
                               *_hashable(tr_sh), *_hashable(opt_sh))
 
         def sharded_step(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
             return compiled(trainable, opt_state, frozen, ref, rows, place_batch(batch, mesh, rules=rules), key,
                             step_count)
 
+        def lower(trainable, opt_state, frozen, ref, rows, batch, key, step_count):
+            return compiled.lower(trainable, opt_state, frozen, ref, rows, place_batch(batch, mesh, rules=rules), key,
+                                  step_count)
+
         sharded_step.compiled = compiled  # for inspection (lower / cost analysis)
+        sharded_step.lower = lower
         self._step_fn = sharded_step
         if self.partition.row_index is not None:
             self._scatter = jax.jit(scatter_rows, out_shardings=get_path(self.frozen, DOWN).sharding)
@@ -244,6 +249,16 @@ class Unlearner:
             jnp.int32(self.step_count))
         self.step_count += 1
         return metrics
+
+    def lower_step(self, batch: dict, key: jax.Array | None = None):
+        """The step on ``batch`` traced and lowered, not run: a ``jax.stages.Lowered`` whose
+        ``.compile()`` gives XLA's ``memory_analysis()`` (per device on a mesh) and
+        ``cost_analysis()``. The same program as :meth:`step` (on a mesh the batch is placed first)."""
+        args = (self.trainable, self.opt_state, self.frozen, self.ref, self.partition.rows, batch,
+                jax.random.key(0) if key is None else key, jnp.int32(self.step_count))
+        if self.mesh is not None:
+            return self._step_fn.lower(*args)
+        return _jitted_step().lower(self.graphdef, self.partition, self.method, self.settings, *args)
 
     def params(self) -> dict:
         """The full parameter tree with the unlearned values written in (into the frozen tree:
@@ -311,15 +326,22 @@ def _hashable(tree):
 
 
 @functools.lru_cache(maxsize=32)
-def _mesh_step(graphdef, partition, method, settings, mesh, tr_def, tr_leaves, opt_def, opt_leaves):
+def _mesh_step(graphdef, partition, method, settings, mesh, rules, tr_def, tr_leaves, opt_def, opt_leaves):
     """`step_impl` jitted for a mesh; cached, so Unlearners of one configuration (e.g. one built
-    on the mesh and one moved there by `shard_unlearner`) share one executable."""
+    on the mesh and one moved there by `shard_unlearner`) share one executable. The model's
+    activations are laid out on the mesh (`sharding.activation_sharding`, traced inside this
+    jit: `rules` is part of the cache key) and the Hutchinson probes (HVP tangents) are
+    constrained to the trainable params' shardings."""
     tr_sh = jax.tree.unflatten(tr_def, tr_leaves)
     opt_sh = jax.tree.unflatten(opt_def, opt_leaves)
-    # the Hutchinson probes (HVP tangents) are constrained to the trainable params' shardings
     step = functools.partial(step_impl, graphdef, partition, method, settings, probe_shardings=tr_sh)
+
+    def mesh_step(*args):
+        with activation_sharding(mesh, dict(rules)):
+            return step(*args)
+
     donate = (0, 1) if jax.default_backend() != "cpu" else ()
-    return jax.jit(step, out_shardings=(tr_sh, opt_sh, replicated(mesh)), donate_argnums=donate)
+    return jax.jit(mesh_step, out_shardings=(tr_sh, opt_sh, replicated(mesh)), donate_argnums=donate)
 
 
 def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows, trainable, frozen, ref, batch, step):

@@ -389,7 +389,8 @@ def per_device(estimate: Mapping[str, Any], mesh) -> dict[str, Any]:
     like ``"data=2,fsdp=4"``) under :data:`DEFAULT_RULES`: each param / gradient / state leaf
     over the shards its PartitionSpec gives it, activations and the HVP residuals over the
     batch axes that divide ``batch_size`` (each part's rows: forget and retain are placed
-    separately), the attribution buffers over those dividing its batch (rows that divide no
+    separately; the mesh step keeps them there, ``sharding.activation_sharding``: measured
+    against XLA's per-device temp bytes in tests/test_sharding.py), the attribution buffers over those dividing its batch (rows that divide no
     axis are counted whole: replicated). Tensor parallelism's split of the attention / MLP
     activations is not counted (an upper bound). Adds ``devices``."""
     sizes = mesh_sizes(mesh)

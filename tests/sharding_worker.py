@@ -7,13 +7,16 @@ and once on each mesh with the Unlearner built directly on the mesh (and once mo
 by `engine.shard_unlearner`); the shards each device holds, at construction and after the
 steps; a Sophia-H (Hutchinson) step on a mesh, with the sharding the compiler gave the
 probes; a checkpoint saved on one mesh and restored onto another; `sharding.place_batch` of
-[B, T] and [A, B, T] batches whose rows do and do not divide the batch axes. Writes its
-measurements as JSON; the assertions live in the test.
+[B, T] and [A, B, T] batches whose rows do and do not divide the batch axes; XLA's per-device
+temp bytes of the SIMU step on each mesh against one device's (and the memory model's), and the residual-stream
+constraints of `sharding.activation_sharding` for batches that divide the batch axes, a
+prefix of them or none. Writes its measurements as JSON; the assertions live in the test.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -22,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from simu_jax import curvature as C
+from simu_jax import memory as M
 from simu_jax import sharding as S
 from simu_jax.checkpoint import Checkpointer, abstract_like
 from simu_jax.engine import StepSettings, Unlearner, build_unlearner, get_method, shard_unlearner
 from simu_jax.optim import OptimSpec
-from simu_jax.models import ModelConfig, init_model, split_params
+from simu_jax.models import ModelConfig, apply, init_model, split_params
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.1)
@@ -122,10 +126,14 @@ def hutchinson_on_mesh(graphdef, params, sel, method, batches, mesh, fisher_unle
     probes = {k: {"spec": str(tr_sh[k].spec), "seen": str(seen.get(k)),
                   "equal": k in seen and seen[k].is_equivalent_to(tr_sh[k], u.trainable[k].ndim)} for k in tr_sh}
 
-    def constraints(unlearner) -> int:  # sharding constraints in the lowered step (StableHLO / Shardy)
+    def constraints(unlearner) -> dict:  # sharding constraints in the lowered step (StableHLO / Shardy)
         args = (unlearner.trainable, unlearner.opt_state, unlearner.frozen, unlearner.ref, unlearner.partition.rows,
                 S.place_batch(batches[0], mesh), jax.random.key(0), jnp.int32(0))
-        return unlearner._step_fn.compiled.lower(*args).as_text().count("sharding_constraint")
+        text = unlearner._step_fn.compiled.lower(*args).as_text()
+        types = re.findall(r"sharding_constraint .*?: (tensor<[^>]*>)", text)
+        residual = f"tensor<{B}x{T}x{CFG.hidden_size}x"  # the residual stream at layer boundaries
+        return {"activation": sum(t.startswith(residual) for t in types),
+                "other": sum(not t.startswith(residual) for t in types)}
 
     return {"max_abs_diff": max_diff(u.trainable, ref.trainable),
             "opt_max_abs_diff": max_diff(u.opt_state, ref.opt_state),
@@ -173,6 +181,37 @@ def place_batch_report() -> dict:
     return out
 
 
+def step_temp_bytes(unlearner, batch) -> int:
+    """XLA's temp bytes (per device on a mesh) of the Unlearner's compiled step."""
+    return int(unlearner.lower_step(batch).compile().memory_analysis().temp_size_in_bytes)
+
+
+def activation_layout_report(graphdef, params) -> dict:
+    """The forward under `sharding.activation_sharding` on data=2,fsdp=4, jitted, for batches whose
+    rows divide data x fsdp (8), only data (6) or neither (3): the layout each residual-stream
+    constraint asks for (read from the lowered program) and the logits' distance to the plain
+    forward's (no constraint)."""
+    mesh = S.make_mesh("data=2,fsdp=4")
+    p = S.shard_params(params, mesh, model_config=CFG)
+    out = {}
+    for rows in (8, 6, 3):
+        b = make_batch(rows)
+        ids, mask = b["input_ids"][:rows], b["attention_mask"][:rows]
+
+        def fwd(prm, i, m):
+            with S.activation_sharding(mesh):
+                return apply(graphdef, prm, i, m)
+
+        placed = S.place_batch({"i": ids, "m": mask}, mesh)
+        text = jax.jit(fwd).lower(p, placed["i"], placed["m"]).as_text()
+        layouts = sorted(set(re.findall(r"sharding_constraint %\S+ <@mesh, (\[.*?\])>", text)))
+        logits = jax.jit(fwd)(p, placed["i"], placed["m"])
+        plain = jax.jit(lambda prm, i, m: apply(graphdef, prm, i, m))(params, ids, mask)
+        out[str(rows)] = {"layouts": layouts, "count": len(re.findall("sharding_constraint", text)),
+                          "max_abs_diff": max_diff(logits, plain)}
+    return out
+
+
 def main(out_path: str, tmp: str) -> None:
     t0 = time.perf_counter()
     res: dict = {"device_count": jax.device_count(), "meshes": {}}
@@ -191,6 +230,13 @@ def main(out_path: str, tmp: str) -> None:
     ref_tr = jax.device_get(ref.trainable)
     res["moved"] = max_diff(ref_tr, init_tr)
     res["ref_losses"] = ref_losses
+    res["ref_temp_bytes"] = step_temp_bytes(ref, batches[0])
+    # the memory model's step working set (activations + gradients + transient), whole and per device
+    est = M.memory_estimate(CFG, "simu_graddiff", settings=settings, batch_size=B, seq_len=T,
+                            neuron_rows=int(sel.sum(axis=1).max()))
+    res["memory_model"] = {spec: {k: d[k] for k in ("activations", "gradients", "transient")}
+                           for spec, d in [("one", est), *((m, M.per_device(est, m)) for m in MESHES)]}
+    res["activation_layout"] = activation_layout_report(graphdef, params)
 
     sharded = {}
     for spec in MESHES:
@@ -225,6 +271,7 @@ def main(out_path: str, tmp: str) -> None:
                                            u.frozen["model"]["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec),
             "before": before,
             "after": after,
+            "temp_bytes": step_temp_bytes(u, batches[0]),
             "seconds": time.perf_counter() - t,
         }
         sharded[spec] = (mesh, u)

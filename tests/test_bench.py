@@ -133,6 +133,10 @@ def test_summary_ratios_hand_computed():
                            "hvp": {"jax": t(1.0), "torch": t(2.0)}}},
         "attribution": {"times": {"ig": t(12.0), "grad": t(0.5)}},
         "compile": {"layers": {"4": t(2.0), "8": t(2.5), "16": t(3.0)}},
+        "scale": {"checkpoint": {"parameters": 350_000_000}, "wall_s": 60.0,
+                  "load": {"peak_rss_over_model": 1.1, "max_device_share_over_model_per_device": 1.001},
+                  "save": {"peak_rss_over_written": 0.3, "max_device_share_over_params_per_device": 1.06},
+                  "step_memory": {"fsdp8_over_one_device": 0.2}},
     }
     summary, targets = summarize(result)
     assert tuple(summary) == SUMMARY_KEYS
@@ -144,7 +148,10 @@ def test_summary_ratios_hand_computed():
                 "compile_s_4_layers": 2.0, "compile_s_8_layers": 2.5, "compile_s_16_layers": 3.0,
                 "compile_16_over_4": 1.5, "simu_state_bytes_over_so": 0.25,
                 "simu_state_bytes_over_so_raw": 204 / 804, "trainable_fraction_simu": 0.25,
-                "newton_per_cg_iter_s": 0.5, "bench_wall_s": 90.0, "bench_wall_budget_s": 100.0}
+                "newton_per_cg_iter_s": 0.5, "scale_parameters": 350_000_000, "scale_load_rss_over_model": 1.1,
+                "scale_load_device_over_model_per_device": 1.001, "scale_save_rss_over_written": 0.3,
+                "scale_save_device_over_params_per_device": 1.06, "scale_step_temp_fsdp8_over_one_device": 0.2,
+                "scale_wall_s": 60.0, "bench_wall_s": 90.0, "bench_wall_budget_s": 100.0}
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, rel=1e-12), key
     met = {k: v["met"] for k, v in targets.items()}
@@ -152,7 +159,12 @@ def test_summary_ratios_hand_computed():
                    "simu_over_so_step": False,  # 0.75 > 0.7 + 0.03
                    "sophia_h_over_so_step": False, "hvp_time_over_flops": False,  # 0.83 < 0.95 (a ">=" target)
                    "hvp_marginal_lin_over_grad": True, "attribution_over_grad": False,
-                   "compile_16_over_4": True, "simu_state_bytes_over_so": True, "bench_wall_s": True}
+                   "compile_16_over_4": True, "simu_state_bytes_over_so": True,
+                   "scale_parameters": True, "scale_load_rss_over_model": True,  # 1.1 <= 1.2
+                   "scale_load_device_over_model_per_device": True, "scale_save_rss_over_written": True,
+                   "scale_save_device_over_params_per_device": False,  # 1.06 > 1.05
+                   "scale_step_temp_fsdp8_over_one_device": False,  # 0.2 > 1.5 / 8
+                   "bench_wall_s": True}
     assert targets["simu_over_so_step"]["bound"] == pytest.approx(0.73, rel=1e-12)
     assert targets["simu_over_so_step"]["bound_from"] == "simu_over_so_grad_flops"
 
@@ -230,6 +242,45 @@ def test_result_summary_is_summarize_of_its_sections(result):
             assert r == pytest.approx(size["times"][op]["median_s"] / g, rel=1e-9)
 
 
+def test_scale_section(result):
+    """The scale section (8 simulated devices, fsdp=8) of --quick's tiny checkpoint: every key, the
+    per-device shares against a hand count of the model (kernels and embeddings split 8 ways on
+    their hidden axis, norms whole on every device), the save's largest device = its share + 1/8
+    of the largest tensor gathered in bf16 (the gathered tensor stays sharded), and true FSDP's
+    step memory under 1.5/8 of one device's."""
+    sc = result["scale"]
+    sp = sc["spec"]
+    assert sc["devices"] == 8 and sc["mesh"] == "fsdp=8"
+    h, i, n, v, d = sp["hidden"], sp["mlp"], sp["layers"], sp["vocab"], sp["hidden"] // sp["heads"]
+    norms = 2 * n * h + h
+    kernels = 2 * v * h + n * (2 * h * sp["heads"] * d + 2 * h * sp["kv_heads"] * d + 3 * h * i)
+    assert sc["checkpoint"]["parameters"] == kernels + norms
+    assert sc["checkpoint"]["files"] == sp["files"] == 4
+    assert 2 * (kernels + norms) < sc["checkpoint"]["file_bytes"] < 2 * (kernels + norms) + 4 * 2**14  # + headers
+    ld, sv, st = sc["load"], sc["save"], sc["step_memory"]
+    assert ld["dtype"] == "float32" and ld["model_bytes"] == 4 * (kernels + norms)
+    assert ld["device_bytes"] == [4 * (kernels // 8 + norms)] * 8
+    assert ld["max_device_share_over_model_per_device"] == pytest.approx(max(ld["device_bytes"]) / (ld["model_bytes"] / 8))
+    assert ld["peak_rss_over_model"] == pytest.approx(ld["peak_rss_bytes"] / ld["model_bytes"]) and ld["peak_rss_bytes"] > 0
+    assert sv["dtype"] == "bfloat16" and sv["params_bytes"] == ld["model_bytes"]
+    assert sv["written_bytes"] == 2 * (kernels + norms)
+    assert sv["samples"] == 2 + 9 * n + 1  # one gather per HF tensor: embed, lm_head, 9 per layer, final norm
+    assert v * h > max(h * i, h * sp["heads"] * d)  # the largest tensor: the embedding / lm_head
+    assert sv["device_bytes"] == [ld["device_bytes"][0] + 2 * v * h // 8] * 8  # it, in bf16, 1/8 on each device
+    assert sv["max_device_share_over_params_per_device"] == pytest.approx(max(sv["device_bytes"]) / (sv["params_bytes"] / 8))
+    assert sv["peak_rss_over_written"] == pytest.approx(sv["peak_rss_bytes"] / sv["written_bytes"])
+    assert st["method"] == "simu_graddiff" and st["batch_per_part"] == sp["step_batch"] == 8
+    assert st["config"]["hidden"] == result["steps"]["config"]["hidden"]
+    assert st["fsdp8_over_one_device"] == pytest.approx(st["fsdp8_temp_bytes"] / st["one_device_temp_bytes"])
+    assert 0 < st["fsdp8_over_one_device"] <= 1.5 / 8
+    for key, value in (("scale_parameters", sc["checkpoint"]["parameters"]),
+                       ("scale_load_device_over_model_per_device", ld["max_device_share_over_model_per_device"]),
+                       ("scale_save_device_over_params_per_device", sv["max_device_share_over_params_per_device"]),
+                       ("scale_step_temp_fsdp8_over_one_device", st["fsdp8_over_one_device"])):
+        assert result[key] == value, key
+    assert 0 < sc["wall_s"] and "scale" in result["phases"]
+
+
 def test_timings_are_medians_of_their_runs(result):
     p = result["profile"]
     found = list(_timings(result))
@@ -300,6 +351,7 @@ def test_markdown_and_plot_from_json(result, tmp_path):
         assert f"{op} " in row and ("| yes |" in row or "| **no** |" in row), row
     assert "`hvp_over_grad`" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text and "default OpenMP" in text  # the peer table's two settings
+    assert "## Scale: a sharded checkpoint" in text and "| load (float32) |" in text and "| save (to bfloat16) |" in text
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -318,6 +370,7 @@ def test_markdown_from_an_older_result(tmp_path):
     assert mod.main(["--json", str(tmp_path / "older.json"), "--md", str(md), "--png", str(png)]) == 0
     row = next(line for line in md.read_text().splitlines() if line.startswith("| `attribution_over_grad`"))
     assert "| – |" in row, row
+    assert "Not measured in this run (a bench older than issue 18)." in md.read_text()  # no scale section
 
 
 def test_bad_repeats_is_a_usage_error():

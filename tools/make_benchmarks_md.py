@@ -204,6 +204,44 @@ def attribution_table(r: dict) -> list[str]:
             f"{t['grad']['first_call_s']:.1f} |"]
 
 
+def scale_section(r: dict) -> list[str]:
+    sc = r.get("scale")
+    if not sc:
+        return ["Not measured in this run (a bench older than issue 18)."]
+    sp, ck, ld, sv, st = sc["spec"], sc["checkpoint"], sc["load"], sc["save"], sc["step_memory"]
+    c = st["config"]
+    n = sc["devices"]
+    return [
+        f"A random LLaMA of {ck['parameters'] / 1e6:.3g} M parameters (hidden {sp['hidden']}, MLP {sp['mlp']}, "
+        f"{sp['layers']} layers, {sp['heads']} / {sp['kv_heads']} KV heads, vocabulary {sp['vocab']}) written as "
+        f"{ck['files']} bf16 safetensors files + index ({ck['file_bytes'] / 1e6:.3g} MB), then, each in a fresh "
+        f"process with {n} simulated CPU devices (`simu_jax/bench/scale.py`): loaded onto `{sc['mesh']}` by "
+        f"`simu_jax.load_pretrained` as {ld['dtype']}, saved from there by `simu_jax.save_pretrained` (in the "
+        f"source's {sv['dtype']}; cold: its gather programs compile inside the call), and the `simu_graddiff` "
+        f"step of the steps' config ({c['hidden']} hidden, {c['intermediate']} intermediate, {c['layers']} "
+        f"layers, {st['batch_per_part']} + {st['batch_per_part']} rows of {st['seq']} tokens) compiled on one device "
+        f"and on `{sc['mesh']}`. Peak RSS: `VmHWM` after a reset, minus the RSS at the reset (on CPU the devices' "
+        "arrays are host memory, so a load's peak includes the arrays it builds; the save starts with them "
+        "resident). Per-device bytes: each live array's shard on each device (the save's: the largest, sampled "
+        f"after each tensor's gather). Section wall time {sc['wall_s']:.0f} s.",
+        "",
+        "| phase | seconds | peak host RSS | / model | largest device | / (model / N) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| load ({ld['dtype']}) | {ld['seconds']:.1f} | {ld['peak_rss_bytes'] / 1e6:.4g} MB | "
+        f"{ld['peak_rss_over_model']:.3f} (of {ld['model_bytes'] / 1e6:.4g} MB) | {max(ld['device_bytes']) / 1e6:.4g} MB | "
+        f"{ld['max_device_share_over_model_per_device']:.3f} |",
+        f"| save (to {sv['dtype']}) | {sv['seconds']:.1f} | {sv['peak_rss_bytes'] / 1e6:.4g} MB | "
+        f"{sv['peak_rss_over_written']:.3f} (of {sv['written_bytes'] / 1e6:.4g} MB written) | "
+        f"{max(sv['device_bytes']) / 1e6:.4g} MB | {sv['max_device_share_over_params_per_device']:.3f} (params "
+        "+ the gathered tensor) |",
+        "",
+        "| SIMU step, XLA temp bytes | one device | per device, " + sc["mesh"] + " | ratio (1/8 = 0.125) |",
+        "|---|---:|---:|---:|",
+        f"| {st['method']} | {st['one_device_temp_bytes'] / 2**20:.1f} MiB | {st['fsdp8_temp_bytes'] / 2**20:.1f} MiB | "
+        f"{st['fsdp8_over_one_device']:.3f} |",
+    ]
+
+
 def compile_table(r: dict) -> list[str]:
     rows = ["| layers | trace + lower + compile (s) | trace (s) | lower to StableHLO (s) | XLA compile (s) |",
             "|---|---|---|---|---|"]
@@ -418,6 +456,13 @@ def notes(r: dict) -> list[str]:
             f"{mp / m['num_trainable']:.5f} per-parameter state bytes per trainable parameter, SO "
             f"{sp / s['num_trainable']:.5f}. With a mask whose per-layer neuron counts differ, the compact "
             "[L, K, H] rows add padding up to the largest layer's K.")
+    scale_missed = sorted(k for k in missed if k.startswith("scale_"))
+    if scale_missed:
+        sc = r["scale"]
+        out.append("- **" + ", ".join(f"`{k}` = {num(t[k]['value'], 4)}" for k in scale_missed) + "**: the scale "
+                   f"section's checkpoint has {sc['checkpoint']['parameters'] / 1e6:.1f} M parameters"
+                   + (" (the --quick profile's tiny model: its RSS ratios are allocator noise over a model of "
+                      f"{sc['load']['model_bytes'] / 1e6:.1f} MB)" if r["profile"]["name"] == "quick" else "") + ".")
     if "bench_wall_s" in missed:
         w = t["bench_wall_s"]
         out.append(f"- **`bench_wall_s` = {w['value']:.0f} s** against {w['bound']:.0f} s; by phase: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in r.get("phases", {}).items()) + ".")
@@ -483,7 +528,7 @@ def render(r: dict, png_name: str) -> str:
         "per section: " + ", ".join(f"{k} {v['loadavg_before'][0]:.1f}→{v['loadavg_after'][0]:.1f}"
                                     for k, v in r.get("phases", {}).items() if k not in ("setup",)) + ").",
         "",
-        "## Targets (issue 15)",
+        "## Targets (issues 15 and 18)",
         "",
         *targets_table(r),
         "",
@@ -511,6 +556,10 @@ def render(r: dict, png_name: str) -> str:
         "## IG attribution against the gradient",
         "",
         *attribution_table(r),
+        "",
+        "## Scale: a sharded checkpoint and true FSDP on 8 simulated devices (issue 18)",
+        "",
+        *scale_section(r),
         "",
         "## Remat policy (steps' config)",
         "",

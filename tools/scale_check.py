@@ -19,7 +19,8 @@ fresh process with 8 simulated CPU devices (``XLA_FLAGS=--xla_force_host_platfor
   its gather programs, and warm).
 
 Peak RSS is ``VmHWM`` of ``/proc/self/status`` after resetting it (``/proc/self/clear_refs``),
-minus the RSS at the reset: Linux only. Prints a markdown table (plus the CPU model); ``--json``
+minus the RSS at the reset: Linux only (the helpers of ``simu_jax.bench.scale``, whose bench
+section measures the new paths' figures as targets; this tool adds the old paths beside them). Prints a markdown table (plus the CPU model); ``--json``
 writes the numbers.
 """
 
@@ -33,19 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout: the package's own
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
+from simu_jax.bench.scale import device_bytes, make_checkpoint, peak_rss_reset, peak_rss_since  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -62,31 +53,9 @@ def cpu_model() -> str:
 
 
 def make(path: str, hidden: int, mlp: int, layers: int, vocab: int, heads: int, kv_heads: int, files: int) -> dict:
-    import jax
-
-    import simu_jax
-    from simu_jax.models import ModelConfig, abstract_model, split_params
-    from simu_jax.models.spec import host_init_params
-
-    cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=hidden // heads)
-    _, abstract = split_params(abstract_model(cfg))
-    n = sum(x.size for x in jax.tree.leaves(abstract))
-    params = host_init_params(abstract, 0.02, 0)
-    simu_jax.save_pretrained(cfg, path, params=params, dtype="bfloat16", overwrite=True,
-                             max_shard_bytes=int(2 * n / files * 1.1))
-    return {"parameters": n, "files": sorted(p.name for p in Path(path).glob("*.safetensors"))}
-
-
-def _device_bytes(arrays) -> dict:
-    import jax
-
-    held = {d: 0 for d in jax.local_devices()}
-    for x in arrays:
-        for s in x.addressable_shards:
-            held[s.device] += s.data.nbytes
-    return held
+    made = make_checkpoint(path, {"hidden": hidden, "mlp": mlp, "layers": layers, "vocab": vocab, "heads": heads,
+                                  "kv_heads": kv_heads, "files": files})
+    return {"parameters": made["parameters"], "files": sorted(p.name for p in Path(path).glob("*.safetensors"))}
 
 
 def load(path: str, way: str, mesh_spec: str, dtype_name: str) -> dict:
@@ -103,7 +72,7 @@ def load(path: str, way: str, mesh_spec: str, dtype_name: str) -> dict:
     mesh = None if mesh_spec == "none" else S.make_mesh(mesh_spec)
     jax.block_until_ready([jax.device_put(np.zeros(8), d) for d in jax.devices()])
     cfg = ModelConfig.from_pretrained(path)
-    base = _reset_peak()
+    base = peak_rss_reset()
     t0 = time.perf_counter()
     device0_peak = None
     if way == "new":
@@ -111,20 +80,20 @@ def load(path: str, way: str, mesh_spec: str, dtype_name: str) -> dict:
     else:
         params = jax.tree.map(jnp.asarray, params_from_hf_tensors(cfg, read_safetensors(path), param_dtype=dtype))
         jax.block_until_ready(params)
-        device0_peak = max(_device_bytes(jax.tree.leaves(params)).values())
+        device0_peak = max(device_bytes(jax.tree.leaves(params)))
         if mesh is not None:
             params = S.shard_params(params, mesh, model_config=cfg)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
-    peak = _status("VmHWM") - base
+    peak = peak_rss_since(base)
     leaves = jax.tree.leaves(params)
     model_bytes = sum(x.nbytes for x in leaves)
-    held = _device_bytes(leaves)
-    share = max(held.values()) if device0_peak is None else max(device0_peak, max(held.values()))
+    held = device_bytes(leaves)
+    share = max(held) if device0_peak is None else max(device0_peak, max(held))
     n_dev = len(held) if mesh is not None else 1
     return {"way": way, "mesh": mesh_spec, "dtype": dtype_name, "seconds": round(seconds, 2),
-            "model_bytes": model_bytes, "held_bytes": sum(held.values()), "peak_bytes": peak,
-            "peak_over_held": round(peak / sum(held.values()), 3),
+            "model_bytes": model_bytes, "held_bytes": sum(held), "peak_bytes": peak,
+            "peak_over_held": round(peak / sum(held), 3),
             "max_device_share_over_model_per_device": round(share / (model_bytes / n_dev), 3)}
 
 
@@ -146,7 +115,7 @@ def save(path: str, way: str, out: str) -> dict:
     res = {"way": way, "model_bytes": model_bytes}
     runs = ("cold", "warm") if way == "new" else ("cold",)
     for run in runs:
-        base = _reset_peak()
+        base = peak_rss_reset()
         t0 = time.perf_counter()
         if way == "new":
             simu_jax.save_pretrained(model, f"{out}-{run}", source=path, overwrite=True, max_shard_bytes=200 * 2**20)
@@ -159,7 +128,7 @@ def save(path: str, way: str, out: str) -> dict:
             save_file(tensors, f"{out}-{run}/model.safetensors", metadata={"format": "pt"})
             del host, tensors
         res[f"{run}_seconds"] = round(time.perf_counter() - t0, 2)
-        res[f"{run}_peak_bytes"] = _status("VmHWM") - base
+        res[f"{run}_peak_bytes"] = peak_rss_since(base)
         res[f"{run}_peak_over_model"] = round(res[f"{run}_peak_bytes"] / model_bytes, 3)
     written = sum(p.stat().st_size for p in Path(f"{out}-cold").glob("*.safetensors"))
     res["written_bytes"] = written

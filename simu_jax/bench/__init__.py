@@ -50,11 +50,21 @@ reports for it (``jax.monitoring`` compile events). Sections:
   measured on the first call of a fresh ``Unlearner`` after ``jax.clear_caches()`` (the
   persistent compilation cache is off), from JAX's own compile events.
 
+* ``scale``: a sharded checkpoint in and out and true FSDP's activation memory, on 8 simulated
+  CPU devices, each measurement a fresh subprocess (``scale.py``; ``ScaleSpec``): a random
+  LLaMA (349 M parameters in the full profile, a tiny one in --quick) written as 4 bf16
+  safetensors shards + index; the peak host RSS and the largest per-device share of
+  ``simu_jax.load_pretrained(path, mesh=fsdp=8, dtype=float32)`` and of
+  ``simu_jax.save_pretrained`` from those params (bf16 out); and XLA's
+  ``memory_analysis().temp_size_in_bytes`` of the ``simu_graddiff`` step of the steps' config
+  with 8 + 8 rows, per device on fsdp=8 over one device's. Its result keys are listed in
+  ``scale.py``'s docstring.
+
 Compiles of the second-order and step programs run first, ``cores`` at a time in threads (XLA
 compiles on one thread each and releases the GIL); all timed runs then run one at a time, and
-the compile section runs alone at the end. ``--quick`` (tiny sizes, one model size, the
-programs the headline keys need, 2 repeats, the peer and the compile section overlapped with
-the rest) is what the test suite runs: it checks that the JSON is complete, never speed.
+the compile and scale sections run alone at the end. ``--quick`` (tiny sizes, one model size, the
+programs the headline keys need, 2 repeats, the peer, the compile and the scale section overlapped
+with the rest) is what the test suite runs: it checks that the JSON is complete, never speed.
 
 The summary (``SUMMARY_KEYS``, computed from the sections by ``summarize``) holds the headline
 ratios and ``bench_wall_s``; ``TARGETS`` (key, comparison ``<=`` / ``>=``, bound: a number or
@@ -69,7 +79,8 @@ kind of XLA op (jax.profiler, XLA:CPU per-op trace events) and the torch SO step
 Modules: ``profiles`` (what is measured: the full and --quick profiles, headline keys,
 targets), ``machine`` (CPU, cores, versions, XLA's thread pool), ``harness`` (compile events,
 jobs, runs in turns, medians, matmul flops, ``summarize``, ``check_targets``), ``problems`` (models, batches, masks, the jobs of
-each section), ``peer`` (drives the PyTorch peer in a subprocess), ``torch_peer`` (the PyTorch
+each section), ``scale`` (the scale section and its child processes), ``peer`` (drives the
+PyTorch peer in a subprocess), ``torch_peer`` (the PyTorch
 peer itself; run as a script, never imported here: torch stays optional), ``runner`` (``run``:
 the phases in order), ``profiling`` (``--profile-only``) and ``cli`` (``cli_main``).
 """
@@ -84,16 +95,19 @@ from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer, find_
 from simu_jax.bench.problems import attribution_jobs, compile_job, init_params, make_batch, model_config, \
     random_neuron_mask, remat_jobs, second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import FULL, QUICK, QUICK_XLA_FLAGS, SECOND_ORDER_OPS, STEP_METHODS, SUMMARY_KEYS, \
-    TARGETS, UNTARGETED, Profile
+    TARGETS, UNTARGETED, Profile, ScaleSpec
 from simu_jax.bench.profiling import PROFILE_XLA_FLAGS, op_category, profile_call, profile_run
 from simu_jax.bench.runner import run
+from simu_jax.bench.scale import device_bytes, run_scale
 
 __all__ = [
     "COMPARE", "COMPILE_EVENTS", "DEFAULT_ENV_CALLS", "FULL", "PEER_CALLS", "PEER_ENVS", "PROFILE_XLA_FLAGS",
     "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS", "UNTARGETED",
-    "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile", "attribution_jobs", "available_cores",
-    "check_targets", "cli_main", "compile_job", "find_peer_script", "first_calls", "hvp_analysis", "init_params",
+    "AotCall", "CompileRecorder", "Job", "PeerServer", "Profile", "ScaleSpec", "attribution_jobs", "available_cores",
+    "check_targets", "cli_main", "compile_job", "device_bytes", "find_peer_script", "first_calls", "hvp_analysis",
+    "init_params",
     "loadavg", "machine_info", "make_batch", "matmul_flops", "model_config", "op_category", "peer_fastest",
-    "profile_call", "profile_run", "random_neuron_mask", "remat_jobs", "round_robin", "run", "second_order_jobs",
+    "profile_call", "profile_run", "random_neuron_mask", "remat_jobs", "round_robin", "run", "run_scale",
+    "second_order_jobs",
     "state_bytes_split", "step_jobs", "step_setup", "summarize", "torch_missing", "xla_cpu_threads",
 ]

@@ -23,7 +23,8 @@ __all__ = ["cli_main"]
 
 def _parser() -> ArgumentParser:
     ap = ArgumentParser(prog="simu-jax bench",
-                        description="Benchmarks: second-order cost, masked steps, JAX vs PyTorch, compile time.")
+                        description="Benchmarks: second-order cost, masked steps, JAX vs PyTorch, compile time, "
+                                    "sharded checkpoints and FSDP memory on 8 simulated devices.")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (< 3 min; run by the tests)")
     ap.add_argument("--json", type=Path, default=None, help="write the full results here")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (the median is reported)")

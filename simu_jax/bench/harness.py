@@ -250,6 +250,7 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     calls = result["peer"]["calls"]
     comp = result["compile"]["layers"]
     att = result["attribution"]["times"]
+    scale = result["scale"]
 
     def jt(name):  # JAX / PyTorch at its faster thread setting, from the interleaved runs of the peer section
         return calls[name]["jax"]["median_s"] / peer_fastest(calls[name])[1]
@@ -282,6 +283,13 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "simu_state_bytes_over_so_raw": steps["simu_graddiff"]["state_bytes"] / steps["so_graddiff"]["state_bytes"],
         "trainable_fraction_simu": steps["simu_graddiff"]["num_trainable"] / steps["so_graddiff"]["num_trainable"],
         "newton_per_cg_iter_s": steps["simu_newton"]["per_cg_iter_s"],
+        "scale_parameters": scale["checkpoint"]["parameters"],
+        "scale_load_rss_over_model": scale["load"]["peak_rss_over_model"],
+        "scale_load_device_over_model_per_device": scale["load"]["max_device_share_over_model_per_device"],
+        "scale_save_rss_over_written": scale["save"]["peak_rss_over_written"],
+        "scale_save_device_over_params_per_device": scale["save"]["max_device_share_over_params_per_device"],
+        "scale_step_temp_fsdp8_over_one_device": scale["step_memory"]["fsdp8_over_one_device"],
+        "scale_wall_s": scale["wall_s"],
         "bench_wall_s": result["wall_s"],
         "bench_wall_budget_s": result["profile"]["wall_budget_s"],
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 __all__ = ["FULL", "QUICK", "QUICK_XLA_FLAGS", "SECOND_ORDER_OPS", "STEP_METHODS", "SUMMARY_KEYS", "TARGETS",
-           "UNTARGETED", "Profile", "step_settings"]
+           "UNTARGETED", "Profile", "ScaleSpec", "step_settings"]
 
 SUMMARY_KEYS = (
     "jax_over_torch_so_step",
@@ -31,6 +31,13 @@ SUMMARY_KEYS = (
     "simu_state_bytes_over_so_raw",
     "trainable_fraction_simu",
     "newton_per_cg_iter_s",
+    "scale_parameters",
+    "scale_load_rss_over_model",
+    "scale_load_device_over_model_per_device",
+    "scale_save_rss_over_written",
+    "scale_save_device_over_params_per_device",
+    "scale_step_temp_fsdp8_over_one_device",
+    "scale_wall_s",
     "bench_wall_s",
     "bench_wall_budget_s",
 )
@@ -55,6 +62,18 @@ TARGETS = (
     ("simu_state_bytes_over_so", "<=", ("trainable_fraction_simu", 0.0),
      "SIMU per-parameter optimizer+curvature bytes / SO's (scalar leaves such as the step counter "
      "excluded), no larger than the trainable fraction"),
+    # the scale section (issue 18): a sharded checkpoint on 8 simulated devices, fsdp=8
+    ("scale_parameters", ">=", 3e8, "parameters of the scale section's sharded checkpoint (4 bf16 safetensors files)"),
+    ("scale_load_rss_over_model", "<=", 1.2,
+     "peak host RSS of load_pretrained onto fsdp=8 / the model's bytes in the target dtype (float32)"),
+    ("scale_load_device_over_model_per_device", "<=", 1.05,
+     "largest per-device share of the loaded model / (model / 8)"),
+    ("scale_save_rss_over_written", "<=", 1.2,
+     "peak host RSS of save_pretrained from the fsdp=8 params / the bytes written (bf16, the source's dtype)"),
+    ("scale_save_device_over_params_per_device", "<=", 1.05,
+     "largest per-device bytes during the save (params + the gathered tensor) / (params / 8)"),
+    ("scale_step_temp_fsdp8_over_one_device", "<=", 1.5 / 8,
+     "XLA temp bytes of the SIMU step per device on fsdp=8 / on one device (the steps' config, 8 + 8 rows)"),
     ("bench_wall_s", "<=", ("bench_wall_budget_s", 0.0), "wall seconds of this bench run, within its profile's budget"),
 )
 # Figures reported without a target, and why.
@@ -74,6 +93,21 @@ STEP_METHODS = {  # label -> (registry name, StepSettings overrides)
     "simu_ggn": ("simu_ggn", {}),
     "simu_influence": ("simu_influence", {}),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleSpec:
+    """The checkpoint of the scale section (a random LLaMA) and the step-memory batch."""
+
+    hidden: int = 1024
+    mlp: int = 2816
+    layers: int = 24
+    vocab: int = 32000
+    heads: int = 16
+    kv_heads: int = 8
+    files: int = 4
+    load_dtype: str = "float32"
+    step_batch: int = 8  # rows per part of the step-memory step: divides fsdp=8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +143,9 @@ class Profile:
     attribution_steps: int = 3
     attribution_repeats: int = 3
     wall_budget_s: float = 1200.0  # the bench_wall_s target
+    # the scale section's checkpoint and step batch (scale.py): a >= 300M model in the full bench,
+    # a tiny one in --quick (the same code path, the JSON complete; its ratios are not the targets')
+    scale: ScaleSpec = ScaleSpec()
 
 
 FULL = Profile(name="full", vocab=4096, sizes=((128, 384), (256, 768), (512, 1536)), head_dim=64, layers=4,
@@ -122,7 +159,8 @@ QUICK = Profile(name="quick", vocab=256, sizes=((32, 64),), head_dim=16, layers=
                 ops=("grad", "hvp", "grad_simu"),
                 methods=("so_graddiff", "so_graddiff_hutchinson", "simu_graddiff", "simu_newton"),
                 cg_iters=4, overlap=True, hvp_variants=("hvp_lin4",), remat_compare=(), attribution_repeats=2,
-                wall_budget_s=180.0)
+                wall_budget_s=180.0,
+                scale=ScaleSpec(hidden=64, mlp=128, layers=2, vocab=512, heads=4, kv_heads=2))
 # --quick in a fresh process also compiles with LLVM optimizations off (compile CPU ~40% lower;
 # its timings are not meaningful anyway). Recorded in machine.xla_flags.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"

@@ -2,12 +2,14 @@
 
 ``run(profile)`` = setup (the step config, the torch peer started, every job built) ->
 compile_programs (first calls, ``cores`` at a time) -> second_order -> remat -> steps ->
-attribution -> peer -> parity -> compile -> summary. See the package docstring for what each
-section measures.
+attribution -> peer -> parity -> compile -> scale -> summary. See the package docstring for
+what each section measures. The scale section's child processes run alone at the end (in
+--quick they start at setup, in a thread, and overlap the rest).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -25,6 +27,7 @@ from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer
 from simu_jax.bench.problems import attribution_jobs, compile_job, count_params, default_remat, remat_jobs, \
     second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
+from simu_jax.bench.scale import run_scale
 
 __all__ = ["BenchRun", "run"]
 
@@ -51,6 +54,7 @@ def run(profile: Profile, log=print) -> dict[str, Any]:
         bench.peer()
         bench.parity()
         bench.compile()
+        bench.scale()
     finally:
         bench.close()
     return bench.finish(t_start)
@@ -74,6 +78,8 @@ class BenchRun:
         self.peers: list[PeerServer] = []
         self.by_name: dict[str, Job] = {}
         self.comp_jobs: dict[int, Job] = {}
+        self.scale_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.scale_future: concurrent.futures.Future | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -102,6 +108,10 @@ class BenchRun:
             self.peers += [self.main_peer, self.default_peer]
             for peer in self.peers:
                 peer.start()
+            if p.overlap:  # --quick: the scale section's child processes run meanwhile
+                self.scale_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+                self.scale_future = self.scale_pool.submit(run_scale, p.scale, dataclasses.asdict(p),
+                                                           lambda *a, **k: None)
             self.so_rows = second_order_jobs(p)
             self.st_jobs = step_jobs(p, self.step_problem)
             self.rm_jobs = remat_jobs(p)
@@ -329,12 +339,25 @@ class BenchRun:
                             + ("; --quick: overlapped with the other compiles (the 4-layer one is the steps "
                                "section's simu_graddiff)" if p.overlap else ""))}
 
+    def scale(self) -> None:
+        """Sharded load / save of the scale checkpoint and the SIMU step's per-device temp bytes,
+        each in a fresh 8-device process (`scale.run_scale`; --quick: started at setup)."""
+        p = self.profile
+        with self.phase("scale"):
+            if self.scale_future is not None:
+                self.result["scale"] = self.scale_future.result()
+            else:
+                self.result["scale"] = run_scale(p.scale, dataclasses.asdict(p), self.log)
+            self.log(f"  scale section: {self.result['scale']['wall_s']:.1f} s")
+
     # -- the end ---------------------------------------------------------------------------
 
     def close(self) -> None:
         self.recorder.close()
         for pr in self.peers:
             pr.close()
+        if self.scale_pool is not None:
+            self.scale_pool.shutdown(wait=True)
 
     def finish(self, t_start: float) -> dict[str, Any]:
         """The summary, the targets and the wall time, added to the result (returned)."""

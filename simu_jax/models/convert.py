@@ -526,6 +526,11 @@ def _gather_fn(stacked: bool, transpose: bool, dtype, out_sharding):
     return jax.jit(one, out_shardings=out_sharding)
 
 
+# Instrumentation: each is called as f(name, array) with an HF tensor's on-device array right after
+# save_pretrained gathered it (the bench's scale section sums the devices' bytes there).
+GATHER_LISTENERS: list = []
+
+
 def _replicated_like(sharding):
     if isinstance(sharding, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -578,6 +583,8 @@ def _host_tensor(value, t: _OutTensor, owner: bool) -> np.ndarray | None:
                              f"not {type(value.sharding).__name__}")
         fn = _gather_fn(t.layer is not None, t.transpose, t.dtype, rep)
         out = fn(value, np.int32(t.layer or 0))
+        for listener in GATHER_LISTENERS:
+            listener(t.name, out)
         if not owner:
             return None
         return np.asarray(out if local else out.addressable_data(0))

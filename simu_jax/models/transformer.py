@@ -29,7 +29,9 @@ as a compact [L, K, H] array, with the corresponding kernel rows zeroed in the f
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,37 @@ from flax import nnx
 
 from simu_jax.models.config import ModelConfig
 from simu_jax.models.layers import F32, apply_rope, attention, layer_norm_no_params, rms_norm, rope_cos_sin
+
+# Logical axes of the residual stream [B, T, H] at a layer boundary: rows over the batch axes,
+# the hidden axis whole (Megatron keeps it whole on every tensor rank; "embed" is the weights'
+# fsdp axis, which the batch already uses).
+RESIDUAL_AXES = ("batch", "length", None)
+
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "simu_jax_activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraint(constrain: Callable[[jax.Array, Sequence[str | None]], jax.Array]):
+    """While the model is traced inside this context, every layer boundary's residual stream
+    ``x`` becomes ``constrain(x, RESIDUAL_AXES)`` (e.g. a ``with_sharding_constraint`` by logical
+    names: ``sharding.activation_sharding(mesh, rules)``). Outside it the model is unchanged.
+
+    Enter it *inside* the function being traced, one whose jit cache key names the layout (the
+    mesh a static argument, or a jit made for that mesh): the hook is read at trace time and a
+    cached trace does not see a context entered later."""
+    token = _ACTIVATION_CONSTRAINT.set(constrain)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain_activation(x: jax.Array, names: Sequence[str | None] = RESIDUAL_AXES) -> jax.Array:
+    """``x`` through the active :func:`activation_constraint` (unchanged when there is none)."""
+    constrain = _ACTIVATION_CONSTRAINT.get()
+    return x if constrain is None else constrain(x, names)
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -279,7 +312,7 @@ class CausalLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.model.layers)
         zeros_acts = (lambda: jnp.zeros((b, t, cfg.intermediate_size), self.dtype)) if return_mlp_acts else lambda: None
 
-        def body(x, xs):
+        def layer_body(x, xs):
             index, layer_params, kv_cache, scale, delta, rows = xs
             layers = nnx.merge(graphdef, layer_params)
 
@@ -304,6 +337,10 @@ class CausalLM(nnx.Module):
             branch = (index >= start_layer).astype(jnp.int32) + (index > start_layer).astype(jnp.int32)
             y, kv_cache, neurons, _ = jax.lax.switch(branch, (skip_layer, finish_layer, run_saving_dots), x)
             return y, (kv_cache, neurons, None)
+
+        def body(x, xs):  # the residual stream at both layer boundaries through the activation hook
+            y, out = layer_body(constrain_activation(x), xs)
+            return constrain_activation(y), out
 
         policy = REMAT_POLICIES[self.remat]
         if policy == "full":

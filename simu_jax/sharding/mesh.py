@@ -72,6 +72,8 @@ __all__ = [
     "batch_sharding",
     "batch_shardings",
     "logical_constraint",
+    "activation_sharding",
+    "hashable_rules",
     "constrain_like",
 ]
 
@@ -476,6 +478,35 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None], mesh: jax.shar
     e.g. ``logical_constraint(h, ("batch", "length", "embed"), mesh)``."""
     spec = logical_to_spec(names, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def activation_sharding(mesh: jax.sharding.Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
+    """A context manager that lays out the model's activations on ``mesh`` (true FSDP): while
+    the model is traced inside it, the residual stream at every layer boundary, [B, T, H] with
+    logical axes ``transformer.RESIDUAL_AXES`` = (batch, length, None), is pinned with
+    :func:`logical_constraint`: its rows over the batch axes (``data`` x ``fsdp`` by
+    :data:`DEFAULT_RULES`) by the divisibility rule, so a batch that divides only a prefix of
+    them is split over that prefix and one that divides none (an evaluation set of odd size)
+    is explicitly replicated, exactly as ``batch_sharding`` places it.
+
+    Why: with Auto axes and the weights sharded over ``fsdp`` on their hidden axis, XLA's
+    propagation lets the hidden-axis sharding of a weight win over the batch sharding of the
+    input at some matmuls and all-gathers the [tokens, H] activations: the per-device temp
+    memory of a SIMU step on ``fsdp=8`` was 0.60x one device's instead of about 1/8 at the
+    bench's step config; with these constraints 0.13x (``simu-jax bench``'s scale section,
+    ``scale_step_temp_fsdp8_over_one_device``; tests/test_sharding.py checks <= 1.5/8).
+
+    Enter it inside the function being traced (``jax.jit(f)`` with ``f`` entering it), so the
+    layout is part of that jit's cache key (the engine's mesh step is made per mesh and rules);
+    a no-op for any model call outside it."""
+    from simu_jax.models.transformer import activation_constraint
+
+    return activation_constraint(lambda x, names: logical_constraint(x, names, mesh, rules))
+
+
+def hashable_rules(rules: Mapping[str, Any]) -> tuple:
+    """``rules`` as a sorted tuple of (name, axes) pairs (a cache key; ``dict(...)`` undoes it)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
 
 
 def constrain_like(tree, shardings):
