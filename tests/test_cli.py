@@ -166,7 +166,7 @@ def test_console_script_subprocess(tmp_path):
     (["finetune", "--out", "gs://bucket/run", "--set", *FAST],
      "output directory gs://bucket/run: gs:// needs gcsfs: pip install gcsfs"),
     (["unlearn", "--out", "gs://bucket/run"], "output directory gs://bucket/run: gs:// needs gcsfs: pip install gcsfs"),
-    (["attribute", "--out", "s3://bucket/mask"], "output directory s3://bucket/mask: orbax checkpoints"),
+    (["attribute", "--out", "s3://bucket/mask"], "output directory s3://bucket/mask: s3:// needs s3fs: pip install s3fs"),
     (["report", "some/run", "--out", "az://bucket/report"],
      "output directory az://bucket/report: az:// needs adlfs: pip install adlfs"),
     (["unlearn", "--out", "memory://run"], "output directory memory://run: memory:// is not a supported storage"),
