@@ -39,3 +39,16 @@ def _x64():
 def x64():
     with _x64():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's torch references (its spinning threads are ~10x
+    slower on a busy 2-core machine); a module asks with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -30,6 +30,8 @@ BOS, EOS, PAD = 1, 2, 0
 GROUP = 32  # int4 group size of the model-level tests (the tiny model's inputs are 64 and 128 wide)
 STEPS = 3  # relearning steps (the relearn test and the CLI test share the compiled step)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --------------------------------------------------------------------------- references restated in numpy
 
@@ -184,12 +186,6 @@ def test_4bit_equals_bitsandbytes_kernel_and_bounds_hold(kind):
 # --------------------------------------------------------------------------- a tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 LIMIT = 4  # rows per set: `simu-jax evaluate --limit 4` scores these, the fixture trains on them

@@ -357,13 +357,13 @@ def test_markdown_and_plot_from_json(result, tmp_path):
 
 def test_markdown_from_an_older_result(tmp_path):
     """A result from an older bench (the committed docs/benchmarks.json without the attribution
-    section and figure, as results before issue 15 are) still renders; the figure it lacks shows
-    as a dash."""
+    and scale sections and their figures, as results before issues 15 and 18 are) still renders;
+    the figure it lacks shows as a dash."""
     spec = importlib.util.spec_from_file_location("make_benchmarks_md", ROOT / "tools" / "make_benchmarks_md.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     older = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
-    for key in ("attribution", "attribution_over_grad", "targets"):
+    for key in ["attribution", "attribution_over_grad", "targets", "scale"] + [k for k in older if k.startswith("scale_")]:
         older.pop(key, None)
     (tmp_path / "older.json").write_text(json.dumps(older))
     md, png = tmp_path / "b.md", tmp_path / "b.png"

@@ -38,6 +38,8 @@ BOS, EOS, PAD = 1, 2, 0
 NEW = 12  # max_new_tokens everywhere: one compiled generation program
 BUCKETS = (128,)  # one padded length for every sequence here: few compiled programs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -47,13 +49,6 @@ def bench():
     return make_synthetic(SyntheticConfig(seed=0, num_people=5, facts_per_person=3, num_general=5))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Torch's spinning intra-op threads are ~10x slower on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,6 @@ BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, vocab_s
 # ============================================================================ worker side
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> int:
-    """Reset the process's peak RSS (VmHWM) to its current RSS; return that RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
 def _leaves(tree, prefix=()):
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -184,17 +169,18 @@ def memory(out_json: str, path: str, spec: str) -> None:
 
     import simu_jax
     from simu_jax import sharding as S
+    from simu_jax.bench.scale import peak_rss_reset, peak_rss_since
     from simu_jax.models import split_params
 
     mesh = None if spec == "none" else S.make_mesh(spec)
     jax.block_until_ready([jax.device_put(np.zeros(8), d) for d in jax.devices()])  # start every device
-    base = _reset_peak()
+    base = peak_rss_reset()
     t0 = time.perf_counter()
     model = simu_jax.load_pretrained(path, mesh=mesh)
     _, params = split_params(model)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
-    peak = _status("VmHWM") - base
+    peak = peak_rss_since(base)
     leaves = jax.tree.leaves(params)
     model_bytes = sum(x.nbytes for x in leaves)
     held = {d: 0 for d in jax.local_devices()}
@@ -213,9 +199,9 @@ def memory(out_json: str, path: str, spec: str) -> None:
            "load_seconds": seconds, "max_device_share": max(held.values()) / (model_bytes / len(held))}
     if mesh is not None:  # the first save also compiles its gather programs (kept: a constant)
         for run in ("cold", "warm"):
-            base = _reset_peak()
+            base = peak_rss_reset()
             simu_jax.save_pretrained(model, Path(path).parent / f"saved-{spec}-{run}", max_shard_bytes=12 * 2**20)
-            res[f"save_peak_bytes_{run}"] = _status("VmHWM") - base
+            res[f"save_peak_bytes_{run}"] = peak_rss_since(base)
         res["largest_tensor_bytes"] = max(x.nbytes // (x.shape[0] if x.ndim == 3 else 1) for x in leaves)
     Path(out_json).write_text(json.dumps(res))
 

@@ -30,20 +30,14 @@ from simu_jax.models import split_params
 from simu_jax.models.convert import load_pretrained
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "tofu" / "forget10_perturbed.json").is_file(),
-                                reason="TOFU data not found")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not (DATA / "tofu" / "forget10_perturbed.json").is_file(), reason="TOFU data not found")]
 # TOFU config/model_config.yaml, phi (and stablelm / pythia): the Question/Answer template
 QS, QE, AT = "Question: ", "\n", "Answer: "
 TEMPLATE = QATemplate(QS, QE, AT)
 BUCKETS = (256,)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
