@@ -255,27 +255,25 @@ def tokenize_qa_joint(
         raise ValueError(f"style must be 'tofu' or 'open-unlearning', got {style!r}")
     eos = _eos_id(tokenizer)
     seqs, labs = [], []
-    if truncation != "silent" and max_length is not None:  # count the rows the cut below shortens
-        texts = [template.text(str(r[question_key]), str(r[answer_key])) for r in records]
-        full_lengths = [[0] * len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        _truncate(full_lengths, max_length, truncation, "QA sequences")
-    for r in records:
-        q, a = str(r[question_key]), str(r[answer_key])
+    # question + answer as one string (TOFU: new_question + new_answer; open-unlearning: prompt +
+    # answer), encoded once; _truncate reports the rows the cut below shortens (the cut itself
+    # follows each codebase's rule)
+    texts = [template.text(str(r[question_key]), str(r[answer_key])) for r in records]
+    full_ids = [list(x) for x in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+    _truncate(full_ids, max_length, truncation, "QA sequences")
+    for r, ids in zip(records, full_ids):
+        q = str(r[question_key])
+        if max_length is not None:
+            ids = ids[:max_length]
         if style == "tofu":
             new_question = f"{template.question_start}{q}{template.question_end}"
-            full = new_question + template.answer_start + a
             n_mask = len(tokenizer.tokenize(new_question, add_special_tokens=True))
-            ids = list(tokenizer(full, add_special_tokens=True)["input_ids"])
-            if max_length is not None:
-                ids = ids[:max_length]
             label = list(ids) if max_length is not None and len(ids) == max_length else ids + [eos]
             seq = label if len(label) > len(ids) else ids
         else:
-            prompt = template.prompt(q)
-            ids = list(tokenizer(prompt + a, add_special_tokens=True)["input_ids"])
-            p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            p_ids = list(tokenizer(template.prompt(q), add_special_tokens=True)["input_ids"])
             if max_length is not None:
-                ids, p_ids = ids[:max_length], p_ids[:max_length]
+                p_ids = p_ids[:max_length]
             if ids[-1] != eos:
                 ids = ids + [eos]
             n_mask = len(p_ids)
