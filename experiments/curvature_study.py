@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/study")
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    p.add_argument("--model", help="the target model (default: <out>/target/model, study.py's); e.g. "
+                                   "matched_study.py's MLP-heavy target with --sizes 2 8 32 128 512")
     args = p.parse_args(argv)
     root = Path(args.out)
 
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     from simu_jax.optim import OptimSpec
     from simu_jax.unlearn import UnlearnConfig, prepare
 
-    cfg = dataclasses.replace(load_config(UnlearnConfig, None, []), model=ModelSpec(path=str(root / "target" / "model")),
+    cfg = dataclasses.replace(load_config(UnlearnConfig, None, []), model=ModelSpec(path=args.model or str(root / "target" / "model")),
                               data=demo_data(FULL))
     prep = prepare(cfg)
     graphdef, params = prep.graphdef, prep.params
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         print(f"[curvature] k={k}: diag mass {row['diag_mass_median']:.3g}, hutchinson_1 rel err "
               f"{errors['hutchinson_1']['rel_error']:.3g}, cos(newton, sophia-fisher) "
               f"{directions['sophia_fisher']:.3f} [{row['seconds']} s]", file=sys.stderr)
-    out = {"batch": f"{EXAMPLES} forget + {EXAMPLES} retain QA pairs", "loss": "graddiff (gamma=1)",
+    out = {"model": cfg.model.path, "batch": f"{EXAMPLES} forget + {EXAMPLES} retain QA pairs", "loss": "graddiff (gamma=1)",
            "ranking": "forget IG score (m=3), top-k per layer", "trainable": "down_proj rows of the selected neurons",
            "sophia": {"rho": o.rho, "batch_scale": dict(optim.ESTIMATOR_BATCH_SCALE), "b1": o.b1, "b2": o.b2}, "sizes": results}
     (root / "curvature.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -1,7 +1,8 @@
 """Render docs/results.md (+ plots in docs/results/) from the study outputs.
 
-    python experiments/study.py collect --out runs/study
-    python experiments/make_results_md.py --study runs/study/study.json [--real runs/real/real.json ...]
+    python experiments/matched_study.py collect --out runs/matched
+    python experiments/make_results_md.py --matched runs/matched/matched.json \
+        --curvature runs/curvature/curvature.json [--real runs/real/real.json ...]
 
 The prose (what held, what did not) lives in experiments/results_notes.md and is included first;
 every number below it comes from the JSON.
@@ -15,7 +16,6 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HEADLINE = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "simu_ggn", "simu_influence")
 DIAG_COLS = [("clip_fraction", "at clip (Sophia)"), ("update_over_lr", "median update / lr"),
              ("off_gradient", "steps with cos(step, -g) < 0.99"), ("cos_median", "median cos(step, -g)"),
              ("products_median", "CG / Lanczos products"), ("accepted", "accepted"), ("rho_median", "median rho")]
@@ -36,81 +36,6 @@ def _table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
-
-
-def _metric_row(name, r, extra=()):
-    m = r["metrics"]
-    return [name, *extra, *[m.get(k) for k, _ in COLS]]
-
-
-def _steps(r):
-    return r.get("step")
-
-
-def section_compare(d, stop):
-    runs = d["runs"]
-    lines = ["## 1. The comparison at matched forgetting (synthetic benchmark)", "",
-             f"Every method unlearns until the forget set's answer NLL reaches {stop:.3f} nats/token, the retain-only "
-             f"reference model's NLL on it (checked after every step, at most {d['max_steps']} steps; batch 4 forget + "
-             "4 retain). Rows: seed 0; `steps` = steps taken; `reached` = whether the stop was reached.", ""]
-    header = ["method", "steps", "reached", "forget NLL"] + [c for _, c in COLS]
-    rows = []
-    for name in ("models/target", "models/retain"):
-        if name in runs:
-            rows.append(_metric_row(name.split("/")[1] + " (no unlearning)", runs[name], ("–", "–", "–")))
-    for key, r in runs.items():
-        if key.startswith("compare/") or key.startswith("compare_lr/"):
-            reached = r.get("final_forget_nll") is not None and r["final_forget_nll"] >= stop
-            label = key.split("/", 1)[1].replace("_x", " (lr x") + (")" if "_x" in key else "")
-            rows.append(_metric_row(label, r, (_steps(r), "yes" if reached else "no", r.get("final_forget_nll"))))
-    lines += [_table(header, rows), ""]
-    # seeds
-    lines += ["### Seeds (headline rows, mean ± sample std over seeds 0, 1, 2)", "",
-              "The seed changes the batch order and the curvature probes; the target model and the mask are fixed.", ""]
-    header = ["method", "n", "steps"] + [c for _, c in COLS]
-    rows = []
-    for method in HEADLINE:
-        rs = [runs[k] for k in [f"compare/{method}", f"seeds/{method}_s1", f"seeds/{method}_s2"] if k in runs]
-        if not rs:
-            continue
-        row = [method, len(rs)]
-        for get in [lambda r: r.get("step")] + [lambda r, k=k: r["metrics"].get(k) for k, _ in COLS]:
-            vals = [get(r) for r in rs if get(r) is not None]
-            if not vals:
-                row.append(None)
-                continue
-            mean = statistics.fmean(vals)
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row.append(f"{mean:.3f} ± {sd:.3f}" if isinstance(vals[0], float) else f"{mean:.1f} ± {sd:.1f}")
-        rows.append(row)
-    lines += [_table(header, rows), ""]
-    lines += section_diagnostics(runs)
-    # fixed budget
-    lines += ["### Fixed budget (20 steps, the demo's protocol)", ""]
-    rows = [_metric_row(k.split("/")[1], r) for k, r in runs.items() if k.startswith("fixed20/")]
-    lines += [_table(["method"] + [c for _, c in COLS], rows), ""]
-    return lines
-
-
-def section_diagnostics(runs):
-    """How second-order each run was (from every step's metrics; study.py's `diagnostics`)."""
-    lines = ["### How second-order the steps were (seed 0, matched forgetting)", "",
-             "Medians over the run's steps. `at clip`: fraction of trainable coordinates whose Sophia update "
-             "sits at the clip (|m / (rho h)| >= 1: there the step is lr x sign(m), sign-of-momentum descent); "
-             "`median update / lr` (of |update| / lr; 1 = every coordinate clipped). Newton-type: the fraction of steps whose "
-             "direction is not the gradient's (cosine to -g below 0.99), the median cosine, the products with "
-             "the curvature per step, the fraction of trust-region steps accepted and the median ratio rho "
-             "(actual / predicted decrease; influence: no ratio test).", ""]
-    header = ["method"] + [c for _, c in DIAG_COLS]
-    rows = []
-    for key, r in runs.items():
-        if not key.startswith("compare/"):
-            continue
-        dg = r.get("diagnostics") or {}
-        if not dg:
-            continue
-        rows.append([key.split("/", 1)[1]] + [dg.get(k) for k, _ in DIAG_COLS])
-    return lines + [_table(header, rows), ""] if rows else []
 
 
 def _shown(path) -> str:
@@ -145,63 +70,11 @@ def section_cost(bench_path):
     return lines + [_table(header, rows), ""]
 
 
-def section_ablations(d, stop, figdir):
-    runs = d["runs"]
-    base = runs.get("compare/simu_graddiff")
-    lines = ["## 2. Ablations of SIMU-GradDiff (matched forgetting, seed 0)", "",
-             "Default: threshold t = 0.5, IG steps m = 3, dual neurons included, attention trained, fisher "
-             "curvature (SOUL's Sophia). `neurons` = selected MLP neurons per layer (of 256).", ""]
-    header = ["variant", "neurons", "dual", "trainable params", "steps", "forget NLL"] + [c for _, c in COLS]
-    rows = []
-    items = ([("default (t=0.5, m=3)", base)] if base else []) + \
-        [(k.split("/")[1], r) for k, r in runs.items() if k.startswith("ablations/")]
-    items.append(("simu_newton (trust-region Newton, Lanczos)", runs.get("compare/simu_newton")))
-    items.append(("so_graddiff (no mask, all params)", runs.get("compare/so_graddiff")))
-    for name, r in items:
-        if r is None:
-            continue
-        mask = r.get("mask") or {}
-        rows.append(_metric_row(name, r, (mask.get("per_layer_selected"), mask.get("per_layer_dual"),
-                                          r.get("trainable_parameters"), _steps(r), r.get("final_forget_nll"))))
-    lines += [_table(header, rows), ""]
-    # t sweep plot
-    sweep = []
-    for key in ("ablations/t0.1", "ablations/t0.3", "compare/simu_graddiff", "ablations/t0.7", "ablations/t0.9"):
-        r = runs.get(key)
-        if r and r.get("mask"):
-            t = r["mask"].get("threshold", 0.5)
-            sweep.append((t, r["mask"]["num_selected"], r["metrics"].get("model_utility"), r.get("step"),
-                          r["metrics"].get("forget_quality")))
-    if len(sweep) >= 2:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        sweep.sort()
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-        ts = [s[0] for s in sweep]
-        ax[0].plot(ts, [s[1] for s in sweep], "o-")
-        ax[0].set_xlabel("threshold t")
-        ax[0].set_ylabel("neurons selected (of 512)")
-        ax[1].plot(ts, [s[2] for s in sweep], "o-", label="model utility")
-        ax[1].plot(ts, [s[4] for s in sweep], "s--", label="forget quality")
-        ax[1].set_xlabel("threshold t")
-        ax[1].legend()
-        ax[1].set_title("at matched forgetting")
-        fig.tight_layout()
-        fig.savefig(figdir / "t_sweep.png", dpi=110)
-        plt.close(fig)
-        lines += ["![t sweep](results/t_sweep.png)", ""]
-    return lines
-
-
-def section_curvature(d, figdir):
-    c = d.get("curvature")
+def section_curvature(c, figdir):
     if not c:
-        return ["## 3. The curvature claim", "", "(not run)", ""]
-    lines = ["## 3. The curvature claim", "",
-             f"Loss: {c['loss']} on one batch ({c['batch']}); neurons ranked by {c['ranking']}; trainable = "
+        return ["## 5. The curvature claim", "", "(not run)", ""]
+    lines = ["## 5. The curvature claim", "",
+             f"Model: `{_shown(c.get('model', '?'))}`. Loss: {c['loss']} on one batch ({c['batch']}); neurons ranked by {c['ranking']}; trainable = "
              f"{c['trainable']}; exact Hessian rows from exact HVPs at sampled coordinates. `diag mass` = median over "
              "sampled rows i of H_ii² / ‖H[i, S]‖² (1 = the restricted Hessian is diagonal). Estimator errors are "
              "‖ĥ − h‖/‖h‖ at the sampled coordinates (h = exact diagonal); fisher and GNB are also given after the "
@@ -245,68 +118,160 @@ def section_curvature(d, figdir):
     return lines + ["![curvature](results/curvature.png)", ""]
 
 
-def section_sequential(d):
-    runs = d["runs"]
-    groups = d.get("sequential_groups")
-    lines = ["## 4. Sequential unlearning (three requests in a row)", "",
-             "Request 1 = the benchmark's forget people; requests 2 and 3 = 4 further people each (taken from the "
-             "retain people); the retain set = the 28 people never requested; each request unlearns until the "
-             "request's forget NLL reaches the same stop as in §1. Forget quality is not defined for requests 2-3 (no "
-             "model that never saw them exists), so the table shows forgetting of the current request and utility.",
-             ""]
-    if groups:
-        lines += ["Requests: " + "; ".join(f"{i + 1}: {', '.join(g)}" for i, g in enumerate(groups)), ""]
-    header = ["method", "request", "steps", "forget ROUGE-L (this request)", "forget prob", "model utility",
-              "retain ROUGE-L", "general ROUGE-L"]
-    rows = []
-    for key, r in runs.items():
-        if key.startswith("sequential/"):
-            _, method, req = key.split("/")
-            m = r["metrics"]
-            rows.append([method, req.replace("request", ""), _steps(r), m.get("forget_rouge"), m.get("forget_prob"),
-                         m.get("model_utility"), m.get("retain_rouge"), m.get("general_rouge")])
-    return lines + [_table(header, rows), ""]
-
-
-def section_relearn(d):
-    runs = d["runs"]
-    lines = ["## 5. Relearning attack and MIA", "",
-             "Each model is fine-tuned on 2 of the 20 forget QA pairs (10%) for 10 full-batch AdamW steps (lr 1e-3); "
-             "then the whole forget set is measured. `after` = after the attack.", ""]
-    header = ["model", "forget ROUGE-L before", "after", "forget prob before", "after", "model utility after",
-              "MIA AUC (loss) before", "after"]
-    rows = []
-    for name in ("target",) + HEADLINE:
-        r = runs.get(f"relearn/{name}")
-        before = runs.get("models/target" if name == "target" else f"compare/{name}")
-        if r is None or before is None:
-            continue
-        b, a = before["metrics"], r["metrics"]
-        rows.append([name, b.get("forget_rouge"), a.get("forget_rouge"), b.get("forget_prob"), a.get("forget_prob"),
-                     a.get("model_utility"), b.get("mia_auc_loss"), a.get("mia_auc_loss")])
-    lines += [_table(header, rows), ""]
-    lines += ["MIA (forget = members vs holdout = non-members, AUC; 0.5 = indistinguishable; the retain-only model "
-              "is the target level):", ""]
-    header = ["model", "loss", "zlib", "min-k", "min-k++"]
-    rows = []
-    for key in ["models/target", "models/retain"] + [f"compare/{m}" for m in HEADLINE]:
-        r = runs.get(key)
-        if r:
-            m = r["metrics"]
-            rows.append([key.split("/")[1], m.get("mia_auc_loss"), m.get("mia_auc_zlib"), m.get("mia_auc_min_k"),
-                         m.get("mia_auc_min_k_pp")])
-    return lines + [_table(header, rows), ""]
-
-
 def section_real(reals):
     if not reals:
         return []
     return ["## 6. Real data (TOFU forget10, LUME)", ""] + [r.get("markdown", "") + "\n" for r in reals]
 
 
+
+
+def _ms(stats: dict, key: str, digits: int = 3) -> str | None:
+    """'mean ± std' of one summarized metric (matched_study.summarize), or None."""
+    v = stats.get(key)
+    if v is None:
+        return None
+    if v["n"] == 1:
+        return f"{v['mean']:.{digits}f}"
+    return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+
+MATCHED_COLS = [("step", "steps", 1), ("forget_nll", "forget NLL", 2), ("forget_rouge", "forget ROUGE-L", 3),
+                ("forget_prob", "forget prob", 3), ("forget_quality", "forget quality", 3),
+                ("model_utility", "model utility", 3), ("retain_rouge", "retain ROUGE-L", 3),
+                ("general_rouge", "general ROUGE-L", 3), ("mia_auc_loss", "MIA AUC (loss)", 3)]
+RUN_ORDER = ("target", "retain", "fo_graddiff", "so_graddiff", "simu_graddiff/ig", "simu_graddiff/true",
+             "simu_graddiff/random", "simu_frozen/ig", "simu_frozen/true", "simu_frozen/random", "simu_newton/ig",
+             "simu_newton/true", "simu_newton/random")
+LABELS = {"target": "target (no unlearning)", "retain": "retain-only reference (no unlearning)"}
+
+
+def _seeds(d, bench):
+    return sorted(d["benchmarks"].get(bench, {}))
+
+
+def section_attribution(d):
+    seeds = {k: v for k, v in d["benchmarks"].get("planted", {}).items() if "attribution" in v}
+    if not seeds:
+        return []
+    lines = ["## 1. Attribution against the planted truth", "",
+             f"Planted benchmark (§2's models, seeds {', '.join(s[1:] for s in seeds)}): each method scores the forget "
+             "set's 20 rows on the planted model; `base (control)` scores the same neurons on the base model, "
+             "before anything was planted (chance expected). `AUC (all)`: ROC AUC of the scores against the "
+             "planted neurons pooled over layers (scores must compare across layers); `layer AUC`: the mean of the "
+             "per-layer AUCs; `top-k`: precision of the |truth| highest scores; `t = 0.5 mask`: SIMU's mask rule "
+             "(`critical_neurons` at t = 0.5) with its size, precision and recall. `ll`: the log-likelihood's "
+             "IG (the code's sign), `loss`: its negative. Mean ± std over seeds.", ""]
+    header = ["model", "method", "AUC (all)", "layer AUC", "top-k precision", "t=0.5 mask: n", "precision", "recall"]
+    rows = []
+    first = next(iter(seeds.values()))["attribution"]
+    for model in first:
+        for method in first[model]["metrics"]:
+            vals = {k: [] for k in ("auc", "mean_layer_auc", "top_k", "n", "precision", "recall")}
+            for v in seeds.values():
+                o = v["attribution"][model]["metrics"][method]["overall"]
+                thr = o["threshold"]
+                for k, x in (("auc", o.get("auc")), ("mean_layer_auc", o.get("mean_layer_auc")),
+                             ("top_k", o.get("top_k")), ("n", thr.get("selected")), ("precision", thr.get("precision")),
+                             ("recall", thr.get("recall"))):
+                    if x is not None:
+                        vals[k].append(float(x))
+            cells = []
+            for k, xs in vals.items():
+                if not xs:
+                    cells.append(None)
+                elif len(xs) == 1:
+                    cells.append(f"{xs[0]:.{0 if k == 'n' else 3}f}")
+                else:
+                    cells.append(f"{statistics.fmean(xs):.{0 if k == 'n' else 3}f} ± "
+                                 f"{statistics.stdev(xs):.{0 if k == 'n' else 3}f}")
+            rows.append([model, method, *cells])
+    return lines + [_table(header, rows), ""]
+
+
+def section_matched(d, bench, number, title, intro):
+    summary = d["summary"].get(bench)
+    if not summary:
+        return []
+    seeds = _seeds(d, bench)
+    stops = [d["benchmarks"][bench][s]["stop"] for s in seeds]
+    lines = [f"## {number}. {title}", "", intro, "",
+             f"Stop: the reference model's forget NLL ({', '.join(f'{x:.2f}' for x in stops)} nats/token for seeds "
+             f"{', '.join(s[1:] for s in seeds)}), checked after every step, at most {d['max_steps']} steps, batch 4 "
+             "forget + 4 retain; a run that does not reach it is rerun at 3x then 10x its learning rate (trust radius "
+             "for Newton); `lr x` = the factor of the row's last try, `reached` = the fraction of seeds that reached "
+             "the stop. Mean ± sample std over seeds.", ""]
+    header = ["run", "reached", "lr x"] + [c for _, c, _ in MATCHED_COLS] + ["mask n", "mask precision",
+                                                                             "mask recall", "trainable params"]
+    rows = []
+    for name in RUN_ORDER:
+        st = summary.get(name)
+        if not st:
+            continue
+        factors = sorted({d["benchmarks"][bench][s]["runs"][name].get("factor") for s in seeds
+                          if name in d["benchmarks"][bench][s]["runs"]} - {None})
+        trainable = sorted({d["benchmarks"][bench][s]["runs"][name].get("trainable_parameters") for s in seeds
+                            if name in d["benchmarks"][bench][s]["runs"]} - {None})
+        rows.append([LABELS.get(name, name), _ms(st, "reached", 2), "/".join(map(str, factors)) or None]
+                    + [_ms(st, k, dg) for k, _, dg in MATCHED_COLS]
+                    + [_ms(st, "mask/selected", 0), _ms(st, "mask/precision"), _ms(st, "mask/recall"),
+                       "/".join(map(str, trainable)) or None])
+    return lines + [_table(header, rows), ""]
+
+
+def section_attacks(d):
+    lines = ["## 4. Robustness: 4-bit quantization and relearning", "",
+             "After each run's final evaluation (§2, §3): INT4 (per-group round-to-nearest, group 128, llm-awq's "
+             "`pseudo_quantize_tensor`), NF4 (bitsandbytes' blockwise, block 64) of every linear layer of the "
+             "unlearned model, and relearning (10 AdamW steps at 1e-3 on 2 of the 20 forget pairs), each followed by "
+             "the forget metrics on the whole forget set (`simu_jax.evaluate.attacks`). `recovery` = (after - "
+             "unlearned) / (target - unlearned) of forget ROUGE-L: 0 = the attack undoes nothing, 1 = back to the "
+             "target model. Mean ± std over seeds.", ""]
+    header = ["benchmark", "run", "forget ROUGE-L", "INT4: ROUGE-L", "recovery", "NF4: ROUGE-L", "recovery",
+              "relearn: ROUGE-L", "recovery"]
+    rows = []
+    for bench in ("planted", "mlp"):
+        summary = d["summary"].get(bench, {})
+        for name in RUN_ORDER[2:]:
+            st = summary.get(name)
+            if not st:
+                continue
+            rows.append([bench, name, _ms(st, "forget_rouge")]
+                        + [x for a in ("int4", "nf4", "relearn")
+                           for x in (_ms(st, f"{a}/forget_rouge"), _ms(st, f"{a}/recovery_rouge"))])
+    return lines + [_table(header, rows), ""] if rows else []
+
+
+DIAG_COLS = [("clip_fraction", "at clip (Sophia)"), ("update_over_lr", "median update / lr"),
+             ("off_gradient", "steps with cos(step, -g) < 0.99"), ("cos_median", "median cos(step, -g)"),
+             ("products_median", "Lanczos products"), ("accepted", "accepted"), ("rho_median", "median rho")]
+
+
+def section_diagnostics(d):
+    """How second-order each run's steps were (matched_study rows' `diagnostics`, mean over seeds)."""
+    lines = ["### How second-order the steps were", "",
+             "Medians over each run's steps, then the mean over seeds. `at clip`: fraction of trainable coordinates "
+             "whose Sophia update sits at the clip (there the step is lr x sign(m)); `median update / lr` (1 = the "
+             "median coordinate is clipped). Newton: the fraction of steps whose direction is not the gradient's "
+             "(cosine to -g below 0.99), the median cosine, the curvature products per step, the fraction of "
+             "trust-region steps accepted, the median ratio rho.", ""]
+    header = ["benchmark", "run"] + [c for _, c in DIAG_COLS]
+    rows = []
+    for bench, seeds in d["benchmarks"].items():
+        for name in RUN_ORDER[2:]:
+            diags = [v["runs"][name]["diagnostics"] for v in seeds.values() if name in v["runs"]]
+            diags = [x for x in diags if x]
+            if not diags:
+                continue
+            rows.append([bench, name] + [statistics.fmean([x[k] for x in diags]) if all(k in x for x in diags)
+                                         else None for k, _ in DIAG_COLS])
+    return lines + [_table(header, rows), ""] if rows else []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study", default="runs/study/study.json")
+    p.add_argument("--matched", default="runs/matched/matched.json")
+    p.add_argument("--curvature", default="runs/curvature/curvature.json")
     p.add_argument("--real", nargs="*", default=[],
                    help="markdown sections for the real-data runs (JSONs with 'markdown': real.py report's, "
                         "docs/results/data/lume_2026-11-27.json for the LUME rows not rerun)")
@@ -314,17 +279,27 @@ def main(argv=None) -> int:
                    help="simu-jax bench --json output: the cost-per-step table")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results.md"))
     args = p.parse_args(argv)
-    d = json.loads(Path(args.study).read_text())
+    d = json.loads(Path(args.matched).read_text())
+    curvature = json.loads(Path(args.curvature).read_text()) if Path(args.curvature).is_file() else None
     out = Path(args.out)
     figdir = out.parent / "results"
     figdir.mkdir(parents=True, exist_ok=True)
-    stop = d["reference_forget_nll"]
     notes = (HERE / "results_notes.md").read_text() if (HERE / "results_notes.md").is_file() else ""
     real = [json.loads(Path(r).read_text()) for r in args.real]
     lines = ["# Results", "", notes.strip(), ""]
-    lines += section_compare(d, stop) + section_cost(args.bench) + section_ablations(d, stop, figdir)
-    lines += section_curvature(d, figdir)
-    lines += section_sequential(d) + section_relearn(d) + section_real(real)
+    lines += section_attribution(d)
+    lines += section_matched(d, "planted", 2, "Matched forgetting on the planted benchmark",
+                             "The forget facts live in 32 known neurons per layer of a 4-layer LLaMA (hidden 128, "
+                             "MLP 512; §1); the base model (retain + general facts) is the reference. Masks: `ig` = "
+                             "SIMU's own attribution, `true` = the planted neurons, `random` = as many random neurons "
+                             "per layer as `ig`. `simu_frozen`: SIMU-GradDiff with attention frozen (only the masked "
+                             "neurons' down_proj rows train).")
+    lines += section_matched(d, "mlp", 3, "Matched forgetting on the synthetic benchmark with an MLP-heavy model",
+                             "The synthetic benchmark's target (all facts) and retain-only models with the planted "
+                             "benchmark's architecture (4 layers, hidden 128, MLP 512 = 4x hidden), one pair per "
+                             "seed. No true mask exists here.")
+    lines += section_diagnostics(d) + section_attacks(d)
+    lines += section_curvature(curvature, figdir) + section_cost(args.bench) + section_real(real)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)

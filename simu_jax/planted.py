@@ -280,9 +280,11 @@ def train_base(out_dir: str | Path, cfg: PlantedConfig, quiet: bool = False) -> 
             if set(" ".join(r["question"] for r in bench.forget)) - set(" ".join(texts)):
                 raise ValueError("the forget questions use characters no retain or general text has")
             train_bpe_tokenizer(texts, tokenizer)
-        fcfg = FinetuneConfig(model=ModelSpec(config=dict(cfg.model)), data=_data_spec(cfg), split="retain",
-                              tokenizer=str(tokenizer), include_general=True, batch_size=cfg.base_batch_size,
-                              learning_rate=cfg.base_learning_rate, epochs=cfg.base_epochs,
+        # the seed draws the base model's initialization and data order too (a seed varies the model)
+        fcfg = FinetuneConfig(model=ModelSpec(config=dict(cfg.model), seed=cfg.seed), data=_data_spec(cfg),
+                              split="retain", tokenizer=str(tokenizer), include_general=True,
+                              batch_size=cfg.base_batch_size, learning_rate=cfg.base_learning_rate,
+                              epochs=cfg.base_epochs, seed=cfg.seed,
                               checkpoint_every=10_000, eval_every=0, async_checkpoint=False)
         run_finetune(fcfg, out_dir, overwrite=out_dir.exists(), quiet=quiet)
     return out_dir / "model"
