@@ -142,7 +142,7 @@ MATCHED_COLS = [("step", "steps", 1), ("forget_nll", "forget NLL", 2), ("forget_
                 ("general_rouge", "general ROUGE-L", 3), ("mia_auc_loss", "MIA AUC (loss)", 3)]
 RUN_ORDER = ("target", "retain", "fo_graddiff", "so_graddiff", "simu_graddiff/ig", "simu_graddiff/true",
              "simu_graddiff/random", "simu_frozen/ig", "simu_frozen/true", "simu_frozen/random", "simu_newton/ig",
-             "simu_newton/true", "simu_newton/random")
+             "simu_newton/true", "so_graddiff/lr0.1", "simu_graddiff/ig/lr0.1")
 LABELS = {"target": "target (no unlearning)", "retain": "retain-only reference (no unlearning)"}
 
 
