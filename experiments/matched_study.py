@@ -61,6 +61,8 @@ RUNS = (
     ("simu_frozen/random", "simu_graddiff", "random", ("trainable.attention=frozen",)),
     ("simu_newton/ig", "simu_newton", "ig", ()),
     ("simu_newton/true", "simu_newton", "true", ()),
+)
+EXTRA = (  # `runs --extra`
     # the Sophia methods at a tenth of the demo's learning rate (swept on the 2-layer model): at
     # the demo's rate both reach the stop within a few steps and lose most of their utility here
     ("so_graddiff/lr0.1", "so_graddiff", None, (), 0.1),
@@ -177,7 +179,7 @@ def mask_dir(bench_root: Path, kind: str, b: dict, seed: int) -> Path:
     return out
 
 
-def run_all(bench: str, root: Path, seed: int):
+def run_all(bench: str, root: Path, seed: int, runs=RUNS):
     from simu_jax.runio import is_complete
     from simu_jax.unlearn import run_unlearn
 
@@ -187,7 +189,7 @@ def run_all(bench: str, root: Path, seed: int):
     (broot / "models_seconds.json").write_text(json.dumps({"seconds": round(time.time() - t0, 1)}) + "\n")
     stop = forget_nll(b["reference"], b["data"], broot / "reference_forget_nll.json")
     print(f"[matched] {bench} seed {seed}: stop at forget NLL {stop:.3f}", file=sys.stderr)
-    for name, method, mask, overrides, *base in RUNS:
+    for name, method, mask, overrides, *base in runs:
         if mask == "true" and b["truth"] is None:
             continue
         for factor in (round(f * (base[0] if base else 1), 6) for f in FACTORS):
@@ -298,7 +300,7 @@ def collect(root: Path) -> dict:
                 seed_rows["planted"] = {k: p[k] for k in ("before", "after", "seconds")}
             if (sdir / "attribution.json").is_file():
                 seed_rows["attribution"] = json.loads((sdir / "attribution.json").read_text())
-            for name, *_ in RUNS + (("target",), ("retain",)):
+            for name, *_ in RUNS + EXTRA + (("target",), ("retain",)):
                 base = sdir / "runs" / name
                 tries = sorted((d for d in base.glob("x*") if (d / "COMPLETE").is_file()),
                                key=lambda d: float(d.name[1:])) if name not in ("target", "retain") else (
@@ -352,13 +354,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/matched")
     p.add_argument("--bench", nargs="*", choices=("planted", "mlp"), default=["planted", "mlp"])
     p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    p.add_argument("--extra", action="store_true", help="only the EXTRA rows (Sophia at a tenth of the rate)")
     args = p.parse_args(argv)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     if args.command == "runs":
         for seed in args.seeds:
             for bench in args.bench:
-                run_all(bench, root, seed)
+                run_all(bench, root, seed, EXTRA if args.extra else RUNS)
     elif args.command == "attribution":
         for seed in args.seeds:
             attribution(root / "planted" / f"s{seed}", seed)
