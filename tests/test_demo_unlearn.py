@@ -255,12 +255,13 @@ def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
     assert summary["num_selected"] > 0
 
 
-def _small_lume_data_dir(root, rows: int = 64, docs: int = 16):
+def _small_lume_data_dir(root, rows: int = 64, docs: int = 4):
     """A data root (``$SIMU_JAX_DATA_DIR``) holding the first `rows` rows of each LUME split and
     the first `docs` SemEval member / nonmember documents of the shared data. The run evaluates
     the first ``eval.limit`` rows of each split either way; scoring all 150 + 150 MIA documents
-    at the model's full length was most of this test's time (the keys and the mia_score identity
-    checked below do not depend on how many documents there are)."""
+    at the model's full length was most of this test's time, and 16 + 16 still half of it in
+    bf16 (the keys and the mia_score identity checked below do not depend on how many documents
+    there are; with ``eval.batch_size=4`` one pass scores each set, no padding rows)."""
     from simu_jax.data import default_data_dir
 
     src = default_data_dir()
@@ -288,7 +289,7 @@ def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path, monk
     out = tmp_path / "lume"
     args = ["unlearn", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
             "data.benchmark=lume", "data.max_length=64", "method=fo_graddiff", "steps=1", "batch_size=2",
-            "eval.limit=3", "eval.max_new_tokens=4", f"eval.mmlu={mmlu}"]
+            "eval.limit=3", "eval.max_new_tokens=4", "eval.batch_size=4", f"eval.mmlu={mmlu}"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
