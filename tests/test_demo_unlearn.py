@@ -378,24 +378,25 @@ def test_mesh_that_would_replicate_the_batch_is_refused_before_anything_is_writt
     assert not out.exists()
 
 
-def test_sigkill_then_resume_equals_uninterrupted(demo, tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    steps = ["steps=8"]
-    assert main(_unlearn_args(demo, full, *steps)) == 0
-    cmd, env = _cli(_unlearn_args(demo, killed, *steps, "debug.sleep_per_step=1.0"))
+def test_sigkill_then_resume_equals_uninterrupted(demo, plain, tmp_path):
+    """`plain` is the uninterrupted run (4 steps, a checkpoint every 2). The killed run sleeps 2 s
+    after each step: once checkpoint 2 is in place, steps 3 and 4 and their sleeps (> 4 s) are
+    left to kill it in."""
+    full, killed = plain, tmp_path / "killed"
+    cmd, env = _cli(_unlearn_args(demo, killed, "debug.sleep_per_step=2.0"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         ckpts = killed / "checkpoints"
         done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-        if any(step >= 4 for step in done):  # a finished checkpoint (orbax renames it into place)
+        if any(step >= 2 for step in done):  # a finished checkpoint (orbax renames it into place)
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.kill()  # SIGKILL: no handler runs, no final checkpoint
     proc.wait()
     assert not (killed / "COMPLETE").exists()
-    resume = _unlearn_args(demo, killed, *steps)
+    resume = _unlearn_args(demo, killed)
     assert main(resume[:1] + ["--resume"] + resume[1:]) == 0
     for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(killed))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
