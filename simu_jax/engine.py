@@ -205,7 +205,11 @@ class Unlearner:
                 opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.trainable), tr_sh, mesh, tx=self.tx)
                 self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
             else:
-                self.opt_state = jax.jit(self.tx.init)(self.trainable)
+                # keep_unused: the state then comes back committed like the trainable params (init
+                # reads only their shapes, and a jit whose used inputs are all uncommitted returns
+                # uncommitted arrays); the step's outputs are committed, and committed vs
+                # uncommitted arguments are different jit cache entries: step 2 would compile again.
+                self.opt_state = jax.jit(self.tx.init, keep_unused=True)(self.trainable)
         self.step_count = 0
         self._step_fn = functools.partial(compiled_step, graphdef, part, method, settings)
         self._scatter = None  # params(): the default jitted scatter

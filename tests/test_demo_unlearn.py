@@ -255,12 +255,13 @@ def test_attribute_command_writes_reusable_mask(demo, tmp_path, capsys):
     assert summary["num_selected"] > 0
 
 
-def _small_lume_data_dir(root, rows: int = 64, docs: int = 16):
+def _small_lume_data_dir(root, rows: int = 64, docs: int = 4):
     """A data root (``$SIMU_JAX_DATA_DIR``) holding the first `rows` rows of each LUME split and
     the first `docs` SemEval member / nonmember documents of the shared data. The run evaluates
     the first ``eval.limit`` rows of each split either way; scoring all 150 + 150 MIA documents
-    at the model's full length was most of this test's time (the keys and the mia_score identity
-    checked below do not depend on how many documents there are)."""
+    at the model's full length was most of this test's time, and 16 + 16 still half of it in
+    bf16 (the keys and the mia_score identity checked below do not depend on how many documents
+    there are; with ``eval.batch_size=4`` one pass scores each set, no padding rows)."""
     from simu_jax.data import default_data_dir
 
     src = default_data_dir()
@@ -288,7 +289,7 @@ def test_unlearn_on_lume_evaluates_official_metrics_and_mia(demo, tmp_path, monk
     out = tmp_path / "lume"
     args = ["unlearn", "--quiet", "--out", str(out), "--set", f"model.path={demo / 'target' / 'model'}",
             "data.benchmark=lume", "data.max_length=64", "method=fo_graddiff", "steps=1", "batch_size=2",
-            "eval.limit=3", "eval.max_new_tokens=4", f"eval.mmlu={mmlu}"]
+            "eval.limit=3", "eval.max_new_tokens=4", "eval.batch_size=4", f"eval.mmlu={mmlu}"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
@@ -377,24 +378,25 @@ def test_mesh_that_would_replicate_the_batch_is_refused_before_anything_is_writt
     assert not out.exists()
 
 
-def test_sigkill_then_resume_equals_uninterrupted(demo, tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    steps = ["steps=8"]
-    assert main(_unlearn_args(demo, full, *steps)) == 0
-    cmd, env = _cli(_unlearn_args(demo, killed, *steps, "debug.sleep_per_step=1.0"))
+def test_sigkill_then_resume_equals_uninterrupted(demo, plain, tmp_path):
+    """`plain` is the uninterrupted run (4 steps, a checkpoint every 2). The killed run sleeps 2 s
+    after each step: once checkpoint 2 is in place, steps 3 and 4 and their sleeps (> 4 s) are
+    left to kill it in."""
+    full, killed = plain, tmp_path / "killed"
+    cmd, env = _cli(_unlearn_args(demo, killed, "debug.sleep_per_step=2.0"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         ckpts = killed / "checkpoints"
         done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-        if any(step >= 4 for step in done):  # a finished checkpoint (orbax renames it into place)
+        if any(step >= 2 for step in done):  # a finished checkpoint (orbax renames it into place)
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.kill()  # SIGKILL: no handler runs, no final checkpoint
     proc.wait()
     assert not (killed / "COMPLETE").exists()
-    resume = _unlearn_args(demo, killed, *steps)
+    resume = _unlearn_args(demo, killed)
     assert main(resume[:1] + ["--resume"] + resume[1:]) == 0
     for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(killed))):
         assert np.array_equal(np.asarray(a), np.asarray(b))

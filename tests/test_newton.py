@@ -444,6 +444,15 @@ def run_method(memorized, method, steps, **optim):
     return u, rows
 
 
+@pytest.fixture(scope="module")
+def newton_lanczos(memorized):
+    """simu_newton with the default solver (lanczos), 8 Krylov vectors, the extreme eigenvalues
+    every 2nd step: shared by the two tests below (one compile). The diagnostics do not touch the
+    step: its first 4 rows equal a run without them bit for bit."""
+    return run_method(memorized, "simu_newton", 5, damping=1e-3, trust_radius=0.5, cg_iters=8, lanczos_every=2,
+                      lanczos_iters=8)
+
+
 def test_ggn_trust_region_steps_are_not_gradient_steps(memorized):
     """Trust region on the PSD Gauss-Newton matrix, small damping: CG runs several iterations
     and the step is not the gradient direction on most steps (measured over 10 steps: cosines
@@ -458,7 +467,7 @@ def test_ggn_trust_region_steps_are_not_gradient_steps(memorized):
     assert int(u.opt_state.count) == 6
 
 
-def test_exact_newton_steps_are_not_gradient_steps(memorized):
+def test_exact_newton_steps_are_not_gradient_steps(memorized, newton_lanczos):
     """The exact, indefinite Hessian: -g itself mostly has negative curvature, so Steihaug CG
     stops at its first direction and the step is the scaled gradient (cosine 1, one product);
     the default solver (GLTR in the Krylov space, optim.tr_solver resolves to lanczos for
@@ -467,7 +476,7 @@ def test_exact_newton_steps_are_not_gradient_steps(memorized):
 
     assert OptimSpec().resolved("newton").tr_solver == "lanczos"
     assert OptimSpec().resolved("ggn").tr_solver == "steihaug"
-    _, rows = run_method(memorized, "simu_newton", 4, damping=1e-3, trust_radius=0.5, cg_iters=8)
+    rows = newton_lanczos[1][:4]
     cos = np.array([r["newton/cos_neg_grad"] for r in rows])
     its = np.array([r["newton/cg_iterations"] for r in rows])
     assert np.mean(cos < 0.99) > 0.5 and np.all(its == 8), (cos, its)
@@ -489,12 +498,11 @@ def test_lanczos_solver_in_the_trust_region_iteration(x64):
     assert int(info["cg_exit"]) == C.CG_NEGATIVE_CURVATURE and float(state.radius) == pytest.approx(1.5)
 
 
-def test_exact_newton_trust_region_state_and_metrics(memorized):
+def test_exact_newton_trust_region_state_and_metrics(newton_lanczos):
     """The exact-Hessian trust region carries (radius, lambda) in opt_state; every step logs the
     diagnostics; a rejected step leaves the parameters unchanged; lanczos_every gives
     an indefinite spectrum (GradDiff's Hessian) on its steps and NaN on the others."""
-    u, rows = run_method(memorized, "simu_newton", 5, damping=1e-3, trust_radius=0.5, lanczos_every=2,
-                         lanczos_iters=8)
+    u, rows = newton_lanczos
     for r in rows:
         for k in ("rho", "cg_exit", "cg_iterations", "step_norm", "radius", "damping", "accepted", "cos_neg_grad",
                   "predicted_decrease", "actual_decrease"):

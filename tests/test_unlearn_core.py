@@ -283,6 +283,36 @@ def test_padding_slots_do_not_undo_row_zeroing(model):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_step_compiles_once(model, mask):
+    """On params committed to a device (as loaded models are), the first step compiles the step
+    and later steps reuse it: the optimizer state starts committed like the step's outputs (an
+    uncommitted initial state is a different jit cache entry, so step 2 compiled the whole step
+    again: once per run, 8-25 s of each of the quick demo's methods at -O0; every optimizer's
+    state, the Newton methods' trust region included, is made by the same ``tx.init``). Counted
+    with JAX's backend-compile events; a learning rate no other test uses, so step 1 is a fresh
+    compile."""
+    graphdef, params = model
+    params = jax.device_put(params, jax.devices()[0])
+    compiles = []
+
+    def on_event(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    u = Unlearner(graphdef, params, get_method("simu_graddiff"), StepSettings(optim=OptimSpec(learning_rate=0.0123)),
+                  selected=mask.selected)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        jax.block_until_ready(u.step(pair(0), jax.random.key(0)))
+        first = len(compiles)
+        for i in (1, 2):
+            jax.block_until_ready(u.step(pair(i), jax.random.key(i)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert first >= 1  # the listener sees the step's compile
+    assert len(compiles) == first, f"steps 2-3 compiled {len(compiles) - first} more programs"
+
+
 def test_simu_state_is_a_fraction_of_so(model, mask):
     graphdef, params = model
     so = Unlearner(graphdef, params, get_method("so_graddiff"), StepSettings())
