@@ -1,15 +1,24 @@
 """Issue #9 on real data: TOFU forget10 with a small LLaMA and LUME with a small OLMo, trained from
 scratch on this CPU, then FO / SO / SIMU GradDiff and SIMU-Newton at matched forgetting.
 
-    python experiments/real.py run --benchmark tofu --out runs/real      # target, retain, 4 methods
+    python experiments/real.py run --benchmark tofu --out runs/real      # general, target, retain, methods
     python experiments/real.py run --benchmark lume --out runs/real
     python experiments/real.py report --out runs/real                    # -> runs/real/real.json
 
 The models come from experiments/<benchmark>/{target,retain}.yaml (the retain-only model uses the
-target's tokenizer). Unlearning stops when the forget answer NLL (first 32 forget examples)
+target's tokenizer). Where experiments/<benchmark>/general.yaml exists (TOFU, issue 16) a
+general-knowledge model is trained from scratch first (``split: general``: TOFU's real_authors +
+world_facts QA, with the BPE tokenizer trained on all TOFU texts), and the target and the
+retain-only model are both fine-tuned from it, with the general set replayed
+(``include_general: true``), so TOFU's model utility has something to measure. Those two sets
+are also TOFU's real-authors / world-facts evaluation sets: here they measure whether the
+general knowledge the model was taught is *retained* through fine-tuning and unlearning, not
+whether the model generalizes to facts it never saw (a pretrained model's case).
+
+Unlearning stops when the forget answer NLL (first 32 forget examples)
 reaches the retain-only model's NLL there (at most MAX_STEPS steps, batch 8 + 8), as in
 experiments/study.py. Evaluation is capped at EVAL_LIMIT records per set (TOFU's official
-evaluation uses all 400 of forget10/retain_perturbed; this CPU cannot generate that much per run).
+evaluation uses the first 300 of each set; this CPU cannot generate that much per run).
 """
 
 from __future__ import annotations
@@ -27,14 +36,13 @@ ATTRIBUTION_EXAMPLES = {"tofu": None, "lume": 256}
 METHODS = ("fo_graddiff", "so_graddiff", "simu_graddiff", "simu_newton", "simu_ggn", "simu_influence")
 
 
-def finetune(bench: str, split: str, out: Path, tokenizer: str | None = None) -> Path:
+def finetune(bench: str, split: str, out: Path, overrides=()) -> Path:
     from simu_jax.config import load_config
     from simu_jax.finetune import FinetuneConfig, run_finetune
     from simu_jax.runio import is_complete
 
     if not is_complete(out):
-        overrides = [f"tokenizer={tokenizer}"] if tokenizer else []
-        cfg = load_config(FinetuneConfig, HERE / bench / f"{split}.yaml", overrides)
+        cfg = load_config(FinetuneConfig, HERE / bench / f"{split}.yaml", list(overrides))
         print(f"[real] fine-tuning {bench} {split}", file=sys.stderr)
         run_finetune(cfg, out, overwrite=out.exists(), quiet=True)
     return out / "model"
@@ -98,8 +106,12 @@ def run(bench: str, root: Path, methods=METHODS):
     from simu_jax.unlearn import run_unlearn
 
     base = root / bench
-    target = finetune(bench, "target", base / "target")
-    reference = finetune(bench, "retain", base / "retain", tokenizer=str(target))
+    start, general = [], None  # where the target and the retain-only model start from (default: their yaml's)
+    if (HERE / bench / "general.yaml").is_file():
+        general = finetune(bench, "general", base / "general")
+        start = [f"model.path={general}"]  # its tokenizer comes along
+    target = finetune(bench, "target", base / "target", start)
+    reference = finetune(bench, "retain", base / "retain", start or [f"tokenizer={target}"])
     stop = forget_nll(bench, reference, base / "reference_forget_nll.json")
     print(f"[real] {bench}: stop at forget NLL {stop:.3f}", file=sys.stderr)
     ref_for_eval = reference if bench == "tofu" else None  # LUME has no forget quality
@@ -117,6 +129,39 @@ def run(bench: str, root: Path, methods=METHODS):
         run_unlearn(cfg, out, overwrite=out.exists(), quiet=True)
         if method == "simu_graddiff":
             mask = out / "mask"
+    if general is not None:  # the starting point, for comparison: knows the general set, not TOFU
+        evaluate_model(bench, "general", general, ref_for_eval, base / "runs" / "general")
+
+
+# TOFU model utility = harmonic mean of these nine (simu_jax.evaluate.metrics.model_utility): the report
+# prints them, since they tell whether a utility is real (one near-zero entry drags the mean to zero)
+UTILITY_PARTS = [(f"{s}_{m}", f"{name} {label}") for s, name in (("retain", "retain"), ("real_authors", "RA"),
+                                                                  ("world_facts", "WF"))
+                 for m, label in (("rouge", "ROUGE-L"), ("prob", "prob"), ("truth_ratio", "TR"))]
+
+
+def _fmt(c) -> str:
+    return "–" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c))
+
+
+def _table(header, rows) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            + ["| " + " | ".join(map(_fmt, r)) + " |" for r in rows] + [""])
+
+
+def _finetune_summary(base: Path) -> tuple[str, dict]:
+    """One sentence on the fine-tuned models (wall time, final answer-token accuracy per set)."""
+    parts, data = [], {}
+    for stage in ("general", "target", "retain"):
+        f = base / stage / "final_metrics.json"
+        if not f.is_file():
+            continue
+        m = json.loads(f.read_text())
+        data[stage] = {"wall_time_s": m.get("wall_time_s"), "steps": m.get("steps"),
+                       **{f"{k}_accuracy": m[k]["accuracy"] for k in ("forget", "retain", "general") if k in m}}
+        acc = ", ".join(f"{k} {m[k]['accuracy']:.3f}" for k in ("forget", "retain", "general") if k in m)
+        parts.append(f"{stage} {m.get('steps')} steps in {m.get('wall_time_s')} s (answer-token accuracy {acc})")
+    return "; ".join(parts), data
 
 
 def report(root: Path) -> dict:
@@ -129,21 +174,26 @@ def report(root: Path) -> dict:
             "lume": [("task_aggregate", "task aggregate"), ("forget_regurgitation", "forget regurgitation"),
                      ("retain_regurgitation", "retain regurgitation"), ("mia_auc_loss", "MIA AUC (loss)"),
                      ("mia_score", "MIA score")]}
-    md, data = [], {}
+    md, data, finetuned = [], {}, {}
     for bench in ("tofu", "lume"):
         base = root / bench
         if not (base / "runs").is_dir():
             continue
         stop = json.loads((base / "reference_forget_nll.json").read_text())["nll"]
-        tcfg = json.loads((base / "target" / "run.json").read_text()) if (base / "target" / "run.json").is_file() else {}
-        md += [f"### {bench.upper()}", "",
-               f"Target = experiments/{bench}/target.yaml, reference = retain.yaml (fine-tuned here: "
-               f"{tcfg.get('wall_time_s', '?')} s for the target). Stop at forget NLL {stop:.3f} (the retain-only "
-               f"model's), at most {MAX_STEPS} steps; evaluation on the first {EVAL_LIMIT} records of each set.", ""]
-        header = ["model", "steps", "forget NLL"] + [c for _, c in cols[bench]]
-        md += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        data[bench] = {}
-        for name in ("target", "retain") + METHODS:
+        summary, finetuned[bench] = _finetune_summary(base)
+        general = (base / "general").is_dir()
+        md += [f"### {bench.upper()}", ""]
+        if general:
+            md += [f"General model = experiments/{bench}/general.yaml (from scratch on real_authors + world_facts); "
+                   f"target = target.yaml, reference = retain.yaml, both fine-tuned from it with the general set "
+                   f"replayed. The real-authors / world-facts evaluation sets are the general training set: their "
+                   f"numbers measure retention of taught knowledge, not generalization.", ""]
+        else:
+            md += [f"Target = experiments/{bench}/target.yaml, reference = retain.yaml.", ""]
+        md += [f"Fine-tuned here: {summary}. Stop at forget NLL {stop:.3f} (the retain-only model's), at most "
+               f"{MAX_STEPS} steps; evaluation on the first {EVAL_LIMIT} records of each set.", ""]
+        data[bench], rows, parts = {}, [], []
+        for name in ("general", "target", "retain") + METHODS:
             d = base / "runs" / name
             if not (d / "COMPLETE").is_file():
                 continue
@@ -153,11 +203,14 @@ def report(root: Path) -> dict:
             row = {"steps": res.get("step"), "forget_nll": curve[-1]["eval/forget_loss"] if curve else None,
                    **r["metrics"]}
             data[bench][name] = row
-            cells = [name, row["steps"], row["forget_nll"]] + [row.get(k) for k, _ in cols[bench]]
-            md.append("| " + " | ".join("–" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c))
-                                        for c in cells) + " |")
-        md.append("")
-    out = {"markdown": "\n".join(md), "rows": data}
+            rows.append([name, row["steps"], row["forget_nll"]] + [row.get(k) for k, _ in cols[bench]])
+            parts.append([name] + [row.get(k) for k, _ in UTILITY_PARTS] + [row.get("model_utility")])
+        md += _table(["model", "steps", "forget NLL"] + [c for _, c in cols[bench]], rows)
+        if bench == "tofu" and parts:
+            md += ["Model utility's nine parts (RA = real authors, WF = world facts; prob is the normalized "
+                   "probability of the true answer there, TR = truth ratio max(0, 1 - R)):", ""]
+            md += _table(["model"] + [c for _, c in UTILITY_PARTS] + ["model utility"], parts)
+    out = {"markdown": "\n".join(md), "rows": data, "finetune": finetuned}
     (root / "real.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
@@ -172,7 +225,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if args.command == "run":
         run(args.benchmark, root)
-    report(root)
+    print(report(root)["markdown"])
     return 0
 
 

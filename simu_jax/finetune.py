@@ -71,8 +71,12 @@ class FinetuneConfig:
     """Fine-tuning configuration (YAML keys = field names).
 
     ``split``: ``full`` trains on forget + retain (the target model), ``retain`` on retain
-    only (the reference model). ``include_general`` adds the benchmark's general set
-    (default: only for synthetic, whose model starts from scratch).
+    only (the reference model), ``general`` on the benchmark's general set only (TOFU:
+    real_authors + world_facts; a from-scratch model's general-knowledge stage, fine-tuned
+    afterwards with ``split: full`` / ``retain``; ``include_general`` does not apply).
+    ``include_general`` adds the benchmark's general set (default: only for synthetic, whose
+    model starts from scratch). A run that trains on the general set also evaluates it
+    (``general/loss``, ``general/accuracy``).
     ``tokenizer``: an HF tokenizer directory/name; ``None`` = the model directory's, or for
     a randomly initialized model a byte-level BPE tokenizer (``tokenizer_vocab_size``)
     trained on the benchmark's texts and saved with the model.
@@ -85,7 +89,7 @@ class FinetuneConfig:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    split: Literal["full", "retain"] = "full"
+    split: Literal["full", "retain", "general"] = "full"
     include_general: bool | None = None
     tokenizer: str | None = None
     tokenizer_vocab_size: int = field(default=1024, metadata={"range": (260, None)})
@@ -171,12 +175,15 @@ def _load_tokenizer(cfg: FinetuneConfig, bench, work_dir: Path):
 
 def _train_records(cfg: FinetuneConfig, bench) -> tuple[list[dict], dict[str, int]]:
     include_general = bench.train_general if cfg.include_general is None else cfg.include_general
-    parts = {"retain": bench.retain}
-    if cfg.split == "full":
-        parts = {"forget": bench.forget, **parts}
-    if include_general:
-        parts["general"] = bench.general
-    for name in ("forget", "retain"):
+    if cfg.split == "general":
+        parts = {"general": bench.general}
+    else:
+        parts = {"retain": bench.retain}
+        if cfg.split == "full":
+            parts = {"forget": bench.forget, **parts}
+        if include_general:
+            parts["general"] = bench.general
+    for name in ("forget", "retain") if cfg.split != "general" else ("general",):
         if name in parts and not parts[name]:
             raise ValueError(f"the {name} set of benchmark {bench.name} is empty; cannot fine-tune split={cfg.split}")
     records = [r for recs in parts.values() for r in recs]
@@ -204,8 +211,8 @@ def _prepare(cfg: FinetuneConfig, work_dir: Path) -> _Prepared:
 
     train = tokenize(records)
     evals = {}
-    for name, recs in (("forget", bench.forget), ("retain", bench.retain_eval)):
-        if recs:
+    for name, recs in (("forget", bench.forget), ("retain", bench.retain_eval), ("general", bench.general)):
+        if recs and (name != "general" or "general" in counts):
             evals[name] = tokenize(recs[: cfg.eval_limit] if cfg.eval_limit else recs)
     length = max(a["input_ids"].shape[1] for a in [train, *evals.values()])
     train = pad_to_length(train, length, pad_token_id(tok))
@@ -607,7 +614,8 @@ def _say(quiet: bool, message: str) -> None:
 
 def cli_main(argv: list[str]) -> int:
     p = ArgumentParser(prog="simu-jax finetune",
-                       description="Fine-tune a target (split=full) or retain-only (split=retain) model.")
+                       description="Fine-tune a target (split=full), retain-only (split=retain) or "
+                                   "general-knowledge (split=general) model.")
     p.add_argument("--config", help="YAML config file (FinetuneConfig); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set learning_rate=1e-3 data.max_length=128")
@@ -638,7 +646,7 @@ def cli_main(argv: list[str]) -> int:
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     parts = [f"{k} accuracy {result[k]['accuracy']:.4f} loss {result[k]['loss']:.4f}"
-             for k in ("forget", "retain") if k in result]
+             for k in ("forget", "retain", "general") if k in result]
     print(f"finetune complete: {result['step']} steps in {result['wall_time_s']:.1f}s; " + "; ".join(parts)
           + f"; model: {result['model_dir']}")
     return 0

@@ -465,3 +465,29 @@ def test_mesh_finetune_matches_single_device(tmp_path):
     assert sum(k.startswith("[1]") for k in split) == 2 * sum(k.startswith("[0]") for k in split)  # mu, nu
     # a [grad_accum, B, T] batch: its B = 8 rows over data x fsdp, one per device
     assert json.loads((tmp_path / "shards.json").read_text())["batch_shards"] == [[2, 1, 32]]
+
+
+def test_split_general_trains_on_the_general_set_only():
+    """``split: general`` (a from-scratch model's general-knowledge stage): the training records are
+    exactly the benchmark's general set, whatever ``include_general`` says; the run evaluates them."""
+    from simu_jax.base import ConfigError
+    from simu_jax.data import Benchmark, load_benchmark
+    from simu_jax.finetune import _train_records, plan_finetune
+
+    cfg = tiny("split=general")
+    bench = load_benchmark(cfg.data)
+    assert len(bench.general) == 10 and bench.forget and bench.retain
+    for extra in ((), ("include_general=false",), ("include_general=true",)):
+        records, counts = _train_records(tiny("split=general", *extra), bench)
+        assert records == bench.general and counts == {"general": 10}
+    records, counts = _train_records(tiny("split=full"), bench)  # synthetic: general mixed in by default
+    assert records == bench.forget + bench.retain + bench.general
+    plan = plan_finetune(cfg)
+    assert plan["data"]["by_set"] == {"general": 10} and plan["data"]["examples"] == 10
+    assert plan["data"]["eval"]["general"] == 10
+    assert "general" not in plan_finetune(tiny("split=full", "include_general=false"))["data"]["eval"]
+    empty = Benchmark("lume", bench.forget, bench.retain, [], [], [], retain_eval=bench.retain)
+    with pytest.raises(ValueError, match="general set of benchmark lume is empty"):
+        _train_records(cfg, empty)
+    with pytest.raises(ConfigError, match="split"):
+        tiny("split=generic")
