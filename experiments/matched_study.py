@@ -296,6 +296,8 @@ def collect(root: Path) -> dict:
     for bdir in sorted(p for p in root.iterdir() if p.is_dir() and p.name in ("planted", "mlp")):
         bench = {}
         for sdir in sorted(bdir.glob("s*")):
+            if not (sdir / "reference_forget_nll.json").is_file():
+                continue  # its models are still being built
             truth_dir = sdir / "model" / "truth"
             truth = NeuronMask.load(truth_dir).selected if truth_dir.exists() else None
             stop = json.loads((sdir / "reference_forget_nll.json").read_text())["nll"]
