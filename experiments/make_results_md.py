@@ -293,7 +293,8 @@ def main(argv=None) -> int:
                              "MLP 512; §1); the base model (retain + general facts) is the reference. Masks: `ig` = "
                              "SIMU's own attribution, `true` = the planted neurons, `random` = as many random neurons "
                              "per layer as `ig`. `simu_frozen`: SIMU-GradDiff with attention frozen (only the masked "
-                             "neurons' down_proj rows train).")
+                             "neurons' down_proj rows train). The Newton rows of seeds 1 and 2 start at 3x the demo's radius (on "
+                             "seed 0 neither mask reached the stop at 1x).")
     lines += section_matched(d, "mlp", 3, "Matched forgetting on the synthetic benchmark with an MLP-heavy model",
                              "The synthetic benchmark's target (all facts) and retain-only models with the planted "
                              "benchmark's architecture (4 layers, hidden 128, MLP 512 = 4x hidden), one pair per "

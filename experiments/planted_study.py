@@ -33,7 +33,8 @@ from simu_jax.planted import PlantedConfig, make_planted, planted_sets
 from simu_jax.models.spec import load_model
 from simu_jax.runio import write_json_atomic
 
-# 32 of 512 neurons per layer (6%), 100 AdamW steps at 3e-2 (one run, docs/results/data/planted_study.json):
+# 32 of 512 neurons per layer (6%), 100 AdamW steps at 3e-2 (one run under the earlier split tokenization,
+# docs/results/data/planted_study.json; docs/results.md §1 has three seeds under the default one):
 # neurons only: forget NLL 6.37 -> 0.58 (teacher-forced accuracy 0.997), retain 0.005 -> 0.027, general
 # 0.016 -> 0.099; + attention at the same rate: forget -> 1.13 but retain -> 1.59, general -> 3.96 (the
 # attention variant wants a lower rate; not tuned)
