@@ -299,8 +299,8 @@ def main(argv=None) -> int:
                              "The synthetic benchmark's target (all facts) and retain-only models with the planted "
                              "benchmark's architecture (4 layers, hidden 128, MLP 512 = 4x hidden), one pair per "
                              "seed. No true mask exists here.")
-    lines += section_diagnostics(d) + section_attacks(d)
-    lines += section_curvature(curvature, figdir) + section_cost(args.bench) + section_real(real)
+    lines += section_diagnostics(d) + section_cost(args.bench) + section_attacks(d)
+    lines += section_curvature(curvature, figdir) + section_real(real)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)
