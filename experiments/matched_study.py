@@ -111,13 +111,11 @@ def mlp_models(root: Path, seed: int) -> tuple[Path, Path]:
 def benchmark(bench: str, root: Path, seed: int) -> dict:
     """{target, reference, data, truth (planted only)} for one benchmark and seed."""
     if bench == "planted":
-        from simu_jax.planted import make_planted
+        from simu_jax.planted import data_spec as planted_data_spec, make_planted
 
         cfg = planted_config(seed)
         info = make_planted(root, cfg, quiet=True)
-        from simu_jax.planted import _data_spec
-
-        return {"target": root / "model", "reference": Path(info["base_model"]), "data": _data_spec(cfg),
+        return {"target": root / "model", "reference": Path(info["base_model"]), "data": planted_data_spec(cfg),
                 "truth": root / "truth", "planted": info}
     target, reference = mlp_models(root, seed)
     return {"target": target, "reference": reference, "data": data_spec(), "truth": None}

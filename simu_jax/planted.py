@@ -44,7 +44,7 @@ import numpy as np
 from simu_jax.base import ConfigError
 from simu_jax.data.synthetic import SyntheticConfig
 
-__all__ = ["STUDY_MODEL", "PlantedConfig", "choose_neurons", "evaluate_sets", "make_planted", "plant",
+__all__ = ["STUDY_MODEL", "PlantedConfig", "choose_neurons", "data_spec", "evaluate_sets", "make_planted", "plant",
            "planted_sets", "train_base", "trainable_tree"]
 
 # 4 layers, hidden 128, MLP intermediate 512 (4x): the MLPs are 2/3 of the layer weights
@@ -234,7 +234,7 @@ def planted_sets(cfg: PlantedConfig, tokenizer) -> dict[str, dict]:
     from simu_jax.data.benchmark import load_benchmark, qa_template
     from simu_jax.data.tokenize import TRAIN_BUCKETS, pad_to_length, tokenize_qa
 
-    spec = _data_spec(cfg)
+    spec = data_spec(cfg)
     bench = load_benchmark(spec)
     sets = {name: tokenize_qa(tokenizer, recs, qa_template(spec), cfg.max_length, buckets=TRAIN_BUCKETS,
                               style=spec.tokenization_style())
@@ -249,7 +249,8 @@ def _config_json(cfg: PlantedConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _data_spec(cfg: PlantedConfig):
+def data_spec(cfg: PlantedConfig):
+    """The benchmark's DataSpec (the synthetic facts of ``cfg``): what unlearning on it reads."""
     from simu_jax.data.benchmark import DataSpec
 
     return DataSpec(benchmark="synthetic", max_length=cfg.max_length, synthetic=cfg.synthetic)
@@ -275,13 +276,13 @@ def train_base(out_dir: str | Path, cfg: PlantedConfig, quiet: bool = False) -> 
     if not is_complete(out_dir):
         tokenizer = out_dir.with_name(out_dir.name + "_tokenizer")
         if not (tokenizer / "tokenizer.json").is_file():
-            bench = load_benchmark(_data_spec(cfg))
+            bench = load_benchmark(data_spec(cfg))
             texts = benchmark_texts(dataclasses.replace(bench, forget=[], holdout=[]))
             if set(" ".join(r["question"] for r in bench.forget)) - set(" ".join(texts)):
                 raise ValueError("the forget questions use characters no retain or general text has")
             train_bpe_tokenizer(texts, tokenizer)
         # the seed draws the base model's initialization and data order too (a seed varies the model)
-        fcfg = FinetuneConfig(model=ModelSpec(config=dict(cfg.model), seed=cfg.seed), data=_data_spec(cfg),
+        fcfg = FinetuneConfig(model=ModelSpec(config=dict(cfg.model), seed=cfg.seed), data=data_spec(cfg),
                               split="retain", tokenizer=str(tokenizer), include_general=True,
                               batch_size=cfg.base_batch_size, learning_rate=cfg.base_learning_rate,
                               epochs=cfg.base_epochs, seed=cfg.seed,

@@ -33,7 +33,7 @@ def one_error(err: list[str]) -> str:
         (["learning_rate=-1e-3"], "config key 'learning_rate' must be in (0, inf); got -0.001"),
         (["learning_rat=1e-3"], "config key 'learning_rat' is unknown; allowed keys: model, data, split,"),
         (["batch_size=big"], "config key 'batch_size' must be int, got 'big' (str)"),
-        (["split=forget"], "config key 'split' must be one of full, retain; got 'forget'"),
+        (["split=forget"], "config key 'split' must be one of full, retain, general; got 'forget'"),
         (["data.synthetic.forget_fraction=0"], "config key 'data.synthetic.forget_fraction' must be in (0, 1); got 0.0"),
         (["warmup_ratio=1"], "config key 'warmup_ratio' must be in [0, 1); got 1.0"),
         (["data.benchmark=squad"], "config key 'data.benchmark' must be one of synthetic, tofu, lume; got 'squad'"),
