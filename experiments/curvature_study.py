@@ -2,8 +2,11 @@
 curvature a better model of the exact Hessian?
 
     python experiments/curvature_study.py --out runs/study     # after `study.py runs` made the models
+    python experiments/curvature_study.py --out runs/curvature \
+        --model runs/matched/mlp/s0/models/target/model --sizes 2 8 32 128 512   # docs/results.md §5
 
-On the synthetic target model (the demo's 2-layer LLaMA, 2 x 256 MLP neurons), for the GradDiff
+On a synthetic target model (default: study.py's, the demo's 2-layer LLaMA with 2 x 256 MLP
+neurons; docs/results.md uses matched_study.py's 4-layer MLP-heavy one, 4 x 512), for the GradDiff
 loss on one fixed batch (all 20 forget + 20 retain QA pairs) and for nested neuron subsets S (the
 top-k neurons per layer by forget integrated-gradient score, k = 2, 8, 32, 128, 256 = all), with the
 trainable coordinates = the down_proj rows of S (128 per neuron; attention excluded so that S alone
