@@ -16,14 +16,6 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DIAG_COLS = [("clip_fraction", "at clip (Sophia)"), ("update_over_lr", "median update / lr"),
-             ("off_gradient", "steps with cos(step, -g) < 0.99"), ("cos_median", "median cos(step, -g)"),
-             ("products_median", "CG / Lanczos products"), ("accepted", "accepted"), ("rho_median", "median rho")]
-COLS = [("forget_rouge", "forget ROUGE-L"), ("forget_prob", "forget prob"), ("forget_quality", "forget quality"),
-        ("model_utility", "model utility"), ("retain_rouge", "retain ROUGE-L"), ("general_rouge", "general ROUGE-L"),
-        ("mia_auc_loss", "MIA AUC (loss)")]
-
-
 def _f(x, digits=3):
     if x is None:
         return "–"

@@ -38,13 +38,12 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import diagnostics  # noqa: E402  (the Sophia / Newton step diagnostics, same definitions)
+from study import diagnostics, forget_nll, reached  # noqa: E402  (the same definitions as study.py's)
 
 MAX_STEPS = 40
 SEEDS = (0, 1, 2)
@@ -121,23 +120,6 @@ def benchmark(bench: str, root: Path, seed: int) -> dict:
     return {"target": target, "reference": reference, "data": data_spec(), "truth": None}
 
 
-def forget_nll(model: Path, data, cache: Path) -> float:
-    """Teacher-forced answer NLL (nats / token) of ``model`` on the forget set (the stop's level)."""
-    import jax.numpy as jnp
-
-    from simu_jax.engine import eval_losses
-    from simu_jax.models.spec import ModelSpec
-    from simu_jax.unlearn import UnlearnConfig, prepare
-
-    if cache.is_file():
-        return json.loads(cache.read_text())["nll"]
-    prep = prepare(UnlearnConfig(model=ModelSpec(path=str(model)), data=data))
-    forget = {a: jnp.asarray(v[:32]) for a, v in prep.arrays["forget"].items()}
-    nll = float(eval_losses(prep.graphdef, prep.params, forget))
-    cache.write_text(json.dumps({"nll": nll}) + "\n")
-    return nll
-
-
 def unlearn_config(method, b, stop, seed, *, mask=None, overrides=(), factor=1):
     from simu_jax.config import load_config
     from simu_jax.demo import METHOD_SETTINGS
@@ -150,18 +132,11 @@ def unlearn_config(method, b, stop, seed, *, mask=None, overrides=(), factor=1):
         settings[key] = float(settings.get(key, load_config(UnlearnConfig, None, []).optim.learning_rate)) * factor
     cfg = load_config(UnlearnConfig, None, [f"{k}={v}" for k, v in settings.items()] + list(overrides)
                       + [f"eval.attack.names=[{','.join(ATTACKS)}]"])
-    if factor != 1:
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **{key.split(".")[1]: settings[key]}))
     attribution = cfg.attribution if mask is None else dataclasses.replace(cfg.attribution, mask_path=str(mask))
     return dataclasses.replace(
         cfg, model=ModelSpec(path=str(b["target"])), reference=str(b["reference"]), data=b["data"], method=method,
         steps=MAX_STEPS, batch_size=4, seed=seed, attribution=attribution,
         eval=dataclasses.replace(cfg.eval, every=1, stop_forget_loss=stop, max_new_tokens=24))
-
-
-def reached(run_dir: Path, stop: float) -> bool:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return any(r.get("eval/forget_loss", -1.0) >= stop for r in rows)
 
 
 def mask_dir(bench_root: Path, kind: str, b: dict, seed: int) -> Path:
@@ -184,9 +159,7 @@ def run_all(bench: str, root: Path, seed: int, runs=RUNS):
     from simu_jax.unlearn import run_unlearn
 
     broot = root / bench / f"s{seed}"
-    t0 = time.time()
     b = benchmark(bench, broot / "model" if bench == "planted" else broot / "models", seed)
-    (broot / "models_seconds.json").write_text(json.dumps({"seconds": round(time.time() - t0, 1)}) + "\n")
     stop = forget_nll(b["reference"], b["data"], broot / "reference_forget_nll.json")
     print(f"[matched] {bench} seed {seed}: stop at forget NLL {stop:.3f}", file=sys.stderr)
     for name, method, mask, overrides, *base in runs:

@@ -72,22 +72,6 @@ def unlearn_config(bench, method, target, reference, stop):
         eval=dataclasses.replace(cfg.eval, every=1, stop_forget_loss=stop, limit=EVAL_LIMIT, max_new_tokens=32))
 
 
-def forget_nll(bench: str, model: Path, cache: Path) -> float:
-    import jax.numpy as jnp
-
-    from simu_jax.engine import eval_losses
-    from simu_jax.unlearn import prepare
-
-    if cache.is_file():
-        return json.loads(cache.read_text())["nll"]
-    cfg = unlearn_config(bench, "fo_graddiff", model, None, None)
-    prep = prepare(cfg)
-    forget = {a: jnp.asarray(v[: cfg.eval.curve_limit]) for a, v in prep.arrays["forget"].items()}
-    nll = float(eval_losses(prep.graphdef, prep.params, forget))
-    cache.write_text(json.dumps({"nll": nll}) + "\n")
-    return nll
-
-
 def evaluate_model(bench: str, label: str, model: Path, reference: Path | None, out: Path):
     from simu_jax.runio import is_complete, mark_complete, prepare_output_dir
     from simu_jax.unlearn import evaluate_run, prepare
@@ -112,7 +96,10 @@ def run(bench: str, root: Path, methods=METHODS):
         start = [f"model.path={general}"]  # its tokenizer comes along
     target = finetune(bench, "target", base / "target", start)
     reference = finetune(bench, "retain", base / "retain", start or [f"tokenizer={target}"])
-    stop = forget_nll(bench, reference, base / "reference_forget_nll.json")
+    sys.path.insert(0, str(HERE))
+    from study import forget_nll  # the stop's level, as experiments/study.py and matched_study.py compute it
+
+    stop = forget_nll(reference, _data(bench), base / "reference_forget_nll.json")
     print(f"[real] {bench}: stop at forget NLL {stop:.3f}", file=sys.stderr)
     ref_for_eval = reference if bench == "tofu" else None  # LUME has no forget quality
     evaluate_model(bench, "target", target, ref_for_eval, base / "runs" / "target")

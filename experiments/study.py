@@ -46,24 +46,27 @@ def models(root: Path) -> tuple[Path, Path]:
     return target, reference
 
 
-def reference_forget_nll(root: Path, reference: Path) -> float:
-    """Teacher-forced answer NLL (nats/token) of the retain-only model on the forget set."""
+def forget_nll(model: Path, data, cache: Path) -> float:
+    """Teacher-forced answer NLL (nats/token) of ``model`` on the forget set's first
+    ``eval.curve_limit`` rows, the rows the run's stop check reads (cached in ``cache``)."""
     import jax.numpy as jnp
 
-    from simu_jax.config import load_config
     from simu_jax.engine import eval_losses
     from simu_jax.unlearn import UnlearnConfig, prepare
 
-    cache = root / "reference_forget_nll.json"
     if cache.is_file():
         return json.loads(cache.read_text())["nll"]
-    cfg = dataclasses.replace(load_config(UnlearnConfig, None, []), model=ModelSpec(path=str(reference)),
-                              data=demo_data(FULL))
+    cfg = UnlearnConfig(model=ModelSpec(path=str(model)), data=data)
     prep = prepare(cfg)
     forget = {a: jnp.asarray(v[: cfg.eval.curve_limit]) for a, v in prep.arrays["forget"].items()}
     nll = float(eval_losses(prep.graphdef, prep.params, forget))
     cache.write_text(json.dumps({"nll": nll}) + "\n")
     return nll
+
+
+def reference_forget_nll(root: Path, reference: Path) -> float:
+    """The retain-only model's forget NLL on the demo benchmark: the stop of every run."""
+    return forget_nll(reference, demo_data(FULL), root / "reference_forget_nll.json")
 
 
 def unlearn_config(method: str, target: Path, reference: Path | None, *, overrides=(), seed=0,
@@ -103,7 +106,7 @@ def group_compare(root, target, reference, stop):
     # NPO and IdK at the GradDiff learning rates do not reach the stop in MAX_STEPS: escalate the
     # learning rate (x3, x10) until they do; every attempt stays in runs/compare_lr/.
     for method in _only(("fo_npo", "so_npo", "simu_npo", "fo_idk", "so_idk", "simu_idk")):
-        if _reached(root / "runs" / "compare" / method, stop):
+        if reached(root / "runs" / "compare" / method, stop):
             continue
         lr = float(METHOD_SETTINGS[method.replace("npo", "graddiff").replace("idk", "graddiff")]["optim.learning_rate"])
         for factor in LR_FACTORS:
@@ -111,7 +114,7 @@ def group_compare(root, target, reference, stop):
             out = run(root, f"compare_lr/{method}_x{factor}",
                       unlearn_config(method, target, reference, stop=stop, mask=mask,
                                      overrides=[f"optim.learning_rate={lr * factor:g}"]))
-            if _reached(out, stop):
+            if reached(out, stop):
                 break
     for method in _only(HEADLINE):
         mask = _base_mask(root) if method.startswith("simu") else None
@@ -132,7 +135,8 @@ def _base_mask(root: Path) -> Path:
 LR_FACTORS = (3, 10)
 
 
-def _reached(run_dir: Path, stop: float) -> bool:
+def reached(run_dir: Path, stop: float) -> bool:
+    """Whether the run's forget-NLL curve reached ``stop``."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return any(r.get("eval/forget_loss", -1.0) >= stop for r in rows)
 

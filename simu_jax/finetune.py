@@ -183,7 +183,8 @@ def _train_records(cfg: FinetuneConfig, bench) -> tuple[list[dict], dict[str, in
             parts = {"forget": bench.forget, **parts}
         if include_general:
             parts["general"] = bench.general
-    for name in ("forget", "retain") if cfg.split != "general" else ("general",):
+    required = ("general",) if cfg.split == "general" else ("forget", "retain")
+    for name in required:
         if name in parts and not parts[name]:
             raise ValueError(f"the {name} set of benchmark {bench.name} is empty; cannot fine-tune split={cfg.split}")
     records = [r for recs in parts.values() for r in recs]

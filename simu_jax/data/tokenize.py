@@ -256,15 +256,12 @@ def tokenize_qa_joint(
     eos = _eos_id(tokenizer)
     seqs, labs = [], []
     # question + answer as one string (TOFU: new_question + new_answer; open-unlearning: prompt +
-    # answer), encoded once; _truncate reports the rows the cut below shortens (the cut itself
-    # follows each codebase's rule)
+    # answer), encoded once, cut to max_length keeping the start (both codebases' truncation=True);
+    # _truncate also reports the rows it cuts under warn / error
     texts = [template.text(str(r[question_key]), str(r[answer_key])) for r in records]
     full_ids = [list(x) for x in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
-    _truncate(full_ids, max_length, truncation, "QA sequences")
-    for r, ids in zip(records, full_ids):
+    for r, ids in zip(records, _truncate(full_ids, max_length, truncation, "QA sequences")):
         q = str(r[question_key])
-        if max_length is not None:
-            ids = ids[:max_length]
         if style == "tofu":
             new_question = f"{template.question_start}{q}{template.question_end}"
             n_mask = len(tokenizer.tokenize(new_question, add_special_tokens=True))
