@@ -477,7 +477,7 @@ def run_finetune(
     steps_per_epoch, total, warmup = _schedule_steps(cfg, n_train)
 
     dtype_kw = dict(param_dtype=jnp_dtype(cfg.model.dtype), dtype=jnp_dtype(cfg.model.compute_dtype),
-                    remat=cfg.model.remat)
+                    remat=cfg.model.remat, layer_loop=cfg.model.layer_loop)
     if cfg.model.path is not None:
         from simu_jax.sharding import param_shardings
 
@@ -485,7 +485,8 @@ def run_finetune(
         # moved onto devices of other processes)
         shardings = None if mesh is None else (lambda abstract, mc: param_shardings(abstract, mesh, model_config=mc))
         loaded = load_pretrained(resolve_model_path(cfg.model.path), dtype=dtype_kw["param_dtype"],
-                                 compute_dtype=dtype_kw["dtype"], remat=cfg.model.remat, shardings=shardings)
+                                 compute_dtype=dtype_kw["dtype"], remat=cfg.model.remat,
+                                 layer_loop=cfg.model.layer_loop, shardings=shardings)
         _, params = split_params(loaded)
         # The graphdef of a freshly built model (not of `loaded`, which carries its source
         # directory as an attribute) so equal configs share compiled steps.

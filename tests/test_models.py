@@ -219,6 +219,29 @@ def test_remat_gives_same_gradients(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def test_layer_loops_agree_with_hf_and_each_other(tmp_path):
+    """The scanned and the unrolled layer loop are the same function: both match HF, and their
+    gradients and returned MLP activations agree to float32 rounding."""
+    from simu_jax.models.transformer import AUTO_UNROLL_MAX_LAYERS, unrolls
+
+    torch_model = build_hf_model("olmo2_gqa", tmp_path / "m")
+    ids = long_ids(length=16)
+    ref = torch_logits(torch_model, ids)
+    grads, acts = {}, {}
+    for loop in ("scan", "unrolled"):
+        g, p = split_params(load_pretrained(tmp_path / "m", layer_loop=loop))
+        np.testing.assert_allclose(np.asarray(apply(g, p, jnp.asarray(ids))), ref, atol=TOL, rtol=0)
+        grads[loop] = jax.grad(lambda q: jnp.mean(apply(g, q, jnp.asarray(ids)) ** 2))(p)
+        acts[loop] = apply_with_aux(g, p, jnp.asarray(ids), return_mlp_acts=True)[1]["mlp_acts"]
+    for a, b in zip(jax.tree.leaves(grads["scan"]), jax.tree.leaves(grads["unrolled"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(acts["scan"]), np.asarray(acts["unrolled"]), rtol=1e-5, atol=1e-6)
+    assert unrolls("auto", AUTO_UNROLL_MAX_LAYERS) and not unrolls("auto", AUTO_UNROLL_MAX_LAYERS + 1)
+    assert unrolls("unrolled", 64) and not unrolls("scan", 1)
+    with pytest.raises(ValueError, match="layer_loop='loop'; allowed: auto, scan, unrolled"):
+        load_pretrained(tmp_path / "m", layer_loop="loop")
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [

@@ -156,7 +156,8 @@ def remat_table(r: dict) -> list[str]:
     rm = r.get("remat")
     if not rm:
         return ["Not measured in this run (the full profile measures it)."]
-    rows = [f"{rm['what']}; default policy `{rm['default_policy']}`.", "",
+    loop = f", default layer loop `{rm['default_layer_loop']}`" if rm.get("default_layer_loop") else ""
+    rows = [f"{rm['what']}; default policy `{rm['default_policy']}`{loop}.", "",
             "| program | default (ms) | " + " | ".join(f"`{p}` (ms) | `{p}` / default" for p in
                                                     sorted({k.split('/')[0] for k in rm['ratios_to_default']})) + " |"]
     policies = sorted({k.split("/")[0] for k in rm["ratios_to_default"]})
@@ -561,7 +562,7 @@ def render(r: dict, png_name: str) -> str:
         "",
         *scale_section(r),
         "",
-        "## Remat policy (steps' config)",
+        "## Remat policy and layer loop (steps' config)",
         "",
         *remat_table(r),
         "",

@@ -17,8 +17,9 @@ from simu_jax.base import IGNORE_INDEX
 from simu_jax.bench.harness import AotCall, Job
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
 
-__all__ = ["attribution_jobs", "compile_job", "count_params", "default_remat", "graddiff_loss", "init_params",
-           "make_batch", "model_config", "random_neuron_mask", "remat_jobs", "second_order_jobs",
+__all__ = ["attribution_jobs", "compile_job", "count_params", "default_layer_loop", "default_remat",
+           "graddiff_loss", "init_params",
+           "make_batch", "model_config", "model_variants", "random_neuron_mask", "remat_jobs", "second_order_jobs",
            "second_order_size", "step_jobs", "step_setup"]
 
 
@@ -196,14 +197,22 @@ def attribution_jobs(p: Profile) -> list[Job]:
             Job("attribution/grad", AotCall(jax.grad(nll), params, rows))]
 
 
+def model_variants(p: Profile) -> dict[str, dict[str, str]]:
+    """name -> the `abstract_model` keywords of each model variant the remat section times: every
+    policy of `p.remat_compare` (name: the policy) and every loop of `p.layer_loop_compare` (name
+    ``layer_loop=<loop>``)."""
+    return ({policy: {"remat": policy} for policy in p.remat_compare}
+            | {f"layer_loop={loop}": {"layer_loop": loop} for loop in p.layer_loop_compare})
+
+
 def remat_jobs(p: Profile) -> list[Job]:
-    """Gradient and exact HVP at the step config with models built with `p.remat_compare`'s policies."""
+    """Gradient and exact HVP at the step config with the models of `model_variants(p)`."""
     from flax import nnx
 
     from simu_jax import curvature as C
     from simu_jax.models import abstract_model
 
-    if not p.remat_compare:
+    if not model_variants(p):
         return []
     hidden, inter = p.sizes[p.step_size]
     cfg = model_config(p, hidden, inter)
@@ -212,12 +221,12 @@ def remat_jobs(p: Profile) -> list[Job]:
     v = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32)), params)
     batch = jax.tree.map(jnp.asarray, make_batch(p, seed=0))
     jobs = []
-    for policy in p.remat_compare:
-        graphdef, _ = nnx.split(abstract_model(cfg, remat=policy))
+    for name, kwargs in model_variants(p).items():
+        graphdef, _ = nnx.split(abstract_model(cfg, **kwargs))
         loss = functools.partial(graddiff_loss, graphdef)
-        jobs.append(Job(f"remat/{policy}/grad", AotCall(jax.grad(loss), params, batch)))
-        jobs.append(Job(f"remat/{policy}/hvp", AotCall(lambda prm, vv, b, loss=loss: C.hvp(loss, prm, vv, b),
-                                                        params, v, batch)))
+        jobs.append(Job(f"remat/{name}/grad", AotCall(jax.grad(loss), params, batch)))
+        jobs.append(Job(f"remat/{name}/hvp", AotCall(lambda prm, vv, b, loss=loss: C.hvp(loss, prm, vv, b),
+                                                      params, v, batch)))
     return jobs
 
 
@@ -228,6 +237,17 @@ def default_remat() -> str:
     from simu_jax.models import init_model
 
     return inspect.signature(init_model).parameters["remat"].default
+
+
+def default_layer_loop(layers: int) -> str:
+    """How `init_model`'s default layer loop runs a model of ``layers`` layers, e.g. ``auto: unrolled``."""
+    import inspect
+
+    from simu_jax.models import init_model
+    from simu_jax.models.transformer import unrolls
+
+    loop = inspect.signature(init_model).parameters["layer_loop"].default
+    return f"{loop}: {'unrolled' if unrolls(loop, layers) else 'scan'}"
 
 
 def step_setup(p: Profile) -> dict[str, Any]:

@@ -136,6 +136,8 @@ class Profile:
     # at the step size: the gradient and HVP of models built with these remat policies, in
     # turns with the default model's (the model default is remat="none")
     remat_compare: tuple[str, ...] = ("dots",)
+    # ... and of models built with these layer loops (the default is "auto": unrolled up to 8 layers)
+    layer_loop_compare: tuple[str, ...] = ("scan",)
     # IG attribution (m = attribution_steps) of the step config's forget rows on a model with
     # attribution_layers layers (the step config's other sizes), in turns with the gradient on
     # the same rows; fewer repeats: one IG call costs several gradients
@@ -158,7 +160,8 @@ QUICK = Profile(name="quick", vocab=256, sizes=((32, 64),), head_dim=16, layers=
                 compile_dims=(32, 64), compile_layers=(4, 8, 16), repeats=2, warmup=1, compile_repeats=1,
                 ops=("grad", "hvp", "grad_simu"),
                 methods=("so_graddiff", "so_graddiff_hutchinson", "simu_graddiff", "simu_newton"),
-                cg_iters=4, overlap=True, hvp_variants=("hvp_lin4",), remat_compare=(), attribution_repeats=2,
+                cg_iters=4, overlap=True, hvp_variants=("hvp_lin4",), remat_compare=(), layer_loop_compare=(),
+                attribution_repeats=2,
                 wall_budget_s=180.0,
                 scale=ScaleSpec(hidden=64, mlp=128, layers=2, vocab=512, heads=4, kv_heads=2))
 # --quick in a fresh process also compiles with LLVM optimizations off (compile CPU ~40% lower;

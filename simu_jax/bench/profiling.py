@@ -79,7 +79,7 @@ def profile_run(result: dict[str, Any], log) -> dict[str, Any]:
                       | {"sizes": tuple(map(tuple, result["profile"]["sizes"]))})
     profile = dataclasses.replace(profile, methods=tuple(m for m in ("so_graddiff", "so_graddiff_hutchinson",
                                                                      "simu_graddiff") if m in profile.methods),
-                                  hvp_variants=(), remat_compare=())
+                                  hvp_variants=(), remat_compare=(), layer_loop_compare=())
     hidden, inter = profile.sizes[profile.step_size]
     batch = jax.tree.map(jnp.asarray, make_batch(profile, seed=0))
     _, jobs = second_order_size(dataclasses.replace(profile, ops=tuple(o for o in ("forward", "grad", "hvp")

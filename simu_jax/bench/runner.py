@@ -24,8 +24,8 @@ from simu_jax.bench.harness import AotCall, CompileRecorder, Job, block, first_c
     round_robin, state_bytes_split, summarize
 from simu_jax.bench.machine import loadavg, machine_info
 from simu_jax.bench.peer import DEFAULT_ENV_CALLS, PEER_CALLS, PeerServer
-from simu_jax.bench.problems import attribution_jobs, compile_job, count_params, default_remat, remat_jobs, \
-    second_order_jobs, step_jobs, step_setup
+from simu_jax.bench.problems import attribution_jobs, compile_job, count_params, default_layer_loop, default_remat, \
+    model_variants, remat_jobs, second_order_jobs, step_jobs, step_setup
 from simu_jax.bench.profiles import STEP_METHODS, Profile, step_settings
 from simu_jax.bench.scale import run_scale
 
@@ -175,16 +175,17 @@ class BenchRun:
             entries |= {j.name.split("/", 1)[1]: j.once for j in self.rm_jobs}
             times = round_robin(entries, p.repeats, p.warmup)
             ratios = {}
-            for policy in p.remat_compare:
+            for policy in model_variants(p):
                 for op in ("grad", "hvp"):
                     if f"default/{op}" in times:
                         ratios[f"{policy}/{op}"] = (times[f"{policy}/{op}"]["median_s"]
                                                     / times[f"default/{op}"]["median_s"])
             self.result["remat"] = {
                 "what": ("gradient and exact HVP at the steps' config of models built with another remat policy "
-                         "(jax.checkpoint of the scanned layer), in turns with the default model's; ratios: "
-                         "policy / default"),
-                "default_policy": default_remat(), "times": times, "ratios_to_default": ratios}
+                         "(jax.checkpoint of each layer) or layer loop (`layer_loop`: one scanned layer body, or "
+                         "the layers unrolled), in turns with the default model's; ratios: variant / default"),
+                "default_policy": default_remat(), "default_layer_loop": default_layer_loop(p.layers),
+                "times": times, "ratios_to_default": ratios}
             self.log("  " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
 
     def steps(self) -> None:

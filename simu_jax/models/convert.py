@@ -475,7 +475,7 @@ def load_params(path: str | Path, cfg: ModelConfig | None = None, shardings=None
 
 
 def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, remat: str = "none", *,
-                    shardings=None) -> CausalLM:
+                    layer_loop: str = "auto", shardings=None) -> CausalLM:
     """Load an HF directory (config.json + model.safetensors or sharded + index) as a CausalLM.
 
     `dtype` is the parameter dtype, `compute_dtype` the matmul dtype (defaults to `dtype`).
@@ -488,7 +488,8 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, compute_dtype=None, rem
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = ModelConfig.from_pretrained(path)
     params = load_params(path, cfg, shardings, dtype)
-    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=dtype, dtype=compute_dtype, remat=remat))
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=dtype, dtype=compute_dtype, remat=remat,
+                                               layer_loop=layer_loop))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

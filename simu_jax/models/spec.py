@@ -50,6 +50,9 @@ class ModelSpec:
     taken from the tokenizer; ``head_dim`` defaults to hidden/heads,
     ``num_key_value_heads`` to the number of heads, ``model_type`` to llama).
     ``dtype`` is the parameter dtype, ``compute_dtype`` the matmul dtype (default: ``dtype``).
+    ``layer_loop``: the decoder layers as one scanned body (compile time flat in depth),
+    unrolled (faster steps on XLA:CPU, compile time linear in depth), or ``auto`` (unrolled up to
+    8 layers); see :data:`simu_jax.models.transformer.LAYER_LOOPS`.
     """
 
     path: str | None = None
@@ -57,6 +60,7 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] | None = None
     remat: Literal["none", "full", "dots"] = "none"
+    layer_loop: Literal["auto", "scan", "unrolled"] = "auto"
     seed: int = field(default=0, metadata={"range": (0, None)})
 
     def check(self) -> None:
@@ -143,10 +147,11 @@ def build_model(spec: ModelSpec, **defaults):
     Random init uses :func:`host_init_params` (the model's init distribution drawn with
     numpy, seeded by ``spec.seed``), the same init ``simu-jax finetune`` uses.
     """
-    kw = dict(param_dtype=jnp_dtype(spec.dtype), dtype=jnp_dtype(spec.compute_dtype), remat=spec.remat)
+    kw = dict(param_dtype=jnp_dtype(spec.dtype), dtype=jnp_dtype(spec.compute_dtype), remat=spec.remat,
+              layer_loop=spec.layer_loop)
     if spec.path is not None:
         return load_pretrained(resolve_model_path(spec.path), dtype=kw["param_dtype"], compute_dtype=kw["dtype"],
-                               remat=spec.remat)
+                               remat=spec.remat, layer_loop=spec.layer_loop)
     cfg = model_config_from_spec(spec, **defaults)
     graphdef, state = nnx.split(abstract_model(cfg, **kw))
     params = host_init_params(nnx.to_pure_dict(state), cfg.initializer_range, spec.seed)
@@ -224,10 +229,12 @@ def _check_model_dir(path: Path) -> None:
 
 
 def load_model(source: "ModelSpec | str | os.PathLike", *, dtype: str | None = None,
-               compute_dtype: str | None = None, remat: str | None = None, shardings=None) -> LoadedModel:
+               compute_dtype: str | None = None, remat: str | None = None, layer_loop: str | None = None,
+               shardings=None) -> LoadedModel:
     """Load a model and its tokenizer from an HF directory or hub id (or ``ModelSpec.path``).
 
-    Dtypes and remat come from the spec, else the keyword arguments (``"float32"`` by default).
+    Dtypes, remat and the layer loop come from the spec, else the keyword arguments (``"float32"``,
+    ``"none"`` and ``"auto"`` by default).
     Errors are one line naming the directory: missing directory, config, weights or tokenizer,
     or a tokenizer larger than the model's vocabulary. ``shardings``: where the weights are read
     to (see :func:`simu_jax.models.convert.load_params`: default one device; on a mesh, a callable
@@ -239,12 +246,13 @@ def load_model(source: "ModelSpec | str | os.PathLike", *, dtype: str | None = N
         spec = source
     else:
         spec = ModelSpec(path=os.fspath(source), dtype=dtype or "float32", compute_dtype=compute_dtype,
-                         remat=remat or "none")
+                         remat=remat or "none", layer_loop=layer_loop or "auto")
     path = resolve_model_path(spec.path)
     _check_model_dir(path)
-    kw = dict(param_dtype=jnp_dtype(spec.dtype), dtype=jnp_dtype(spec.compute_dtype), remat=spec.remat)
+    kw = dict(param_dtype=jnp_dtype(spec.dtype), dtype=jnp_dtype(spec.compute_dtype), remat=spec.remat,
+              layer_loop=spec.layer_loop)
     loaded = load_pretrained(path, dtype=kw["param_dtype"], compute_dtype=kw["dtype"], remat=spec.remat,
-                             shardings=shardings)
+                             layer_loop=spec.layer_loop, shardings=shardings)
     _, params = split_params(loaded)
     # The graph of a freshly built model (not of `loaded`, which carries its source directory
     # as an attribute), so equal configs share compiled steps.

@@ -36,13 +36,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 def load_pretrained(path, *, mesh=None, rules: Mapping[str, Any] | None = None, dtype=jnp.float32,
-                    compute_dtype=None, remat: str = "none"):
+                    compute_dtype=None, remat: str = "none", layer_loop: str = "auto"):
     """An HF directory (config.json + model.safetensors, or sharded + model.safetensors.index.json)
     as a CausalLM whose parameters are laid out on ``mesh`` by ``rules`` (default
     :data:`~simu_jax.sharding.mesh.DEFAULT_RULES`), read slice by slice.
 
     ``dtype``: the parameter dtype (cast on the host, per block); ``compute_dtype``: the matmul
-    dtype (default ``dtype``); ``remat``: as the model's. Without a mesh the model goes to one
+    dtype (default ``dtype``); ``remat``, ``layer_loop``: as the model's. Without a mesh the model goes to one
     device, and the host's peak memory is about the model's size in ``dtype``.
 
     Refused with one line naming the file (a ``ValueError`` / ``FileNotFoundError``: the CLI's
@@ -58,7 +58,8 @@ def load_pretrained(path, *, mesh=None, rules: Mapping[str, Any] | None = None, 
         def shardings(abstract, cfg):
             return param_shardings(abstract, mesh, rules, cfg)
 
-    return convert.load_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, remat=remat, shardings=shardings)
+    return convert.load_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, remat=remat, layer_loop=layer_loop,
+                                   shardings=shardings)
 
 
 def source_dtype(directory) -> Any | None:
