@@ -348,12 +348,16 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     that divide B), besides the loaded model; b = compute bytes, m = steps:
 
         held     L*B*T*(4*I + b*I + b*H)   dLL/da at alpha = 1 (float32), the MLP activations
-                                           and the mid residuals, kept for the whole batch
+                                           and the mid residuals, kept for the whole batch,
+                 + m*2*b*L*B*T*KV*D        and the alpha = 1 pass's keys and values, once and
+                                           tiled m-1 times for the suffix runs (when answers
+                                           start late enough to cut a prefix: counted always)
         alpha 1  B rows' activations        one forward + backward of all layers, no weight
                                             trained (``activation_bytes_per_row``, all frozen)
         m > 1    (m-1)*B rows' activations  per layer, sequentially (lax.map): a suffix run on
                                             the m-1 other alphas stacked on the batch axis,
-                                            saving the matmul outputs (the ``dots`` formula),
+                                            saving the matmul outputs (the ``dots`` formula;
+                                            on T columns, an upper bound for the cut suffix),
                  + 2*4*(m-1)*B*T*I          its float32 scaled neurons [(m-1)B, T, I] and their
                                             gradient, and
                  + 4*L*B*T*I                lax.map's stacked per-layer sums
@@ -365,7 +369,8 @@ def _attribution_bytes(layout: _Layout, sizes: Mapping[str, int]) -> int:
     c, t, m = layout.model_config, layout.seq_len, layout.attribution_steps
     n_layers, width, h, b = c.num_hidden_layers, c.intermediate_size, c.hidden_size, layout.compute_bytes
     rows = layout.attribution_rows // _row_shards(layout.attribution_rows, t, sizes)
-    held = n_layers * rows * t * (F32_BYTES * width + b * width + b * h)
+    kv = 2 * b * n_layers * rows * t * c.num_key_value_heads * c.head_dim
+    held = n_layers * rows * t * (F32_BYTES * width + b * width + b * h) + (m if m > 1 else 0) * kv
     first_row, suffix_row = layout.attribution_row_bytes
     suffix = 0
     if m > 1:

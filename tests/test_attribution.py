@@ -121,16 +121,20 @@ def test_suffix_run_reproduces_forward(model):
         return apply_with_aux(graphdef, params, ids, mask, start_layer=layer, start_residual=residual,
                               start_neurons=neurons, return_mlp_acts=True)
 
+    # the same float32 function compiled as other programs (XLA fuses across the unrolled layers
+    # differently): rounding, a few ulps of the logits' scale (~6 here); a wrong layer or a
+    # missed scaling is O(1)
+    atol = 1e-5 * float(jnp.abs(logits).max())
     for layer in range(n_layers):
         out, sub = suffix(layer, aux["mlp_residuals"][layer], aux["mlp_acts"][layer])
-        np.testing.assert_allclose(np.asarray(out), np.asarray(logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(logits), rtol=1e-5, atol=atol)
         np.testing.assert_allclose(np.asarray(sub["mlp_acts"][layer:]), np.asarray(aux["mlp_acts"][layer:]),
                                    rtol=1e-4, atol=1e-5)
         assert not np.asarray(sub["mlp_acts"][:layer]).any()  # the skipped layers did not run
         scale = jnp.where((jnp.arange(n_layers) == layer)[:, None, None, None], 0.5, 1.0)
         scaled = apply(graphdef, params, ids, mask, mlp_scale=scale)
         out, _ = suffix(layer, aux["mlp_residuals"][layer], 0.5 * aux["mlp_acts"][layer])
-        np.testing.assert_allclose(np.asarray(out), np.asarray(scaled), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(scaled), rtol=1e-5, atol=atol)
     with pytest.raises(ValueError, match="start_layer, start_residual and start_neurons"):
         apply_with_aux(graphdef, params, ids, mask, start_layer=1)
 
@@ -176,3 +180,26 @@ def test_ig_completeness_on_answer_positions():
     first_order = abs(float(df(1.0)) - float(df(0.0))) / 2
     assert errors[0] > errors[1] > 2.5 * errors[2]
     assert errors[2] < 1.5 * first_order / 16
+
+
+def test_ig_with_a_cached_prefix_equals_naive_definition():
+    """Rows whose answers all start late: the suffix runs recompute only the columns from the
+    first answer on (the earlier columns' keys and values from the alpha = 1 pass's cache), and
+    the scores are still the definition's."""
+    from simu_jax.attribution import _unscaled_prefix
+
+    graphdef, params = tiny_model("llama")
+    width, lengths, answer_from = 48, (48, 40, 33, 30), (30, 24, 25, 26)
+    rng = np.random.default_rng(5)
+    pos, n = np.arange(width)[None], np.asarray(lengths)[:, None]
+    mask = (pos < n).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(1, TINY["vocab_size"], size=(len(lengths), width)), 0).astype(np.int32)
+    labels = np.where((pos >= np.asarray(answer_from)[:, None]) & (pos < n), ids, -100).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # first scored column 23 (row 1 predicts its answer from there): suffix 25 -> bucket 32
+    assert _unscaled_prefix(labels, all_positions=False) == 16
+    assert _unscaled_prefix(labels, all_positions=True) == 0
+    got = neuron_scores(graphdef, params, [batch], method="ig", steps=3)
+    want = naive_scores(graphdef, params, batch, 3)
+    scale = np.abs(want).max(axis=1, keepdims=True)  # as in test_ig_equals_naive_definition
+    assert np.all(np.abs(got - want) <= 1e-5 * scale)
