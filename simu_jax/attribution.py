@@ -211,13 +211,13 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
     for batch in batches:
         batch = _trimmed(batch)
         batch["positions"], batch["targets"] = _scored_positions(batch["labels"])
+        m = 1 if method == "grad_x_act" else steps
+        prefix = _unscaled_prefix(batch["labels"], all_positions) if m > 1 else 0  # from the host rows
         batch = {k: jnp.asarray(v) for k, v in batch.items()} if place is None else place(batch)
         if method == "grad_down":
             g = _down_grad(graphdef, params, batch)
             down_grad = g if down_grad is None else down_grad + g
             continue
-        m = 1 if method == "grad_x_act" else steps
-        prefix = _unscaled_prefix(np.asarray(batch["labels"]), all_positions) if m > 1 else 0
         per_layer = _ig_scores(graphdef, params, batch, steps=m, all_positions=all_positions, prefix=prefix)
         total = per_layer if total is None else total + per_layer
     if method == "grad_down":

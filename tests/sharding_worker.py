@@ -230,7 +230,12 @@ def main(out_path: str, tmp: str) -> None:
     ref_tr = jax.device_get(ref.trainable)
     res["moved"] = max_diff(ref_tr, init_tr)
     res["ref_losses"] = ref_losses
-    res["ref_temp_bytes"] = step_temp_bytes(ref, batches[0])
+    # the temp-bytes reference is the program the mesh steps run: the layers scanned (layer_loop
+    # auto scans on a mesh; on one device it unrolls these 2 layers, which XLA schedules with
+    # other buffers)
+    scanned, _ = split_params(init_model(CFG, seed=0, layer_loop="scan"))
+    res["ref_temp_bytes"] = step_temp_bytes(Unlearner(scanned, params, method, settings, selected=sel), batches[0])
+    res["ref_temp_bytes_unrolled"] = step_temp_bytes(ref, batches[0])
     # the memory model's step working set (activations + gradients + transient), whole and per device
     est = M.memory_estimate(CFG, "simu_graddiff", settings=settings, batch_size=B, seq_len=T,
                             neuron_rows=int(sel.sum(axis=1).max()))

@@ -238,6 +238,7 @@ def test_layer_loops_agree_with_hf_and_each_other(tmp_path):
     np.testing.assert_allclose(np.asarray(acts["scan"]), np.asarray(acts["unrolled"]), rtol=1e-5, atol=1e-6)
     assert unrolls("auto", AUTO_UNROLL_MAX_LAYERS) and not unrolls("auto", AUTO_UNROLL_MAX_LAYERS + 1)
     assert unrolls("unrolled", 64) and not unrolls("scan", 1)
+    assert not unrolls("auto", 2, on_mesh=True) and unrolls("unrolled", 2, on_mesh=True)
     with pytest.raises(ValueError, match="layer_loop='loop'; allowed: auto, scan, unrolled"):
         load_pretrained(tmp_path / "m", layer_loop="loop")
 

@@ -317,16 +317,17 @@ def _profile_grad_note(r: dict) -> str:
                  "backward kernels work in place on the natural layouts")
     rm = r.get("remat")
     if rm and rm.get("ratios_to_default"):
-        note += (". Against the scan's residual stacking, the `dots` remat policy (save the projections' "
-                 "outputs, recompute norms, rope, attention and SwiGLU in the backward) measured "
-                 + ", ".join(f"{k} {v:.2f}x" for k, v in rm["ratios_to_default"].items())
-                 + f" of the default `{rm['default_policy']}` (Remat section)")
-    return (note + ". The projections already run as 2-D [tokens, features] matmuls (`transformer.dense`). "
-            "Next: make `remat: dots` the default if the Remat section confirms it (config, converter and model "
-            "defaults together); in the loss (a candidate, not measured yet), replace the `logits[:, :-1]` slice "
-            "and the `take_along_axis` "
-            "gather (whose gradient is a scatter into a zeroed [B, T, V] buffer) by a mask and a one-hot "
-            "contraction; and measure the same step on the GPU check (`tools/gpu_check.sh`).")
+        note += (f". Model variants against the default (remat `{rm['default_policy']}`, layer loop "
+                 f"`{rm.get('default_layer_loop', 'scan')}`; Remat section): "
+                 + ", ".join(f"{k} {v:.2f}x" for k, v in rm["ratios_to_default"].items()))
+    return (note + ". Already done: 2-D [tokens, features] projections (`transformer.dense`), the label shift "
+            "on the labels and a one-hot pick in the loss (no [B, T, V] slice or scatter), softmax by its "
+            "closed-form derivative, the layers unrolled up to 8 layers (`layer_loop: auto`). "
+            "Next candidates: the head and the loss at the label positions only (the bench's rows label "
+            "their second half; a prototype of the gradient measured 0.90x in turns, not in this JSON), "
+            "which needs the engine's losses, curvature estimators and GGN products to take aligned "
+            "positions and targets; XLA's dot backend (Eigen instead of YNNPACK: 0.93x in one prototype "
+            "run); and the same step on the GPU check (`tools/gpu_check.sh`).")
 
 
 def _profile_mix(r: dict, prog: str) -> str:
@@ -353,8 +354,9 @@ def _simu_flops_note(r: dict) -> str:
     t = row["times"]
     return (f" Flops at this config: the SIMU-subset gradient does "
             f"{_gflop(ca['grad_simu']) / _gflop(ca['grad']):.2f}x the full gradient's and takes "
-            f"{t['grad_simu']['median_s'] / t['grad']['median_s']:.2f}x its time (the per-layer overheads, scan "
-            "stacking and the vocab-sized loss do not shrink with the mask).")
+            f"{t['grad_simu']['median_s'] / t['grad']['median_s']:.2f}x its time (the elementwise work of every "
+            "layer, the activation backward down to layer 0 and the vocab-sized loss do not shrink with the "
+            "mask).")
 
 
 def _hvp_note(r: dict, t: dict) -> str:
@@ -440,8 +442,10 @@ def notes(r: dict) -> list[str]:
         a = r["attribution"]
         layers, m = a["layers"], a["ig_steps"]
         out.append(f"- **`attribution_over_grad` = {num(t['attribution_over_grad']['value'])}** ({layers} layers, "
-                   f"m = {m}): per layer, IG runs a forward and m forward/backward passes through every layer, about "
-                   f"L(1 + 2m)/3 = {layers * (1 + 2 * m) / 3:.1f} gradient-equivalents per batch."
+                   f"m = {m}): one forward + activation backward at alpha = 1, then per layer l a suffix run "
+                   f"of layers l..L-1 on the m - 1 = {m - 1} other alphas' rows (columns from the first answer "
+                   "on), about (m - 1)(L + 1)/2 network passes of the batch's rows; the IG definition needs "
+                   "them all."
                    + _profile_mix(r, "attribution/ig"))
     if "compile_16_over_4" in missed:
         c = r["compile"]["layers"]

@@ -245,7 +245,14 @@ def step_memory(profile: dict, spec: dict) -> dict:
     method, settings = get_method("simu_graddiff"), step_settings(p)
 
     t0 = time.perf_counter()
-    one = Unlearner(graphdef, params, method, settings, selected=selected)
+    # the one-device reference runs the program the mesh step runs: the layers scanned (the
+    # default layer_loop, auto, unrolls these 4 layers on one device but scans on a mesh)
+    from flax import nnx
+
+    from simu_jax.models import abstract_model
+
+    scanned, _ = nnx.split(abstract_model(cfg, layer_loop="scan"))
+    one = Unlearner(scanned, params, method, settings, selected=selected)
     one_temp = one.lower_step(batch).compile().memory_analysis().temp_size_in_bytes
     u = build_unlearner(graphdef, params, method, settings, S.make_mesh(MESH), selected=selected, model_config=cfg)
     mesh_temp = u.lower_step(batch).compile().memory_analysis().temp_size_in_bytes

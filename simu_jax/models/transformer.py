@@ -77,16 +77,21 @@ def constrain_activation(x: jax.Array, names: Sequence[str | None] = RESIDUAL_AX
 # per-iteration weight slices and residual stacking of the loop (the bench's 4-layer gradient:
 # 0.71-0.88x the scan's time, measured in turns) but compiles each layer separately (16 layers,
 # hidden 128: 8.2 s against 3.5 s scanned; 4 layers: 3.0 against 2.9 s); "auto" unrolls up to
-# AUTO_UNROLL_MAX_LAYERS layers and scans deeper models.
+# AUTO_UNROLL_MAX_LAYERS layers and scans deeper models, and scans on a mesh (inside an
+# `activation_constraint`): there the scan keeps one layer's FSDP-gathered weights live at a time,
+# where the unrolled program gathers several layers' at once (the SIMU step's temp per device on
+# fsdp=8, tests/test_sharding.py: 0.45x one device unrolled, under 0.19x scanned).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 AUTO_UNROLL_MAX_LAYERS = 8
 
 
-def unrolls(layer_loop: str, num_layers: int) -> bool:
-    """Whether ``layer_loop`` runs a model of ``num_layers`` layers unrolled."""
+def unrolls(layer_loop: str, num_layers: int, on_mesh: bool = False) -> bool:
+    """Whether ``layer_loop`` runs a model of ``num_layers`` layers unrolled (``on_mesh``: traced
+    inside an :func:`activation_constraint`, i.e. a mesh step)."""
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"layer_loop={layer_loop!r}; allowed: {', '.join(LAYER_LOOPS)}")
-    return layer_loop == "unrolled" or (layer_loop == "auto" and num_layers <= AUTO_UNROLL_MAX_LAYERS)
+    return layer_loop == "unrolled" or (layer_loop == "auto" and not on_mesh
+                                        and num_layers <= AUTO_UNROLL_MAX_LAYERS)
 
 
 REMAT_POLICIES = {
@@ -370,7 +375,8 @@ class CausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=policy)
         xs = (jnp.arange(cfg.num_hidden_layers), layer_state, cache, mlp_scale, mlp_delta, mlp_rows)
         x, (new_cache, mlp_acts, mlp_residuals) = jax.lax.scan(
-            body, x, xs, unroll=unrolls(self.layer_loop, cfg.num_hidden_layers))
+            body, x, xs, unroll=unrolls(self.layer_loop, cfg.num_hidden_layers,
+                                        on_mesh=_ACTIVATION_CONSTRAINT.get() is not None))
 
         if cfg.norm_kind == "rmsnorm":
             x = self.model.norm(x)
