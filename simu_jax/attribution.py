@@ -30,8 +30,10 @@ activations only (an additive zero `mlp_delta`), never weights, in 1 + L passes 
   in the second half of each row, about half the suffix work.
 
 Measured on CPU (`simu-jax bench`, docs/benchmarks.md: LLaMA, 8 layers, hidden 256, 4 x 128
-tokens, m = 3): 6.7x the time of one weight-gradient step of the same rows (16-19x with a full
-forward + backward per (layer, step); 8.2x with whole-layer suffix runs and full-width logits).
+tokens, answers in the second half, m = 3): 4.45x the time of one weight-gradient step of the
+same rows with the cached prefix and the unrolled layers (5.9x with suffix runs over every
+column, 7.6x with those and the layers scanned; 16-19x with a full forward + backward per
+(layer, step)).
 Variants for ablations:
 `grad_x_act` (m = 1), `grad_down` (|dL/dW_down| summed over each row), `random` (a random
 mask with the same count per layer as a given mask).

@@ -320,14 +320,7 @@ def _profile_grad_note(r: dict) -> str:
         note += (f". Model variants against the default (remat `{rm['default_policy']}`, layer loop "
                  f"`{rm.get('default_layer_loop', 'scan')}`; Remat section): "
                  + ", ".join(f"{k} {v:.2f}x" for k, v in rm["ratios_to_default"].items()))
-    return (note + ". Already done: 2-D [tokens, features] projections (`transformer.dense`), the label shift "
-            "on the labels and a one-hot pick in the loss (no [B, T, V] slice or scatter), softmax by its "
-            "closed-form derivative, the layers unrolled up to 8 layers (`layer_loop: auto`). "
-            "Next candidates: the head and the loss at the label positions only (the bench's rows label "
-            "their second half; a prototype of the gradient measured 0.90x in turns, not in this JSON), "
-            "which needs the engine's losses, curvature estimators and GGN products to take aligned "
-            "positions and targets; XLA's dot backend (Eigen instead of YNNPACK: 0.93x in one prototype "
-            "run); and the same step on the GPU check (`tools/gpu_check.sh`).")
+    return note + "."
 
 
 def _profile_mix(r: dict, prog: str) -> str:
@@ -389,6 +382,16 @@ def _hvp_note(r: dict, t: dict) -> str:
     return text + _profile_ratio_note(r)
 
 
+GRAD_WORK = (" Already done: 2-D [tokens, features] projections (`transformer.dense`), the label shift on the "
+             "labels and a one-hot pick in the loss (no [B, T, V] slice or scatter), softmax by its closed-form "
+             "derivative, the layers unrolled up to 8 layers (`layer_loop: auto`, the Remat section's "
+             "`layer_loop=scan` row). Next candidates: the head and the loss at the label positions only (the "
+             "bench's rows label their second half; a prototype of the gradient measured 0.90x in turns, not in "
+             "this JSON), which needs the engine's losses, curvature estimators and GGN products to take aligned "
+             "positions and targets; XLA's dot backend (Eigen instead of YNNPACK: 0.93x in one prototype run); "
+             "and the same step on the GPU check (`tools/gpu_check.sh`).")
+
+
 def _peer_note(r: dict, t: dict) -> str:
     p, steps = r["peer"], r["steps"]["methods"]
     ph, c = p.get("so_step_phases", {}), p["calls"]
@@ -409,7 +412,7 @@ def _peer_note(r: dict, t: dict) -> str:
     text += (f". The optimizer is not it: PyTorch's SophiaG phase takes {ms(ph.get('optimizer_s'))} ms of its step, "
              f"and JAX's Sophia update + g*g is the step minus the gradient in the steps section "
              f"({ms(so.get('rest_of_step_s'))} ms).")
-    return text + _profile_grad_note(r)
+    return text + _profile_grad_note(r) + GRAD_WORK
 
 
 def notes(r: dict) -> list[str]:
