@@ -305,13 +305,18 @@ def _profile_grad_note(r: dict) -> str:
     sh = g["by_category_share"]
     note = (f" Profile of the JAX gradient: {1 - sh.get(CATS[0][0], 0):.0%} of its op time is outside matmuls: "
             f"{sh.get(CATS[1][0], 0):.0%} in elementwise fusions that also change the layout of their output "
-            f"(`copy_*`/`transpose_*` fusions: attention head transposes, the loss's [B, T-1, V] slice), "
-            f"{sh.get(CATS[2][0], 0) + sh.get(CATS[3][0], 0):.0%} in copies and dynamic slices / updates "
-            "(stacking the layer scan's residuals, zero-filling the stacks), "
-            f"{sh.get(CATS[4][0], 0):.0%} in other elementwise fusions and reductions")
+            f"(`copy_*`/`transpose_*` fusions: the attention heads' transposes and their cotangents'), "
+            f"{sh.get(CATS[2][0], 0) + sh.get(CATS[3][0], 0):.0%} in copies and slices / updates "
+            "(the per-layer slices of the stacked weights and the stacking of their gradients), "
+            f"{sh.get(CATS[4][0], 0):.0%} in other elementwise fusions and reductions (norms, rope, SwiGLU, "
+            "softmax and the loss, forward and backward)")
     if f:
-        note += (f"; in the forward, which has none of this, only {1 - f['by_category_share'].get(CATS[0][0], 0):.0%} "
+        note += (f"; in the forward {1 - f['by_category_share'].get(CATS[0][0], 0):.0%} "
                  "is outside matmuls")
+    so = _t(r, "profile_run", "jax", "step/so_graddiff")
+    if so:
+        note += (f". In the profile run the SO step takes {so['wall_ms']:.0f} ms against the gradient's "
+                 f"{g['wall_ms']:.0f} ms (the Sophia update and g*g: the difference)")
     if t:
         note += (f". PyTorch's SO step spends {t['matmul_share']:.0%} of its self CPU time in MKL matmuls, its "
                  "backward kernels work in place on the natural layouts")
@@ -350,6 +355,16 @@ def _simu_flops_note(r: dict) -> str:
             f"{t['grad_simu']['median_s'] / t['grad']['median_s']:.2f}x its time (the elementwise work of every "
             "layer, the activation backward down to layer 0 and the vocab-sized loss do not shrink with the "
             "mask).")
+
+
+def _simu_profile_note(r: dict) -> str:
+    """The two steps' wall time in the profile run (another run of the same programs)."""
+    so, simu = _t(r, "profile_run", "jax", "step/so_graddiff"), _t(r, "profile_run", "jax", "step/simu_graddiff")
+    if not so or not simu:
+        return ""
+    return (f" In the profile run (the same programs, minutes later, not in turns) SIMU {simu['wall_ms']:.0f} ms vs "
+            f"SO {so['wall_ms']:.0f} ms, {simu['wall_ms'] / so['wall_ms']:.2f}x: on this shared machine the "
+            "steps section's ratio moves by more than the target's slack between runs.")
 
 
 def _hvp_note(r: dict, t: dict) -> str:
@@ -432,7 +447,7 @@ def notes(r: dict) -> list[str]:
             f"{ms(m.get('rest_of_step_s'))} ms vs SO {ms(s.get('rest_of_step_s'))} ms. The masked step still runs "
             "the full forward and the full activation backward through every layer (attention is trained in all "
             "layers, so the backward reaches layer 0); it only skips the weight gradients of gate/up/down, the "
-            "embeddings and lm_head." + _simu_flops_note(r))
+            "embeddings and lm_head." + _simu_flops_note(r) + _simu_profile_note(r))
     if "sophia_h_over_so_step" in missed:
         h, s = steps["so_graddiff_hutchinson"], steps["so_graddiff"]
         out.append(f"- **`sophia_h_over_so_step` = {num(t['sophia_h_over_so_step']['value'])}**: Sophia-H "
