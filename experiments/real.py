@@ -30,6 +30,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from study import forget_nll  # noqa: E402  (the stop's level, as study.py and matched_study.py compute it)
+
 MAX_STEPS = 60
 EVAL_LIMIT = 100
 ATTRIBUTION_EXAMPLES = {"tofu": None, "lume": 256}
@@ -96,9 +100,6 @@ def run(bench: str, root: Path, methods=METHODS):
         start = [f"model.path={general}"]  # its tokenizer comes along
     target = finetune(bench, "target", base / "target", start)
     reference = finetune(bench, "retain", base / "retain", start or [f"tokenizer={target}"])
-    sys.path.insert(0, str(HERE))
-    from study import forget_nll  # the stop's level, as experiments/study.py and matched_study.py compute it
-
     stop = forget_nll(reference, _data(bench), base / "reference_forget_nll.json")
     print(f"[real] {bench}: stop at forget NLL {stop:.3f}", file=sys.stderr)
     ref_for_eval = reference if bench == "tofu" else None  # LUME has no forget quality

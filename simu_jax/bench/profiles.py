@@ -136,7 +136,7 @@ class Profile:
     # at the step size: the gradient and HVP of models built with these remat policies, in
     # turns with the default model's (the model default is remat="none")
     remat_compare: tuple[str, ...] = ("dots",)
-    # ... and of models built with these layer loops (the default is "auto": unrolled up to 8 layers)
+    # ... and of models built with these layer loops (the default, "auto", unrolls up to 8 layers on one device)
     layer_loop_compare: tuple[str, ...] = ("scan",)
     # IG attribution (m = attribution_steps) of the step config's forget rows on a model with
     # attribution_layers layers (the step config's other sizes), in turns with the gradient on

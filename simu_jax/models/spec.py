@@ -52,7 +52,7 @@ class ModelSpec:
     ``dtype`` is the parameter dtype, ``compute_dtype`` the matmul dtype (default: ``dtype``).
     ``layer_loop``: the decoder layers as one scanned body (compile time flat in depth),
     unrolled (faster steps on XLA:CPU, compile time linear in depth), or ``auto`` (unrolled up to
-    8 layers); see :data:`simu_jax.models.transformer.LAYER_LOOPS`.
+    8 layers on one device, scanned on a mesh); see :data:`simu_jax.models.transformer.LAYER_LOOPS`.
     """
 
     path: str | None = None
