@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simu_jax.base import IGNORE_INDEX
-from simu_jax.data.tokenize import TRAIN_BUCKETS, bucket_length, sequence_lengths
+from simu_jax.data.tokenize import TRAIN_BUCKETS, bucket_length, scored_positions, sequence_lengths
 from simu_jax.losses import label_logprobs, mean_nll_per_example
 from simu_jax.runio import write_bytes_atomic, write_json_atomic
 from simu_jax.models import apply, apply_with_aux, merge_params
@@ -81,20 +81,6 @@ def _loglik(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(logp, axis=-1) / jnp.maximum(jnp.sum(targets != IGNORE_INDEX, axis=-1), 1))
 
 
-def _scored_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The positions whose next token is an answer token, left-aligned per row and padded to a
-    `TRAIN_BUCKETS` count (a few shapes), and their targets (labels[t + 1]; IGNORE on the
-    padding), both [B, P]: the loss needs the logits there only."""
-    answer = labels[:, 1:] != IGNORE_INDEX
-    width = min(labels.shape[1], bucket_length(int(answer.sum(axis=1).max(initial=1)), TRAIN_BUCKETS))
-    positions = np.zeros((labels.shape[0], width), np.int32)
-    targets = np.full((labels.shape[0], width), IGNORE_INDEX, np.int32)
-    for i, row in enumerate(answer):
-        where = np.flatnonzero(row)
-        positions[i, : len(where)], targets[i, : len(where)] = where, labels[i, where + 1]
-    return positions, targets
-
-
 def _unscaled_prefix(labels: np.ndarray, all_positions: bool) -> int:
     """The columns [0, p) that no IG path changes: every scored position is >= p (the first
     answer position of any row, or 0 with `all_positions`), cut so the suffix T - p is a
@@ -114,7 +100,7 @@ def _ig_scores(graphdef, params, batch, *, steps: int, all_positions: bool = Fal
     ``prefix``: the columns no path scales (`_unscaled_prefix`); the suffix runs take their keys
     and values from the alpha = 1 pass's KV cache and recompute columns [prefix, T) only."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    positions, targets = batch["positions"], batch["targets"]  # `_scored_positions`
+    positions, targets = batch["positions"], batch["targets"]  # `data.scored_positions`
     (b, t), (n_layers, width, _) = ids.shape, params["model"]["layers"]["mlp"]["down_proj"]["kernel"].shape
     model = merge_params(graphdef, params)
     token_positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # what run() uses without a cache
@@ -212,7 +198,7 @@ def neuron_scores(graphdef, params, batches: Iterable[dict], *, method: str = "i
     total, down_grad = None, None
     for batch in batches:
         batch = _trimmed(batch)
-        batch["positions"], batch["targets"] = _scored_positions(batch["labels"])
+        batch["positions"], batch["targets"] = scored_positions(batch["labels"])
         m = 1 if method == "grad_x_act" else steps
         prefix = _unscaled_prefix(batch["labels"], all_positions) if m > 1 else 0  # from the host rows
         batch = {k: jnp.asarray(v) for k, v in batch.items()} if place is None else place(batch)

@@ -28,7 +28,8 @@ from simu_jax import optim
 from simu_jax.base import IGNORE_INDEX
 from simu_jax.curvature import ggn_operator, lanczos, rademacher_like, tree_norm
 from simu_jax.curvature import acc_dtype, grad_and_hutchinson
-from simu_jax.losses import LossSpec, kl_to_reference, token_mean_nll, unlearning_loss
+from simu_jax.losses import (LossSpec, kl_at_targets, logit_positions, mean_nll, scored_targets, token_mean_nll,
+                             unlearning_loss)
 from simu_jax.optim import OptimSpec
 from simu_jax.models import apply
 from simu_jax.selection import (ALL_PARAMS, DOWN, SIMU, Partition, TrainableSpec, count_trainable, get_path,
@@ -350,10 +351,15 @@ def _mesh_step(graphdef, partition, method, settings, mesh, rules, tr_def, tr_le
 
 def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows, trainable, frozen, ref, batch, step):
     params, kwargs = partition.combine(trainable, frozen, rows)
-    logits_fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"], **kwargs)  # noqa: E731
+    # the logits at each part's scored positions only, when the batch has a scored view
+    # (`data.with_scored_positions`, as `run_unlearn` gives it): the head and the loss on the
+    # label tokens, not on every [B, T, V] position
+    logits_fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"],  # noqa: E731
+                                logits_at=logit_positions(b), **kwargs)
     ref_fn = None
     if ref is not None:
-        ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"])  # noqa: E731
+        ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"],  # noqa: E731
+                                 logits_at=logit_positions(b))
     loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.loss.gamma, beta=s.loss.beta,
                                   retain_loss=s.loss.retain_loss, ref_logits_fn=ref_fn,
                                   normalization=s.loss.normalization or "token")
@@ -452,13 +458,13 @@ def _logit_losses(graphdef, partition, method, s, rows, frozen, ref, batch, step
 
     def logits_fn(tr):
         params, kwargs = partition.combine(tr, frozen, rows)
-        return {k: apply(graphdef, params, batch[k]["input_ids"], batch[k]["attention_mask"], **kwargs)
-                for k in parts}
+        return {k: apply(graphdef, params, batch[k]["input_ids"], batch[k]["attention_mask"],
+                         logits_at=logit_positions(batch[k]), **kwargs) for k in parts}
 
     ref_z = None
     if ref is not None and s.loss.retain_loss == "kl":
-        ref_z = {k: jax.lax.stop_gradient(apply(graphdef, ref, batch[k]["input_ids"], batch[k]["attention_mask"]))
-                 for k in parts}
+        ref_z = {k: jax.lax.stop_gradient(apply(graphdef, ref, batch[k]["input_ids"], batch[k]["attention_mask"],
+                                                logits_at=logit_positions(batch[k]))) for k in parts}
     which = {id(batch[k]): k for k in parts}  # unlearning_loss asks for the logits of batch["forget"] / ["retain"]
 
     def objective(z):
@@ -473,12 +479,12 @@ def _logit_losses(graphdef, partition, method, s, rows, frozen, ref, batch, step
         return loss, terms
 
     def forget_nll(z):
-        return token_mean_nll(z["forget"], batch["forget"]["labels"])
+        return mean_nll(z["forget"], scored_targets(batch["forget"]))
 
     def retain_term(z):
         if s.loss.retain_loss == "kl":
-            return kl_to_reference(z["retain"], ref_z["retain"], batch["retain"]["labels"])
-        return token_mean_nll(z["retain"], batch["retain"]["labels"])
+            return kl_at_targets(z["retain"], ref_z["retain"], scored_targets(batch["retain"]))
+        return mean_nll(z["retain"], scored_targets(batch["retain"]))
 
     return logits_fn, objective, forget_nll, retain_term
 
@@ -561,6 +567,20 @@ def compiled_step(*args):
     return _jitted_step()(*args)
 
 
+def _gnb_logits(graphdef, partition, rows, trainable, frozen, batch):
+    """``(logits [N, V], weights [N])`` Sophia-G's GNB estimator samples labels from: the forget
+    and retain parts' logits as one list of rows (at their scored positions when the batch has a
+    scored view; their widths may differ), weight 1 where the position has a next-token label."""
+    params, kwargs = partition.combine(trainable, frozen, rows)
+    logits, weights = [], []
+    for part in ("forget", "retain"):
+        x = batch[part]
+        z = apply(graphdef, params, x["input_ids"], x["attention_mask"], logits_at=logit_positions(x), **kwargs)
+        logits.append(z.reshape(-1, z.shape[-1]))
+        weights.append((scored_targets(x) != IGNORE_INDEX).astype(jnp.float32).reshape(-1))
+    return jnp.concatenate(logits), jnp.concatenate(weights)
+
+
 def _estimator(graphdef, partition, s, rows, loss_fn):
     """The scheduled curvature estimator of Sophia-G (`gnb`). `fisher` (the gradient's g*g) and
     `hutchinson` (one linearization with the gradient, `_grad_and_hutchinson`) are built in
@@ -570,14 +590,7 @@ def _estimator(graphdef, partition, s, rows, loss_fn):
         # retain inputs (answer tokens): curvature of the output, independent of the
         # unlearning objective's sign, as in Sophia-G.
         def logits_fn(tr, fr, rf, b, st):
-            params, kwargs = partition.combine(tr, fr, rows)
-            logits, weights = [], []
-            for part in ("forget", "retain"):
-                x = b[part]
-                logits.append(apply(graphdef, params, x["input_ids"], x["attention_mask"], **kwargs)[:, :-1])
-                weights.append((x["labels"][:, 1:] != IGNORE_INDEX).astype(jnp.float32))
-            t = min(l.shape[1] for l in logits)
-            return (jnp.concatenate([l[:, :t] for l in logits]), jnp.concatenate([w[:, :t] for w in weights]))
+            return _gnb_logits(graphdef, partition, rows, tr, fr, b)
         return optim.make_curvature_estimator("gnb", logits_fn=logits_fn)
     raise ValueError(f"estimator={s.optim.estimator!r}; allowed: fisher, gnb, hutchinson")
 

@@ -103,10 +103,15 @@ def label_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.where(targets != IGNORE, picked - jax.nn.logsumexp(z, axis=-1), 0.0)
 
 
+def target_nll(logits, targets) -> tuple[jax.Array, jax.Array]:
+    """Per-example summed NLL of the ``targets`` (aligned with ``logits`` [B, P, V], IGNORE where
+    none) and their count, both [B]."""
+    return -jnp.sum(label_logprobs(logits, targets), axis=-1), jnp.sum(targets != IGNORE, axis=-1)
+
+
 def sequence_nll(logits, labels) -> tuple[jax.Array, jax.Array]:
     """Per-example summed NLL over label tokens and the token count, both [B]."""
-    logp, valid = token_logprobs(logits, labels)
-    return -jnp.sum(logp, axis=-1), jnp.sum(valid, axis=-1)
+    return target_nll(logits, next_token_targets(labels)[0])
 
 
 def mean_nll_per_example(logits, labels) -> jax.Array:
@@ -115,28 +120,31 @@ def mean_nll_per_example(logits, labels) -> jax.Array:
     return total / jnp.maximum(count, 1)
 
 
+def reduce_nll(total: jax.Array, count: jax.Array, normalization: str = "token") -> jax.Array:
+    """Per-example summed NLLs and token counts [B] averaged under ``normalization``
+    (:data:`NORMALIZATIONS`); 0 when no example has a label token.
+
+    token     HF's causal-LM loss over the whole batch: sum(total) / sum(count);
+    sequence  SOUL's: the mean over the sequences with at least one label token of each one's
+              token-mean NLL (one sequence per micro-batch, micro-batch losses averaged)."""
+    if normalization == "token":
+        return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+    if normalization == "sequence":
+        real = count > 0
+        per_example = total / jnp.maximum(count, 1)
+        return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+    raise ValueError(f"normalization={normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+
+
+def mean_nll(logits, targets, normalization: str = "token") -> jax.Array:
+    """The NLL term of an objective: ``targets`` aligned with ``logits`` (:func:`scored_targets`),
+    averaged under ``normalization`` (:func:`reduce_nll`)."""
+    return reduce_nll(*target_nll(logits, targets), normalization)
+
+
 def token_mean_nll(logits, labels) -> jax.Array:
     """Mean NLL over all label tokens of the batch (HF's causal-LM loss). 0 if there are none."""
-    total, count = sequence_nll(logits, labels)
-    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
-
-
-def sequence_mean_nll(logits, labels) -> jax.Array:
-    """Mean over the sequences with at least one label token of each one's token-mean NLL
-    (SOUL's normalization: one sequence per micro-batch, micro-batch losses averaged). 0 if none."""
-    total, count = sequence_nll(logits, labels)
-    real = count > 0
-    per_example = total / jnp.maximum(count, 1)
-    return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(jnp.sum(real), 1)
-
-
-def mean_nll(logits, labels, normalization: str = "token") -> jax.Array:
-    """The NLL term of an objective under ``normalization`` (:data:`NORMALIZATIONS`)."""
-    if normalization == "token":
-        return token_mean_nll(logits, labels)
-    if normalization == "sequence":
-        return sequence_mean_nll(logits, labels)
-    raise ValueError(f"normalization={normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    return reduce_nll(*sequence_nll(logits, labels), "token")
 
 
 def token_accuracy(logits, labels) -> tuple[jax.Array, jax.Array]:
@@ -145,23 +153,46 @@ def token_accuracy(logits, labels) -> tuple[jax.Array, jax.Array]:
     return jnp.sum((jnp.argmax(logits, axis=-1) == targets) & valid), jnp.sum(valid)
 
 
-def kl_to_reference(logits, ref_logits, labels) -> jax.Array:
-    """Mean over label positions of KL(p_ref || p) of the next-token distributions."""
-    _, valid = next_token_targets(labels)
+def kl_at_targets(logits, ref_logits, targets) -> jax.Array:
+    """Mean over the positions with a target (not IGNORE) of KL(p_ref || p) of the next-token
+    distributions; ``logits`` and ``ref_logits`` aligned with ``targets``."""
+    valid = targets != IGNORE
     logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
     logq = jax.nn.log_softmax(ref_logits.astype(F32), axis=-1)
     kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
     return jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def npo_loss(logits, ref_logits, labels, beta: float) -> jax.Array:
-    """NPO over examples with at least one label token (padding rows excluded)."""
-    nll, count = sequence_nll(logits, labels)
-    ref_nll, _ = sequence_nll(ref_logits, labels)
+def kl_to_reference(logits, ref_logits, labels) -> jax.Array:
+    """Mean over label positions of KL(p_ref || p) of the next-token distributions."""
+    return kl_at_targets(logits, ref_logits, next_token_targets(labels)[0])
+
+
+def npo_loss(logits, ref_logits, targets, beta: float) -> jax.Array:
+    """NPO over examples with at least one target (padding rows excluded); ``targets`` aligned
+    with both logits (:func:`scored_targets`)."""
+    nll, count = target_nll(logits, targets)
+    ref_nll, _ = target_nll(ref_logits, targets)
     log_ratio = ref_nll - nll  # log pi - log pi_ref
     per_example = (2.0 / beta) * jax.nn.softplus(beta * log_ratio)
     real = count > 0
     return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+
+
+def scored_targets(part: dict) -> jax.Array:
+    """The targets of one batch part, aligned with the logits a loss gets for it: with a scored
+    view (``positions`` / ``targets``, :func:`simu_jax.data.with_scored_positions`) the logits
+    are those at ``positions`` [B, P] and the targets ``part["targets"]``; without one, the
+    logits at every position and the shifted labels (:func:`next_token_targets`)."""
+    if "positions" in part:
+        return part["targets"]
+    return next_token_targets(part["labels"])[0]
+
+
+def logit_positions(part: dict) -> jax.Array | None:
+    """The positions a loss needs the logits of for this batch part (the model's ``logits_at``):
+    the scored view's ``positions``, or None (every position)."""
+    return part.get("positions")
 
 
 UNLEARN_OBJECTIVES = ("ga", "graddiff", "npo", "idk")
@@ -181,7 +212,8 @@ def unlearning_loss(
     """(loss, terms) for one paired batch {'forget': ..., 'retain': ..., ['forget_idk': ...]}.
 
     `logits_fn(b)` runs the model being unlearned; `ref_logits_fn(b)` the frozen reference
-    (needed by NPO and by the KL retain loss). Terms are returned for logging and NaN reports.
+    (needed by NPO and by the KL retain loss); both return the logits at `logit_positions(b)`
+    (all positions when the part has no scored view), scored against `scored_targets(b)`. Terms are returned for logging and NaN reports.
     `normalization` (`token` | `sequence`, see `NORMALIZATIONS`) applies to the NLL terms (GA /
     GradDiff forget, IdK forget, the `nll` retain term); NPO is a mean over sequences and the KL
     retain term a mean over tokens either way.
@@ -192,23 +224,23 @@ def unlearning_loss(
     terms: dict[str, jax.Array] = {}
     if objective == "idk":
         idk = batch["forget_idk"]
-        terms["forget"] = mean_nll(logits_fn(idk), idk["labels"], normalization)
+        terms["forget"] = mean_nll(logits_fn(idk), scored_targets(idk), normalization)
     else:
         forget_logits = logits_fn(forget)
         if objective == "npo":
             ref = jax.lax.stop_gradient(ref_logits_fn(forget))
-            terms["forget"] = npo_loss(forget_logits, ref, forget["labels"], beta)
+            terms["forget"] = npo_loss(forget_logits, ref, scored_targets(forget), beta)
         else:
-            terms["forget"] = -mean_nll(forget_logits, forget["labels"], normalization)
+            terms["forget"] = -mean_nll(forget_logits, scored_targets(forget), normalization)
     loss = terms["forget"]
     if objective != "ga" and gamma > 0:
         retain = batch["retain"]
         retain_logits = logits_fn(retain)
         if retain_loss == "kl":
             ref = jax.lax.stop_gradient(ref_logits_fn(retain))
-            terms["retain"] = kl_to_reference(retain_logits, ref, retain["labels"])
+            terms["retain"] = kl_at_targets(retain_logits, ref, scored_targets(retain))
         elif retain_loss == "nll":
-            terms["retain"] = mean_nll(retain_logits, retain["labels"], normalization)
+            terms["retain"] = mean_nll(retain_logits, scored_targets(retain), normalization)
         else:
             raise ValueError(f"retain_loss={retain_loss!r}; allowed: nll, kl")
         loss = loss + gamma * terms["retain"]

@@ -113,7 +113,9 @@ def activation_bytes_per_row(cfg, seq_len: int, compute_bytes: int, remat: str =
               + Hq*T*T*(2*4 + b if b != 4)       float32 masked scores and softmax output (+ the
                                                  probabilities' cast to the compute dtype)
         head    T*(b*H + 3*4*V)                  final norm output; float32 logits, log-softmax
-                                                 and their gradient
+                                                 and their gradient (an upper bound for the
+                                                 unlearning steps, which take the head at the P
+                                                 label positions only: P*(...) there)
         none    L * layer + head
         full    L * T*b*H + layer + head         the layer inputs; one layer recomputed at a time
         dots    L * T*b*(3H + Hq*D + 2*KV*D + 2I) + layer + head

@@ -358,7 +358,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     import jax.numpy as jnp
 
     from simu_jax.checkpoint import Checkpointer
-    from simu_jax.data import batch_iterator
+    from simu_jax.data import batch_iterator, scored_width, with_scored_positions
     from simu_jax.engine import Unlearner, eval_losses, host_metrics
     from simu_jax.runio import MetricsLogger, hash_arrays, write_json_atomic
     from simu_jax.models.spec import model_config_from_spec
@@ -402,6 +402,9 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
     # checkpoint's data position is one for all) and places only its rows of each global batch.
     iters = {k: batch_iterator(v, cfg.batch_size, seed=cfg.seed + i, shuffle=True)
              for i, (k, v) in enumerate(sorted(prep.arrays.items()))}
+    # each step batch carries its scored view (the loss takes the logits at the label positions
+    # only), one width per set so every step has the same shapes
+    scored_widths = {k: scored_width(v["labels"]) for k, v in prep.arrays.items()}
 
     def place(host_batch):
         if mesh is None:
@@ -444,7 +447,7 @@ def run_unlearn(cfg: UnlearnConfig, out_dir, overwrite: bool = False, resume: bo
         return {f"eval/{k}_loss": float(eval_losses(prep.graphdef, current, s)) for k, s in curve_sets.items()}
 
     def one_step(step):
-        batch = {k: place(next(it)) for k, it in iters.items()}
+        batch = {k: place(with_scored_positions(next(it), scored_widths[k])) for k, it in iters.items()}
         metrics = host_metrics(unlearner.step(batch, jax.random.fold_in(base_key, step)))
         one_step.metrics = metrics
         # the objective's terms first, so a NaN is reported in the term it came from

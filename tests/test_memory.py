@@ -157,13 +157,14 @@ def test_attribution_estimate_against_xla_memory_analysis():
     estimate's attribution buffers, measured 1.16 (B = 4, T = 64; before the suffix runs started
     inside the MLP: 1.10 at B = 8, 1.20 at T = 128, 0.91 at m = 1): the suffix runs' formula
     (dots) leaves out what the lax.switch's skipped layers still allocate."""
-    from simu_jax.attribution import _ig_scores, _scored_positions
+    from simu_jax.attribution import _ig_scores
+    from simu_jax.data import scored_positions
 
     graphdef, abstract = split_params(abstract_model(CFG))
     params = jax.tree.map(jnp.asarray, host_init_params(abstract, CFG.initializer_range, 0))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, CFG.vocab_size, size=(B, T)), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones((B, T), jnp.int32), "labels": ids}
-    batch["positions"], batch["targets"] = map(jnp.asarray, _scored_positions(np.asarray(ids)))
+    batch["positions"], batch["targets"] = map(jnp.asarray, scored_positions(np.asarray(ids)))
     ma = _ig_scores.lower(graphdef, params, batch, steps=3).compile().memory_analysis()
     est = M.memory_estimate(CFG, "simu_graddiff", seq_len=T, attribution_batch_size=B, attribution_steps=3)
     ratio = ma.temp_size_in_bytes / est["attribution"]

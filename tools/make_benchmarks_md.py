@@ -404,11 +404,12 @@ def _hvp_note(r: dict, t: dict) -> str:
 GRAD_WORK = (" Already done: 2-D [tokens, features] projections (`transformer.dense`), the label shift on the "
              "labels and a one-hot pick in the loss (no [B, T, V] slice or scatter), softmax by its closed-form "
              "derivative, the layers unrolled up to 8 layers (`layer_loop: auto`, the Remat section's "
-             "`layer_loop=scan` row). Next candidates: the head and the loss at the label positions only (the "
-             "bench's rows label their second half; a prototype of the gradient measured 0.90x in turns, not in "
-             "this JSON), which needs the engine's losses, curvature estimators and GGN products to take aligned "
-             "positions and targets; XLA's dot backend (Eigen instead of YNNPACK: 0.93x in one prototype run); "
-             "and the same step on the GPU check (`tools/gpu_check.sh`).")
+             "`layer_loop=scan` row), the head and the loss at the label positions only (the step batches' "
+             "scored view, `data.with_scored_positions`; the bench's rows label their second half, so the head "
+             "runs on 64 of 128 positions: a standalone gradient measured 0.89x in turns, not in this JSON). "
+             "Tried and not kept (prototypes, not in this JSON): q/k/v and gate/up as one matmul each (1.00-1.06x), "
+             "XLA's Eigen dots instead of YNNPACK (0.93x on an Intel Xeon, 1.07x on an AMD EPYC). Next: the XLA:CPU "
+             "threads' idle time (see the profile run) and the same step on the GPU check (`tools/gpu_check.sh`).")
 
 
 def _peer_note(r: dict, t: dict) -> str:

@@ -59,14 +59,20 @@ def init_params(cfg, seed: int = 0):
     return graphdef, jax.tree_util.tree_map_with_path(leaf, nnx.to_pure_dict(state))
 
 
-def make_batch(p: Profile, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Paired forget / retain batches of random tokens; the loss is on the second half (the answer)."""
+def make_batch(p: Profile, seed: int = 0, scored: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Paired forget / retain batches of random tokens; the loss is on the second half (the answer).
+    ``scored``: with the scored view (``positions`` / ``targets``, `data.with_scored_positions`)
+    the unlearning loss computes the head at the label positions only, as `run_unlearn`'s steps do."""
+    from simu_jax.data import with_scored_positions
+
     rng = np.random.default_rng(seed)
     out = {}
     for part in ("forget", "retain"):
         ids = rng.integers(3, p.vocab, size=(p.batch, p.seq)).astype(np.int32)
         labels = np.where(np.arange(p.seq)[None] >= p.seq // 2, ids, IGNORE_INDEX).astype(np.int32)
         out[part] = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+        if scored:
+            out[part] = with_scored_positions(out[part])
     return out
 
 
@@ -85,8 +91,11 @@ def graddiff_loss(graphdef, params, batch, kwargs=None):
     from simu_jax.losses import unlearning_loss
     from simu_jax.models import apply
 
+    from simu_jax.losses import logit_positions
+
     kwargs = kwargs or {}
-    fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"], **kwargs)  # noqa: E731
+    fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"],  # noqa: E731
+                         logits_at=logit_positions(b), **kwargs)
     return unlearning_loss("graddiff", fn, batch, gamma=1.0)[0]
 
 
@@ -107,7 +116,7 @@ def second_order_jobs(p: Profile) -> list[tuple[dict[str, Any], list[Job]]]:
 def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[str, Any], list[Job]]:
     """The programs of one model size (one function scope per size: the jitted closures trace later)."""
     from simu_jax import curvature as C
-    from simu_jax.losses import token_mean_nll
+    from simu_jax.losses import mean_nll
     from simu_jax.models import apply
     from simu_jax.selection import SIMU, Partition
 
@@ -119,13 +128,13 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
     loss = functools.partial(graddiff_loss, graphdef)
     nb = p.batch
 
-    def logits_all(prm, b):  # forget and retain as one [2B, T] batch
-        ids = jnp.concatenate([b["forget"]["input_ids"], b["retain"]["input_ids"]])
-        mask = jnp.concatenate([b["forget"]["attention_mask"], b["retain"]["attention_mask"]])
-        return apply(graphdef, prm, ids, mask)
+    def logits_all(prm, b):  # forget and retain as one [2B, T] batch, the logits at their scored positions
+        ids, mask, at = (jnp.concatenate([b["forget"][k], b["retain"][k]])
+                         for k in ("input_ids", "attention_mask", "positions"))
+        return apply(graphdef, prm, ids, mask, logits_at=at)
 
     def loss_of_logits(z, b):
-        return -token_mean_nll(z[:nb], b["forget"]["labels"]) + token_mean_nll(z[nb:], b["retain"]["labels"])
+        return -mean_nll(z[:nb], b["forget"]["targets"]) + mean_nll(z[nb:], b["retain"]["targets"])
 
     # the SIMU subset: differentiate only attention + the selected down_proj rows
     selected = random_neuron_mask(cfg.num_hidden_layers, inter, p.neuron_fraction, seed=0)
@@ -182,15 +191,16 @@ def attribution_jobs(p: Profile) -> list[Job]:
     forget rows on a `p.attribution_layers`-layer model (the step config's other sizes), and the
     gradient of the same rows' token-mean NLL (GradDiff's forget half; all parameters) of that model."""
     from simu_jax.attribution import neuron_scores
-    from simu_jax.losses import token_mean_nll
+    from simu_jax.losses import logit_positions, mean_nll, scored_targets
     from simu_jax.models import apply
 
     cfg = model_config(p, *p.sizes[p.step_size], layers=p.attribution_layers)
     graphdef, params = init_params(cfg, seed=0)
     rows = jax.tree.map(jnp.asarray, make_batch(p, seed=0)["forget"])
 
-    def nll(prm, b):
-        return token_mean_nll(apply(graphdef, prm, b["input_ids"], b["attention_mask"]), b["labels"])
+    def nll(prm, b):  # as the unlearning loss computes it: the head at the scored positions
+        return mean_nll(apply(graphdef, prm, b["input_ids"], b["attention_mask"], logits_at=logit_positions(b)),
+                        scored_targets(b))
 
     return [Job("attribution/ig", lambda: neuron_scores(graphdef, params, [rows], method="ig",
                                                         steps=p.attribution_steps)),

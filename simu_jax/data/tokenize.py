@@ -35,6 +35,8 @@ __all__ = [
     "TRAIN_BUCKETS",
     "bos_prefix",
     "pad_to_length",
+    "scored_positions",
+    "scored_width",
     "SPECIAL_TOKENS",
     "sequence_lengths",
     "BatchIterator",
@@ -46,6 +48,7 @@ __all__ = [
     "tokenize_qa_joint",
     "tokenize_texts",
     "train_bpe_tokenizer",
+    "with_scored_positions",
 ]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -61,6 +64,43 @@ def pad_to_length(arrays: Mapping[str, np.ndarray], length: int, pad_id: int) ->
         return dict(arrays)
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     return {k: np.concatenate([v, np.full((n, length - t), fill[k], v.dtype)], axis=1) for k, v in arrays.items()}
+
+
+def scored_width(labels: np.ndarray) -> int:
+    """The width of a scored view (:func:`scored_positions`) that fits every row of ``labels``
+    [N, T]: the most positions with a next-token label in one row, up to a `TRAIN_BUCKETS` width
+    (a few shapes), at most T. Computed once for a whole tokenized set, it gives every batch of
+    the set one shape (one compiled step)."""
+    labels = np.asarray(labels)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(axis=1)
+    return min(labels.shape[1], bucket_length(int(counts.max(initial=1)), TRAIN_BUCKETS))
+
+
+def scored_positions(labels: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The positions whose next token carries a label, left-aligned per row and padded to
+    ``width`` (default :func:`scored_width`), and their targets (``labels[t + 1]``; IGNORE on
+    the padding, whose position is 0), both int32 [N, width]: a loss needs the logits there
+    only (the model's ``logits_at``), a fraction of the [N, T, V] head and loss when the label
+    tokens are an answer."""
+    labels = np.asarray(labels)
+    width = scored_width(labels) if width is None else int(width)
+    scored = labels[:, 1:] != IGNORE_INDEX
+    if scored.sum(axis=1).max(initial=0) > width:
+        raise ValueError(f"a row has {int(scored.sum(axis=1).max())} label tokens, more than the scored width {width}")
+    positions = np.zeros((labels.shape[0], width), np.int32)
+    targets = np.full((labels.shape[0], width), IGNORE_INDEX, np.int32)
+    for i, row in enumerate(scored):
+        where = np.flatnonzero(row)
+        positions[i, : len(where)], targets[i, : len(where)] = where, labels[i, where + 1]
+    return positions, targets
+
+
+def with_scored_positions(part: Mapping[str, np.ndarray], width: int | None = None) -> dict[str, np.ndarray]:
+    """``part`` (``input_ids`` / ``attention_mask`` / ``labels`` [B, T]) with its scored view
+    ``positions`` and ``targets`` [B, width] (:func:`scored_positions`): the losses then take the
+    logits at ``positions`` only (``losses.scored_targets``, ``losses.logit_positions``)."""
+    positions, targets = scored_positions(part["labels"], width)
+    return {**part, "positions": positions, "targets": targets}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,7 +515,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return self._order
 
     def _pad_value(self, key: str) -> int:
-        return {"labels": IGNORE_INDEX, "input_ids": self.pad_id}.get(key, 0)
+        return {"labels": IGNORE_INDEX, "targets": IGNORE_INDEX, "input_ids": self.pad_id}.get(key, 0)
 
     def __iter__(self) -> "BatchIterator":
         return self

@@ -378,12 +378,12 @@ class CausalLM(nnx.Module):
             body, x, xs, unroll=unrolls(self.layer_loop, cfg.num_hidden_layers,
                                         on_mesh=_ACTIVATION_CONSTRAINT.get() is not None))
 
+        if logits_at is not None:  # the final norm is per position: gather first, normalize P columns
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if cfg.norm_kind == "rmsnorm":
             x = self.model.norm(x)
         else:
             x = layer_norm_no_params(x)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if cfg.tie_word_embeddings:
             head = self.model.embed_tokens.embedding[...].T
         else:
