@@ -344,11 +344,14 @@ def test_relearn_equals_the_plain_adamw_loop_and_lowers_forget_nll(models, sets)
     for _ in range(STEPS):
         p, s = step(p, s)
     # The two sum the loss in different orders; Adam's g / sqrt(v) turns that rounding into a
-    # visible change only where a gradient is near 0. Each step moves a coordinate by <= ~lr,
-    # so 1% of STEPS * lr bounds what rounding can do; most coordinates agree to float32 rounding.
+    # visible change only where a gradient is near 0, whose sign rounding can flip: each step
+    # moves a coordinate by <= lr (|m_hat / sqrt(v_hat)| <= 1 here), so two runs differ by at most
+    # 2 * STEPS * lr anywhere (an AMD EPYC saw 3.7e-5, 1.2% of STEPS * lr, on a few coordinates);
+    # all but 0.1% of the coordinates agree to float32 rounding, and so does the final loss.
     diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(c)).ravel()
                             for a, c in zip(jax.tree.leaves(new), jax.tree.leaves(p))])
-    assert diffs.max() < 0.01 * STEPS * 1e-3 and np.mean(diffs > 1e-6) < 1e-3
+    assert diffs.max() <= 2 * STEPS * 1e-3 and np.mean(diffs > 1e-6) < 1e-3
+    assert float(loss(new)) == pytest.approx(float(loss(p)), rel=1e-5)
     # the whole forget set's NLL goes down (the relearned pairs and the others)
     fa = {k: jnp.asarray(v) for k, v in tokenize_qa(tok, sets["forget"], TEMPLATE, 256).items()}
     assert float(eval_losses(graphdef, new, fa)) < float(eval_losses(graphdef, params, fa))
