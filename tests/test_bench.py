@@ -98,6 +98,14 @@ def test_peer_both_thread_settings_in_the_same_turns(result):
     assert peer["machine"]["omp_wait_policy"] == "PASSIVE"
     assert peer["default_env_machine"]["omp_wait_policy"] == "default"
     assert peer["default_env_machine"]["torch_threads"] == result["machine"]["jax_threads"]
+    # the main peer runs with the JAX side's host allocator settings (simu_jax.host_memory), the
+    # default-env one with glibc's defaults
+    from simu_jax.host_memory import glibc_tunables
+
+    assert result["machine"]["host_allocator"] == peer["machine"]["host_allocator"] == "keep"
+    assert peer["machine"]["glibc_tunables"] == glibc_tunables()
+    assert peer["default_env_machine"]["host_allocator"] == "system"
+    assert peer["default_env_machine"]["glibc_tunables"] == ""
     for name, key in (("so_step", "jax_over_torch_so_step"), ("grad", "jax_over_torch_grad")):
         c = peer["calls"][name]
         passive, default = c["torch"]["median_s"], c["torch_default_env"]["median_s"]

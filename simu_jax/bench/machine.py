@@ -71,6 +71,12 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def _host_allocator() -> str:
+    from simu_jax.host_memory import host_allocator
+
+    return host_allocator()
+
+
 def machine_info() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
@@ -90,6 +96,7 @@ def machine_info() -> dict[str, Any]:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}",
         "num_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_allocator": _host_allocator(),  # simu_jax.host_memory: keep | system
         # XLA's CPU runtime sizes its intra-op (Eigen) pool to the schedulable cores; this is
         # the pool counted from the thread names after a first computation.
         "jax_threads": xla_cpu_threads() or available_cores(),

@@ -65,7 +65,8 @@ class PeerServer:
     runs of the same work.
     """
 
-    def __init__(self, p: Profile, model, batch: dict, threads: int, omp_wait_policy: str | None = "PASSIVE"):
+    def __init__(self, p: Profile, model, batch: dict, threads: int, omp_wait_policy: str | None = "PASSIVE",
+                 host_allocator: str = "system"):
         from simu_jax.models.convert import save_pretrained
 
         s = step_settings(p)
@@ -90,6 +91,14 @@ class PeerServer:
         else:
             self.env.pop("OMP_WAIT_POLICY", None)
         self.omp_wait_policy = omp_wait_policy or "default"
+        # "keep": the host allocator settings the JAX side runs with (simu_jax.host_memory), through
+        # glibc's tunables at the peer's start; "system": glibc's defaults
+        self.env.pop("GLIBC_TUNABLES", None)
+        if host_allocator == "keep":
+            from simu_jax.host_memory import glibc_tunables
+
+            self.env["GLIBC_TUNABLES"] = glibc_tunables()
+        self.host_allocator = host_allocator
         self.proc = None
         self.info: dict[str, Any] | None = None
 
@@ -114,6 +123,7 @@ class PeerServer:
             if line.startswith("READY "):
                 self.info = json.loads(line[6:])
                 self.info["machine"]["omp_wait_policy"] = self.omp_wait_policy
+                self.info["machine"]["host_allocator"] = self.host_allocator
         return self.info
 
     def call(self, name: str) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def profile_run(result: dict[str, Any], log) -> dict[str, Any]:
         cats = out["jax"][name]["by_category_share"]
         log(f"  {name}: {out['jax'][name]['wall_ms']:.0f} ms/call; " +
             ", ".join(f"{k.split(' (')[0]} {v:.0%}" for k, v in list(cats.items())[:4]))
-    peer = PeerServer(profile, setup["model"], setup["batch"], result["machine"]["jax_threads"])
+    peer = PeerServer(profile, setup["model"], setup["batch"], result["machine"]["jax_threads"],
+                      host_allocator=result["machine"].get("host_allocator", "system"))
     try:
         out["torch_so_step"] = peer.call("profile_so_step")["out"]
     finally:

@@ -103,7 +103,9 @@ class BenchRun:
         with self.phase("setup"):
             self.step_problem = step_setup(p)
             model, batch = self.step_problem["model"], self.step_problem["batch"]
-            self.main_peer = PeerServer(p, model, batch, self.threads)
+            # the main peer runs with the JAX side's host allocator settings; the default-env peer
+            # with torch's and glibc's defaults throughout
+            self.main_peer = PeerServer(p, model, batch, self.threads, host_allocator=self.machine["host_allocator"])
             self.default_peer = PeerServer(p, model, batch, self.threads, omp_wait_policy=None)
             self.peers += [self.main_peer, self.default_peer]
             for peer in self.peers:
@@ -290,8 +292,10 @@ class BenchRun:
                 "machine": info["machine"], "default_env_machine": info_default["machine"],
                 "num_params": info["num_params"],
                 "model": "transformers LlamaForCausalLM, attn_implementation=eager, float32",
-                "envs": {"torch": "OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)",
-                         "torch_default_env": "torch's default OpenMP environment (idle threads spin)"},
+                "envs": {"torch": "OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep), host allocator "
+                                  f"{peer.host_allocator} (the JAX side's, simu_jax.host_memory)",
+                         "torch_default_env": "torch's default OpenMP environment (idle threads spin), glibc's "
+                                              "default allocator"},
                 "first_loss": first["so_step"]["out"], "calls": calls,
                 "so_step_phases": {k: statistics.median(r[k] for r in timed_phases) for k in timed_phases[0]}}
             for pr in (peer, pd):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
 
     machine = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "torch_interop_threads": torch.get_num_interop_threads(),
-               "mkldnn": bool(torch.backends.mkldnn.is_available()), "python": platform.python_version()}
+               "mkldnn": bool(torch.backends.mkldnn.is_available()), "python": platform.python_version(),
+               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # the host allocator it started with
     def profile_so_step():
         """torch.profiler over 3 SO steps: self CPU time per op (ms per step), for the bench's profile."""
         from torch.profiler import ProfilerActivity, profile
