@@ -67,6 +67,9 @@ def machine_line(r: dict) -> str:
             f"PyTorch {m['torch']}, transformers {m['transformers']}. Threads: XLA CPU pool {m['jax_threads']}, "
             f"`torch.set_num_threads({m.get('torch_threads')})` (inter-op {m.get('torch_interop_threads')}, "
             f"`OMP_WAIT_POLICY={peer.get('omp_wait_policy', '?')}`). XLA_FLAGS: `{m['xla_flags'] or '(none)'}`."
+            + (f" Host allocator: `{m['host_allocator']}` (`simu_jax.host_memory`; the main PyTorch peer "
+               f"`{peer.get('host_allocator', '?')}`, the default-environment one glibc's defaults)."
+               if "host_allocator" in m else "")
             + load)
 
 
@@ -406,7 +409,10 @@ GRAD_WORK = (" Already done: 2-D [tokens, features] projections (`transformer.de
              "derivative, the layers unrolled up to 8 layers (`layer_loop: auto`, the Remat section's "
              "`layer_loop=scan` row), the head and the loss at the label positions only (the step batches' "
              "scored view, `data.with_scored_positions`; the bench's rows label their second half, so the head "
-             "runs on 64 of 128 positions: a standalone gradient measured 0.89x in turns, not in this JSON). "
+             "runs on 64 of 128 positions: a standalone gradient measured 0.89x in turns, not in this JSON), XLA:CPU's "
+             "temp buffer kept mapped between executions (`simu_jax.host_memory`: glibc otherwise maps the bench "
+             "gradient's 136 MB temp block fresh every call and faults in its 35k pages; 0.74x the gradient's "
+             "time in turns in one process, not in this JSON). "
              "Tried and not kept (prototypes, not in this JSON): q/k/v and gate/up as one matmul each (1.00-1.06x), "
              "XLA's Eigen dots instead of YNNPACK (0.93x on an Intel Xeon, 1.07x on an AMD EPYC). Next: the XLA:CPU "
              "threads' idle time (see the profile run) and the same step on the GPU check (`tools/gpu_check.sh`).")
@@ -432,7 +438,7 @@ def _peer_note(r: dict, t: dict) -> str:
     text += (f". The optimizer is not it: PyTorch's SophiaG phase takes {ms(ph.get('optimizer_s'))} ms of its step, "
              f"and JAX's Sophia update + g*g is the step minus the gradient in the steps section "
              f"({ms(so.get('rest_of_step_s'))} ms).")
-    return text + _profile_grad_note(r) + GRAD_WORK
+    return text + _profile_grad_note(r) + " The work done so far is listed under the JAX / PyTorch table."
 
 
 def notes(r: dict) -> list[str]:
@@ -457,8 +463,11 @@ def notes(r: dict) -> list[str]:
     if "sophia_h_over_so_step" in missed:
         h, s = steps["so_graddiff_hutchinson"], steps["so_graddiff"]
         out.append(f"- **`sophia_h_over_so_step` = {num(t['sophia_h_over_so_step']['value'])}**: Sophia-H "
-                   f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step takes a gradient, then "
-                   "a separate jvp-of-grad (one Hutchinson probe) that re-linearizes the same point."
+                   f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step is one `jax.linearize` of "
+                   "the gradient map and one Hutchinson probe's product through it "
+                   "(`curvature.grad_and_hutchinson`): the primal forward and backward plus their tangents, "
+                   "about 3x the gradient's matmul flops, so it costs what one exact HVP costs (the second-order "
+                   "section's HVP / gradient below) plus the optimizer's update."
                    + _profile_mix(r, "step/so_graddiff_hutchinson"))
     if missed & {"hvp_time_over_flops", "hvp_marginal_lin_over_grad"}:
         out.append(_hvp_note(r, t))
@@ -581,6 +590,8 @@ def render(r: dict, png_name: str) -> str:
         "## JAX against the PyTorch peer (same config as the steps)",
         "",
         *peer_table(r),
+        "",
+        "What the JAX gradient's speed comes from (issue 15):" + GRAD_WORK,
         "",
         "## IG attribution against the gradient",
         "",
