@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "simu_jax.config": 0,
     "simu_jax.runio": 0,
     "simu_jax.checkpoint": 0,
+    "simu_jax.host_memory": 0,
     # 1 data
     "simu_jax.data": 1,
     # 2 models
