@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.showwarning = _show_warning
     try:
-        from simu_jax.host_memory import keep_freed_host_memory
+        from simu_jax.host_memory import configure_host_allocator
 
-        keep_freed_host_memory()  # before any JAX work: XLA's freed temp buffers reused, not re-faulted
+        configure_host_allocator()  # SIMU_JAX_HOST_ALLOCATOR, before any JAX work (simu_jax.host_memory)
         func = _resolve(argv[0])
         code = func(argv[1:])
         return EXIT_OK if code is None else int(code)

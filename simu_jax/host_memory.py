@@ -10,10 +10,15 @@ the heap's top, the freed block stays mapped and the next call reuses it (about 
 call; the gradient 0.74x the time of the default allocator, in turns in one process).
 
 The cost: the process keeps its peak heap (freed memory is not returned to the OS) and every
-thread shares one arena. `simu-jax` applies it at start (`keep_freed_host_memory`); set
-``SIMU_JAX_HOST_ALLOCATOR=system`` to run with glibc's defaults. It is a no-op where the C
-library is not glibc. A program that imports simu_jax calls it itself, before its first JAX
-computation (XLA's threads take their arena at their first allocation).
+thread shares one malloc arena, which slows malloc-heavy work on several threads: the default
+`simu-jax demo` (compiles and short fine-tunes) took 2 min 22-29 s with these settings against
+1 min 50-52 s without, on the same VM. So they are opt-in: ``SIMU_JAX_HOST_ALLOCATOR=keep``
+for long runs of one compiled step (`simu-jax` applies the variable at start,
+`configure_host_allocator`); ``simu-jax bench``, which times steady-state steps, runs with
+``keep`` unless the variable says ``system`` (and gives its main PyTorch peer the same settings).
+It is a no-op where the C library is not glibc. A program that imports simu_jax calls
+`configure_host_allocator` itself, before its first JAX computation (XLA's threads take their
+arena at their first allocation).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ KEEP_SETTINGS = ((-8, 1, "glibc.malloc.arena_max"),  # M_ARENA_MAX
 _applied: str | None = None
 
 
-def requested_allocator() -> str:
-    """``keep`` (the default) or ``system``, from ``SIMU_JAX_HOST_ALLOCATOR``."""
-    value = os.environ.get(ALLOCATOR_ENV, "keep")
+def requested_allocator(default: str = "system") -> str:
+    """``keep`` or ``system``: ``SIMU_JAX_HOST_ALLOCATOR``, else ``default``."""
+    value = os.environ.get(ALLOCATOR_ENV, default)
     if value not in ALLOCATORS:
         raise ValueError(f"{ALLOCATOR_ENV}={value!r}; allowed: {', '.join(ALLOCATORS)}")
     return value
@@ -53,20 +58,21 @@ def _glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
-def keep_freed_host_memory() -> bool:
-    """Apply the ``keep`` settings (module docstring) to this process's glibc malloc, unless
-    ``SIMU_JAX_HOST_ALLOCATOR=system``; True when they are in effect."""
+def configure_host_allocator(default: str = "system") -> str:
+    """Apply the allocator `requested_allocator(default)` names to this process's glibc malloc
+    (``keep``: the module docstring's settings; ``system``: nothing is changed) and return what
+    is in effect (`host_allocator`)."""
     global _applied
-    if requested_allocator() == "system":
-        _applied = "system"
-        return False
+    if requested_allocator(default) == "system":
+        _applied = _applied or "system"
+        return host_allocator()
     libc = _glibc()
     if libc is None:
         _applied = "system (not glibc)"
-        return False
-    ok = all(libc.mallopt(param, value) == 1 for param, value, _ in KEEP_SETTINGS)
-    _applied = "keep" if ok else "system (mallopt refused)"
-    return ok
+    else:
+        ok = all(libc.mallopt(param, value) == 1 for param, value, _ in KEEP_SETTINGS)
+        _applied = "keep" if ok else "system (mallopt refused)"
+    return host_allocator()
 
 
 def glibc_tunables() -> str:
@@ -76,5 +82,5 @@ def glibc_tunables() -> str:
 
 def host_allocator() -> str:
     """What this process runs with: ``keep``, or ``system`` (with the reason when keep was asked
-    for but is not in effect); ``system`` if `keep_freed_host_memory` was never called."""
+    for but is not in effect); ``system`` if `configure_host_allocator` never applied keep."""
     return _applied or "system"

@@ -2,8 +2,8 @@
 are ~70 MB, under the host allocator that `SIMU_JAX_HOST_ALLOCATOR` asks for (printed as JSON)."""
 
 import json, resource, sys
-from simu_jax.host_memory import host_allocator, keep_freed_host_memory
-keep_freed_host_memory()
+from simu_jax.host_memory import configure_host_allocator, host_allocator
+configure_host_allocator()
 import jax, jax.numpy as jnp
 k = jax.random.split(jax.random.key(0), 3)
 w1, w2 = jax.random.normal(k[0], (256, 1024)) * 0.05, jax.random.normal(k[1], (1024, 256)) * 0.05

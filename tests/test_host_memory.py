@@ -1,5 +1,6 @@
 """`simu_jax.host_memory`: with the `keep` settings XLA:CPU's freed temp buffers are reused, not
-faulted in again by every execution; `system` is glibc's default; a bad value is one line, exit 2."""
+faulted in again by every execution; `system` (the default) is glibc's; a bad value is one line
+and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ def test_keep_reuses_freed_temp_buffers_system_faults_them_in_every_call():
 def test_settings_and_a_bad_value(monkeypatch):
     assert host_memory.glibc_tunables() == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                                             "glibc.malloc.trim_threshold=2147483647")
+    monkeypatch.delenv(host_memory.ALLOCATOR_ENV, raising=False)
+    assert host_memory.requested_allocator() == "system" and host_memory.requested_allocator("keep") == "keep"
     monkeypatch.setenv(host_memory.ALLOCATOR_ENV, "system")
-    assert host_memory.keep_freed_host_memory() is False and host_memory.host_allocator() == "system"
+    assert host_memory.requested_allocator("keep") == "system"  # the variable wins over a default
+    assert host_memory.configure_host_allocator() == "system"
     env = dict(os.environ, SIMU_JAX_HOST_ALLOCATOR="bogus")
     proc = subprocess.run([sys.executable, "-m", "simu_jax.cli", "report", "--help"], env=env, capture_output=True,
                           text=True, timeout=120)

@@ -410,9 +410,10 @@ GRAD_WORK = (" Already done: 2-D [tokens, features] projections (`transformer.de
              "`layer_loop=scan` row), the head and the loss at the label positions only (the step batches' "
              "scored view, `data.with_scored_positions`; the bench's rows label their second half, so the head "
              "runs on 64 of 128 positions: a standalone gradient measured 0.89x in turns, not in this JSON), XLA:CPU's "
-             "temp buffer kept mapped between executions (`simu_jax.host_memory`: glibc otherwise maps the bench "
-             "gradient's 136 MB temp block fresh every call and faults in its 35k pages; 0.74x the gradient's "
-             "time in turns in one process, not in this JSON). "
+             "temp buffer kept mapped between executions (`simu_jax.host_memory`, `SIMU_JAX_HOST_ALLOCATOR=keep`: "
+             "the bench's default and its main PyTorch peer's, opt-in for `simu-jax` since it slows compile-heavy "
+             "short runs; glibc otherwise maps the bench gradient's 136 MB temp block fresh every call and faults "
+             "in its 35k pages; 0.74x the gradient's time in turns in one process, not in this JSON). "
              "Tried and not kept (prototypes, not in this JSON): q/k/v and gate/up as one matmul each (1.00-1.06x), "
              "XLA's Eigen dots instead of YNNPACK (0.93x on an Intel Xeon, 1.07x on an AMD EPYC). Next: the XLA:CPU "
              "threads' idle time (see the profile run) and the same step on the GPU check (`tools/gpu_check.sh`).")

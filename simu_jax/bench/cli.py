@@ -17,6 +17,7 @@ from simu_jax.bench.peer import torch_missing
 from simu_jax.bench.profiles import FULL, QUICK, QUICK_XLA_FLAGS, SUMMARY_KEYS
 from simu_jax.bench.profiling import PROFILE_XLA_FLAGS, profile_run
 from simu_jax.bench.runner import run
+from simu_jax.host_memory import configure_host_allocator
 
 __all__ = ["cli_main"]
 
@@ -40,6 +41,8 @@ def _parser() -> ArgumentParser:
 def cli_main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    if not _backend_initialized():  # steady-state steps: XLA's temp buffers kept (simu_jax.host_memory)
+        configure_host_allocator(default="keep")
     profile = QUICK if args.quick else FULL
     if args.repeats is not None:
         if args.repeats < 1:
