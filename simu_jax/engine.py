@@ -28,7 +28,7 @@ from simu_jax import optim
 from simu_jax.base import IGNORE_INDEX
 from simu_jax.curvature import ggn_operator, lanczos, rademacher_like, tree_norm
 from simu_jax.curvature import acc_dtype, grad_and_hutchinson
-from simu_jax.losses import (LossSpec, kl_at_targets, logit_positions, mean_nll, scored_targets, token_mean_nll,
+from simu_jax.losses import (LossSpec, kl_at_targets, logit_positions, nll_term, scored_targets, token_mean_nll,
                              unlearning_loss)
 from simu_jax.optim import OptimSpec
 from simu_jax.models import apply
@@ -479,12 +479,12 @@ def _logit_losses(graphdef, partition, method, s, rows, frozen, ref, batch, step
         return loss, terms
 
     def forget_nll(z):
-        return mean_nll(z["forget"], scored_targets(batch["forget"]))
+        return nll_term(z["forget"], scored_targets(batch["forget"]))
 
     def retain_term(z):
         if s.loss.retain_loss == "kl":
             return kl_at_targets(z["retain"], ref_z["retain"], scored_targets(batch["retain"]))
-        return mean_nll(z["retain"], scored_targets(batch["retain"]))
+        return nll_term(z["retain"], scored_targets(batch["retain"]))
 
     return logits_fn, objective, forget_nll, retain_term
 

@@ -136,7 +136,7 @@ def reduce_nll(total: jax.Array, count: jax.Array, normalization: str = "token")
     raise ValueError(f"normalization={normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
 
 
-def mean_nll(logits, targets, normalization: str = "token") -> jax.Array:
+def nll_term(logits, targets, normalization: str = "token") -> jax.Array:
     """The NLL term of an objective: ``targets`` aligned with ``logits`` (:func:`scored_targets`),
     averaged under ``normalization`` (:func:`reduce_nll`)."""
     return reduce_nll(*target_nll(logits, targets), normalization)
@@ -168,7 +168,7 @@ def kl_to_reference(logits, ref_logits, labels) -> jax.Array:
     return kl_at_targets(logits, ref_logits, next_token_targets(labels)[0])
 
 
-def npo_loss(logits, ref_logits, targets, beta: float) -> jax.Array:
+def npo_term(logits, ref_logits, targets, beta: float) -> jax.Array:
     """NPO over examples with at least one target (padding rows excluded); ``targets`` aligned
     with both logits (:func:`scored_targets`)."""
     nll, count = target_nll(logits, targets)
@@ -224,14 +224,14 @@ def unlearning_loss(
     terms: dict[str, jax.Array] = {}
     if objective == "idk":
         idk = batch["forget_idk"]
-        terms["forget"] = mean_nll(logits_fn(idk), scored_targets(idk), normalization)
+        terms["forget"] = nll_term(logits_fn(idk), scored_targets(idk), normalization)
     else:
         forget_logits = logits_fn(forget)
         if objective == "npo":
             ref = jax.lax.stop_gradient(ref_logits_fn(forget))
-            terms["forget"] = npo_loss(forget_logits, ref, scored_targets(forget), beta)
+            terms["forget"] = npo_term(forget_logits, ref, scored_targets(forget), beta)
         else:
-            terms["forget"] = -mean_nll(forget_logits, scored_targets(forget), normalization)
+            terms["forget"] = -nll_term(forget_logits, scored_targets(forget), normalization)
     loss = terms["forget"]
     if objective != "ga" and gamma > 0:
         retain = batch["retain"]
@@ -240,7 +240,7 @@ def unlearning_loss(
             ref = jax.lax.stop_gradient(ref_logits_fn(retain))
             terms["retain"] = kl_at_targets(retain_logits, ref, scored_targets(retain))
         elif retain_loss == "nll":
-            terms["retain"] = mean_nll(retain_logits, scored_targets(retain), normalization)
+            terms["retain"] = nll_term(retain_logits, scored_targets(retain), normalization)
         else:
             raise ValueError(f"retain_loss={retain_loss!r}; allowed: nll, kl")
         loss = loss + gamma * terms["retain"]

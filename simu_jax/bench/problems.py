@@ -116,7 +116,7 @@ def second_order_jobs(p: Profile) -> list[tuple[dict[str, Any], list[Job]]]:
 def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[str, Any], list[Job]]:
     """The programs of one model size (one function scope per size: the jitted closures trace later)."""
     from simu_jax import curvature as C
-    from simu_jax.losses import mean_nll
+    from simu_jax.losses import nll_term
     from simu_jax.models import apply
     from simu_jax.selection import SIMU, Partition
 
@@ -134,7 +134,7 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
         return apply(graphdef, prm, ids, mask, logits_at=at)
 
     def loss_of_logits(z, b):
-        return -mean_nll(z[:nb], b["forget"]["targets"]) + mean_nll(z[nb:], b["retain"]["targets"])
+        return -nll_term(z[:nb], b["forget"]["targets"]) + nll_term(z[nb:], b["retain"]["targets"])
 
     # the SIMU subset: differentiate only attention + the selected down_proj rows
     selected = random_neuron_mask(cfg.num_hidden_layers, inter, p.neuron_fraction, seed=0)
@@ -191,7 +191,7 @@ def attribution_jobs(p: Profile) -> list[Job]:
     forget rows on a `p.attribution_layers`-layer model (the step config's other sizes), and the
     gradient of the same rows' token-mean NLL (GradDiff's forget half; all parameters) of that model."""
     from simu_jax.attribution import neuron_scores
-    from simu_jax.losses import logit_positions, mean_nll, scored_targets
+    from simu_jax.losses import logit_positions, nll_term, scored_targets
     from simu_jax.models import apply
 
     cfg = model_config(p, *p.sizes[p.step_size], layers=p.attribution_layers)
@@ -199,7 +199,7 @@ def attribution_jobs(p: Profile) -> list[Job]:
     rows = jax.tree.map(jnp.asarray, make_batch(p, seed=0)["forget"])
 
     def nll(prm, b):  # as the unlearning loss computes it: the head at the scored positions
-        return mean_nll(apply(graphdef, prm, b["input_ids"], b["attention_mask"], logits_at=logit_positions(b)),
+        return nll_term(apply(graphdef, prm, b["input_ids"], b["attention_mask"], logits_at=logit_positions(b)),
                         scored_targets(b))
 
     return [Job("attribution/ig", lambda: neuron_scores(graphdef, params, [rows], method="ig",
