@@ -349,17 +349,21 @@ def _mesh_step(graphdef, partition, method, settings, mesh, rules, tr_def, tr_le
     return jax.jit(mesh_step, out_shardings=(tr_sh, opt_sh, replicated(mesh)), donate_argnums=donate)
 
 
+def part_logits(graphdef, params, part: dict, **kwargs) -> jax.Array:
+    """The logits a loss scores for one batch part (``input_ids`` / ``attention_mask`` / ...): at
+    its scored positions when it has a scored view (`data.with_scored_positions`, as `run_unlearn`'s
+    step batches do), else at every position (`losses.logit_positions`); ``kwargs`` go to `apply`."""
+    return apply(graphdef, params, part["input_ids"], part["attention_mask"], logits_at=logit_positions(part),
+                 **kwargs)
+
+
 def _loss(graphdef, partition: Partition, method: Method, s: StepSettings, rows, trainable, frozen, ref, batch, step):
     params, kwargs = partition.combine(trainable, frozen, rows)
-    # the logits at each part's scored positions only, when the batch has a scored view
-    # (`data.with_scored_positions`, as `run_unlearn` gives it): the head and the loss on the
-    # label tokens, not on every [B, T, V] position
-    logits_fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"],  # noqa: E731
-                                logits_at=logit_positions(b), **kwargs)
+    # the head and the loss on the label tokens only when the batch has a scored view (part_logits)
+    logits_fn = lambda b: part_logits(graphdef, params, b, **kwargs)  # noqa: E731
     ref_fn = None
     if ref is not None:
-        ref_fn = lambda b: apply(graphdef, ref, b["input_ids"], b["attention_mask"],  # noqa: E731
-                                 logits_at=logit_positions(b))
+        ref_fn = lambda b: part_logits(graphdef, ref, b)  # noqa: E731
     loss, terms = unlearning_loss(method.objective, logits_fn, batch, gamma=s.loss.gamma, beta=s.loss.beta,
                                   retain_loss=s.loss.retain_loss, ref_logits_fn=ref_fn,
                                   normalization=s.loss.normalization or "token")
@@ -458,13 +462,11 @@ def _logit_losses(graphdef, partition, method, s, rows, frozen, ref, batch, step
 
     def logits_fn(tr):
         params, kwargs = partition.combine(tr, frozen, rows)
-        return {k: apply(graphdef, params, batch[k]["input_ids"], batch[k]["attention_mask"],
-                         logits_at=logit_positions(batch[k]), **kwargs) for k in parts}
+        return {k: part_logits(graphdef, params, batch[k], **kwargs) for k in parts}
 
     ref_z = None
     if ref is not None and s.loss.retain_loss == "kl":
-        ref_z = {k: jax.lax.stop_gradient(apply(graphdef, ref, batch[k]["input_ids"], batch[k]["attention_mask"],
-                                                logits_at=logit_positions(batch[k]))) for k in parts}
+        ref_z = {k: jax.lax.stop_gradient(part_logits(graphdef, ref, batch[k])) for k in parts}
     which = {id(batch[k]): k for k in parts}  # unlearning_loss asks for the logits of batch["forget"] / ["retain"]
 
     def objective(z):
@@ -575,7 +577,7 @@ def _gnb_logits(graphdef, partition, rows, trainable, frozen, batch):
     logits, weights = [], []
     for part in ("forget", "retain"):
         x = batch[part]
-        z = apply(graphdef, params, x["input_ids"], x["attention_mask"], logits_at=logit_positions(x), **kwargs)
+        z = part_logits(graphdef, params, x, **kwargs)
         logits.append(z.reshape(-1, z.shape[-1]))
         weights.append((scored_targets(x) != IGNORE_INDEX).astype(jnp.float32).reshape(-1))
     return jnp.concatenate(logits), jnp.concatenate(weights)

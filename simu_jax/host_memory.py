@@ -2,12 +2,14 @@
 
 XLA:CPU allocates each execution's temp buffer as one block (136 MB for the bench's 4-layer
 gradient) and frees it when the execution ends. glibc's malloc serves a block that large with a
-fresh ``mmap`` (above its mmap threshold, at most 32 MB; from a worker thread's arena always) and
-gives it back with ``munmap``, so every call faults in and zeroes every page of it again: 35k
+fresh ``mmap`` (above the mmap threshold, at most 32 MB on 64-bit: mallopt(3)) and gives it back with
+``munmap`` (both seen with strace), so every call faults in and zeroes every page of it again: 35k
 minor page faults per gradient call, and faulting in 142 MB costs ~110 ms on one thread of the
-project's 2-core AMD EPYC VM. With one malloc arena, no mmap for large blocks and no trimming of
-the heap's top, the freed block stays mapped and the next call reuses it (about 100 faults per
-call; the gradient 0.74x the time of the default allocator, in turns in one process).
+project's 2-core AMD EPYC VM. No mmap and no trimming alone changed nothing (measured); with one
+arena as well, the freed block stays mapped and the next call reuses it (about 100 faults per
+call; the gradient 0.74x the time of the default allocator, in turns in one process). Our reading,
+not checked in glibc's source: the block comes from an XLA worker thread's arena, which maps any
+block larger than its 64 MB heap whatever mmap_max says.
 
 The cost: the process keeps its peak heap (freed memory is not returned to the OS) and every
 thread shares one malloc arena, which slows malloc-heavy work on several threads: the default

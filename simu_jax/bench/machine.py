@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from simu_jax.host_memory import host_allocator
+
 __all__ = ["available_cores", "loadavg", "machine_info", "xla_cpu_threads"]
 
 
@@ -71,12 +73,6 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def _host_allocator() -> str:
-    from simu_jax.host_memory import host_allocator
-
-    return host_allocator()
-
-
 def machine_info() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
@@ -96,7 +92,7 @@ def machine_info() -> dict[str, Any]:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}",
         "num_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "host_allocator": _host_allocator(),  # simu_jax.host_memory: keep | system
+        "host_allocator": host_allocator(),  # simu_jax.host_memory: keep | system
         # XLA's CPU runtime sizes its intra-op (Eigen) pool to the schedulable cores; this is
         # the pool counted from the thread names after a first computation.
         "jax_threads": xla_cpu_threads() or available_cores(),

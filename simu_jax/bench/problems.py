@@ -88,15 +88,11 @@ def random_neuron_mask(layers: int, intermediate: int, fraction: float, seed: in
 
 def graddiff_loss(graphdef, params, batch, kwargs=None):
     """The GradDiff loss (gamma 1) of the model (graphdef, params) on a forget / retain batch."""
+    from simu_jax.engine import part_logits
     from simu_jax.losses import unlearning_loss
-    from simu_jax.models import apply
-
-    from simu_jax.losses import logit_positions
 
     kwargs = kwargs or {}
-    fn = lambda b: apply(graphdef, params, b["input_ids"], b["attention_mask"],  # noqa: E731
-                         logits_at=logit_positions(b), **kwargs)
-    return unlearning_loss("graddiff", fn, batch, gamma=1.0)[0]
+    return unlearning_loss("graddiff", lambda b: part_logits(graphdef, params, b, **kwargs), batch, gamma=1.0)[0]
 
 
 def count_params(tree) -> int:
@@ -191,16 +187,15 @@ def attribution_jobs(p: Profile) -> list[Job]:
     forget rows on a `p.attribution_layers`-layer model (the step config's other sizes), and the
     gradient of the same rows' token-mean NLL (GradDiff's forget half; all parameters) of that model."""
     from simu_jax.attribution import neuron_scores
-    from simu_jax.losses import logit_positions, nll_term, scored_targets
-    from simu_jax.models import apply
+    from simu_jax.engine import part_logits
+    from simu_jax.losses import nll_term, scored_targets
 
     cfg = model_config(p, *p.sizes[p.step_size], layers=p.attribution_layers)
     graphdef, params = init_params(cfg, seed=0)
     rows = jax.tree.map(jnp.asarray, make_batch(p, seed=0)["forget"])
 
     def nll(prm, b):  # as the unlearning loss computes it: the head at the scored positions
-        return nll_term(apply(graphdef, prm, b["input_ids"], b["attention_mask"], logits_at=logit_positions(b)),
-                        scored_targets(b))
+        return nll_term(part_logits(graphdef, prm, b), scored_targets(b))
 
     return [Job("attribution/ig", lambda: neuron_scores(graphdef, params, [rows], method="ig",
                                                         steps=p.attribution_steps)),

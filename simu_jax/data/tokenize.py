@@ -85,8 +85,9 @@ def scored_positions(labels: np.ndarray, width: int | None = None) -> tuple[np.n
     labels = np.asarray(labels)
     width = scored_width(labels) if width is None else int(width)
     scored = labels[:, 1:] != IGNORE_INDEX
-    if scored.sum(axis=1).max(initial=0) > width:
-        raise ValueError(f"a row has {int(scored.sum(axis=1).max())} label tokens, more than the scored width {width}")
+    most = int(scored.sum(axis=1).max(initial=0))
+    if most > width:
+        raise ValueError(f"a row has {most} label tokens, more than the scored width {width}")
     positions = np.zeros((labels.shape[0], width), np.int32)
     targets = np.full((labels.shape[0], width), IGNORE_INDEX, np.int32)
     for i, row in enumerate(scored):
@@ -515,7 +516,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return self._order
 
     def _pad_value(self, key: str) -> int:
-        return {"labels": IGNORE_INDEX, "targets": IGNORE_INDEX, "input_ids": self.pad_id}.get(key, 0)
+        return {"labels": IGNORE_INDEX, "input_ids": self.pad_id}.get(key, 0)
 
     def __iter__(self) -> "BatchIterator":
         return self
