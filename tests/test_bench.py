@@ -120,8 +120,9 @@ def test_summary_ratios_hand_computed():
 
     t = lambda s: {"median_s": s}  # noqa: E731
     flops = lambda g: {"matmul_gflop": g, "gflop": g / 4}  # noqa: E731 - XLA's count is not the one used
-    big = {"times": {"grad": t(2.0), "hvp": t(5.0), "hvp_lin4": t(11.0)},
-           "cost_analysis": {"grad": flops(4.0), "hvp": flops(12.0), "hvp_lin4": flops(36.0)}}
+    big = {"times": {"grad": t(2.0), "hvp": t(5.0), "hvp_lin1": t(5.5), "hvp_lin4": t(11.0)},
+           "cost_analysis": {"grad": flops(4.0), "hvp": flops(12.0), "hvp_lin1": flops(12.0),
+                             "hvp_lin4": flops(36.0)}}
     big["hvp_analysis"] = hvp_analysis(big)
     result = {
         "profile": {"step_size": 0, "wall_budget_s": 100.0},
@@ -152,7 +153,7 @@ def test_summary_ratios_hand_computed():
                 "jax_over_torch_hvp": 2.0, "torch_over_jax_hvp": 0.5, "jax_over_torch_hvp_raw": 0.5,
                 "simu_over_so_step": 0.75, "simu_over_so_grad_flops": 0.7, "sophia_h_over_so_step": 3.5,
                 "hvp_over_grad": 2.5, "hvp_flops_over_grad": 3.0, "hvp_time_over_flops": 2.5 / 3.0,
-                "hvp_marginal_lin_over_grad": (11.0 - 5.0) / 3 / 2.0, "attribution_over_grad": 24.0,
+                "hvp_marginal_lin_over_grad": (11.0 - 5.5) / 3 / 2.0, "attribution_over_grad": 24.0,
                 "compile_s_4_layers": 2.0, "compile_s_8_layers": 2.5, "compile_s_16_layers": 3.0,
                 "compile_16_over_4": 1.5, "simu_state_bytes_over_so": 0.25,
                 "simu_state_bytes_over_so_raw": 204 / 804, "trainable_fraction_simu": 0.25,
@@ -221,7 +222,7 @@ def test_flop_ratios_are_the_timed_programs(result):
     assert result["hvp_flops_over_grad"] == pytest.approx(cb["hvp"]["matmul_gflop"] / cb["grad"]["matmul_gflop"])
     tb = {k: v["median_s"] for k, v in big["times"].items()}
     assert result["hvp_time_over_flops"] == pytest.approx(tb["hvp"] / tb["grad"] / result["hvp_flops_over_grad"])
-    assert result["hvp_marginal_lin_over_grad"] == pytest.approx((tb["hvp_lin4"] - tb["hvp"]) / 3 / tb["grad"])
+    assert result["hvp_marginal_lin_over_grad"] == pytest.approx((11.0 - 5.5) / 3 / 2.0)
     # forward-over-reverse: tangent forward and backward on top of the gradient: 3x its matmul flops
     assert 2.8 < result["hvp_flops_over_grad"] < 3.2
 
@@ -403,11 +404,12 @@ def test_hvp_analysis_ratios():
 
     t = lambda s: {"median_s": s}  # noqa: E731
     c = lambda g, xla: {"matmul_gflop": g, "gflop": xla}  # noqa: E731 - XLA's count (one layer) is not used
-    row = {"times": {"forward": t(1.0), "grad": t(3.0), "hvp": t(8.0), "hvp_revrev": t(9.0), "hvp_lin4": t(26.0)},
-           "cost_analysis": {"grad": c(3.0, 1.0), "hvp": c(9.0, 2.0), "hvp_lin4": c(27.0, 4.0)}}
+    row = {"times": {"forward": t(1.0), "grad": t(3.0), "hvp": t(8.0), "hvp_revrev": t(9.0), "hvp_lin1": t(8.5),
+                     "hvp_lin4": t(26.0)},
+           "cost_analysis": {"grad": c(3.0, 1.0), "hvp": c(9.0, 2.0), "hvp_lin1": c(9.0, 2.0), "hvp_lin4": c(27.0, 4.0)}}
     a = hvp_analysis(row)
     assert a["time_over_grad"]["hvp"] == pytest.approx(8 / 3)
-    assert a["time_over_grad"]["hvp_linearized_marginal"] == pytest.approx(6 / 3)
+    assert a["time_over_grad"]["hvp_linearized_marginal"] == pytest.approx((26 - 8.5) / 3 / 3)
     assert a["flops_over_grad"]["hvp"] == pytest.approx(3.0)
     assert a["flops_over_grad"]["hvp_linearized_marginal"] == pytest.approx(2.0)
     assert a["hvp_time_ratio_over_flop_ratio"] == pytest.approx(8 / 9)  # the matmul flops, not XLA's count

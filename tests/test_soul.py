@@ -163,7 +163,12 @@ def test_hf_schedule_and_torch_clip():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_grad_and_hutchinson_equals_gradient_then_linearization(x64):
+@pytest.mark.parametrize("num_probes", [1, 4])  # 1: one jvp of the gradient map; 4: linearize + a scan
+def test_grad_and_hutchinson_equals_the_dense_hessian_on_its_probes(x64, num_probes):
+    """grad, aux and mean_k u_k * (H u_k) against jax.grad and jax.hessian (dense), on the very
+    probes of the key (`rademacher_like` of `split(key, num_probes)[k]`)."""
+    from jax.flatten_util import ravel_pytree
+
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=(3,)))}
     x = jnp.asarray(rng.normal(size=(7, 4)))
@@ -173,16 +178,22 @@ def test_grad_and_hutchinson_equals_gradient_then_linearization(x64):
         return jnp.sum(jnp.sin(y) * y**2) + 0.1 * jnp.sum(p["w"] ** 4), {"mean_y": jnp.mean(y)}
 
     key = jax.random.key(5)
-    g, aux, h = jax.jit(lambda p, k: C.grad_and_hutchinson(f, p, k, 4, x, has_aux=True))(params, key)
-    g_old = jax.grad(lambda p: f(p, x)[0])(params)
-    h_old = C.hutchinson_diagonal(lambda p, x: f(p, x)[0], params, key, 4, x)
+    g, aux, h = jax.jit(lambda p, k: C.grad_and_hutchinson(f, p, k, num_probes, x, has_aux=True))(params, key)
+    flat, unravel = ravel_pytree(params)
+    dense = np.asarray(jax.hessian(lambda q: f(unravel(q), x)[0])(flat))
+    probes = [np.asarray(ravel_pytree(C.rademacher_like(k, params))[0])
+              for k in jax.random.split(key, num_probes)]
+    expected = np.mean([u * (dense @ u) for u in probes], axis=0)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(h)[0]), expected, rtol=1e-12, atol=1e-13)
+    g_ref = jax.grad(lambda p: f(p, x)[0])(params)
     for k in params:
-        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_old[k]), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(np.asarray(h[k]), np.asarray(h_old[k]), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(float(aux["mean_y"]), float(f(params, x)[1]["mean_y"]), rtol=1e-14)
-    g2, none, h2 = C.grad_and_hutchinson(lambda p, x: f(p, x)[0], params, key, 4, x)
+    g2, none, h2 = C.grad_and_hutchinson(lambda p, x: f(p, x)[0], params, key, num_probes, x)
     assert none is None
-    np.testing.assert_allclose(np.asarray(h2["w"]), np.asarray(h_old["w"]), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(h2)[0]), expected, rtol=1e-12, atol=1e-13)
+    h3 = C.hutchinson_diagonal(lambda p, x: f(p, x)[0], params, key, num_probes, x)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(h3)[0]), expected, rtol=1e-12, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------------

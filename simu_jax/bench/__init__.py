@@ -15,8 +15,9 @@ reports for it (``jax.monitoring`` compile events). Sections:
   gradient; plus the gradient and HVP on the SIMU subset (attention + selected ``down_proj``
   rows, the rest closed over) to show what the mask saves. At the largest size also two other
   exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
-  gradient map reused for 4 products in a loop (``hvp_lin4``, what Newton-CG and Hutchinson
-  do); for every program, XLA's cost analysis (flops, bytes) of the compiled executable and the
+  (``curvature.fold_transposed_dots``) gradient map with its first product (``hvp_lin1``) and
+  with 4 products chained in a loop, each normalized (``hvp_lin4``, as the Newton-type solvers'
+  Lanczos / CG run them; the marginal product is (lin4 - lin1) / 3); for every program, XLA's cost analysis (flops, bytes) of the compiled executable and the
   matmul flops of its jaxpr over all layers (``harness.matmul_flops``: XLA:CPU counts the layer
   scan's body once); ``hvp_analysis`` puts time ratios next to flop ratios (is the HVP
   flop-bound?).

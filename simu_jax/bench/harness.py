@@ -199,11 +199,11 @@ def hvp_analysis(row: dict[str, Any]) -> dict[str, Any]:
 
 def _hvp_ratios(x: dict[str, float]) -> dict[str, float]:
     """Each program's figure (seconds or flops) over the gradient's; the linearized variant per
-    product and per product after the first."""
-    out = {op: x[op] / x["grad"] for op in ("forward", "hvp", "hvp_revrev", "ggn_vp") if op in x}
-    if "hvp_lin4" in x and "hvp" in x:
+    product and per product after the first: (4 products - 1 product) / 3, each with the linearization."""
+    out = {op: x[op] / x["grad"] for op in ("forward", "hvp", "hvp_revrev", "hvp_lin1", "ggn_vp") if op in x}
+    if "hvp_lin4" in x and "hvp_lin1" in x:
         out["hvp_lin4_per_product"] = x["hvp_lin4"] / 4 / x["grad"]
-        out["hvp_linearized_marginal"] = (x["hvp_lin4"] - x["hvp"]) / 3 / x["grad"]
+        out["hvp_linearized_marginal"] = (x["hvp_lin4"] - x["hvp_lin1"]) / 3 / x["grad"]
     return out
 
 

@@ -145,9 +145,20 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
     def hvp_revrev(prm, vv, b):  # reverse-over-reverse: grad_p <grad f(p), v>
         return jax.grad(lambda q: C.tree_vdot(jax.grad(loss)(q, b), vv))(prm)
 
-    def hvp_lin4(prm, vs, b):  # one linearization of the gradient map, 4 products in a loop (as CG runs them)
-        _, h = jax.linearize(lambda q: jax.grad(loss)(q, b), prm)
-        return jax.lax.map(h, vs)
+    def linearized(prm, b):  # the gradient map linearized once, as the Newton-type solvers do
+        return jax.linearize(C.fold_transposed_dots(lambda q: jax.grad(loss)(q, b)), prm)[1]
+
+    def hvp_lin1(prm, vv, b):  # the linearization and its first product
+        return linearized(prm, b)(vv)
+
+    def hvp_lin4(prm, vv, b):  # ... and 4 products in a loop, each on the last one's output, normalized (Lanczos)
+        h = linearized(prm, b)
+
+        def product(_, u):
+            hu = h(u)
+            return jax.tree.map(lambda x: x / C.tree_norm(hu).astype(x.dtype), hu)
+
+        return jax.lax.fori_loop(0, 4, product, vv)
 
     programs = {
         "forward": (loss, (params, batch)),
@@ -164,11 +175,8 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
         for op in p.hvp_variants:
             if op == "hvp_revrev":
                 programs[op] = (hvp_revrev, (params, v, batch))
-            elif op == "hvp_lin4":
-                vs = [v] + [jax.tree.map(lambda x, i=i: jnp.asarray(np.random.default_rng(10 + i).standard_normal(
-                    x.shape, np.float32)), params) for i in range(3)]
-                vs = jax.tree.map(lambda *xs: jnp.stack(xs), *vs)
-                programs[op] = (hvp_lin4, (params, vs, batch))
+            elif op in ("hvp_lin1", "hvp_lin4"):
+                programs[op] = (hvp_lin1 if op == "hvp_lin1" else hvp_lin4, (params, v, batch))
             else:
                 raise ValueError(f"unknown HVP variant {op!r}")
             ops.append(op)

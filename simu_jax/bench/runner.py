@@ -158,8 +158,10 @@ class BenchRun:
                         "SIMU subset (attention + selected down_proj rows)",
                 "hutchinson_probes": 1, "sizes": sizes,
                 "hvp_variants": ("hvp_revrev: reverse-over-reverse, grad of <grad f, v>; "
-                                 "hvp_lin4: jax.linearize of the gradient map once, then 4 "
-                                 "products in a loop (Newton-CG and Hutchinson reuse it this way); "
+                                 "hvp_lin1 / hvp_lin4: jax.linearize of the gradient map once, then 1 product / 4 "
+                                 "products chained in a fori_loop, each normalized (as the Newton-type "
+                                 "solvers' Lanczos and CG reuse it); the marginal product is "
+                                 "(hvp_lin4 - hvp_lin1) / 3; "
                                  "cost_analysis: XLA's flop / byte count of the compiled "
                                  "program (gflop: XLA:CPU counts a loop body once, so the layer "
                                  "scan's flops are one layer's) and matmul_gflop, the dot_general "
