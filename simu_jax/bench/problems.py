@@ -156,7 +156,8 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
 
         def product(_, u):
             hu = h(u)
-            return jax.tree.map(lambda x: x / C.tree_norm(hu).astype(x.dtype), hu)
+            norm = C.tree_norm(hu)
+            return jax.tree.map(lambda x: x / norm.astype(x.dtype), hu)
 
         return jax.lax.fori_loop(0, 4, product, vv)
 

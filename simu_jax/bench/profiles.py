@@ -145,7 +145,7 @@ class Profile:
     # the same rows; fewer repeats: one IG call costs several gradients
     attribution_layers: int = 8
     attribution_steps: int = 3
-    attribution_repeats: int = 3
+    attribution_repeats: int = 5
     wall_budget_s: float = 1200.0  # the bench_wall_s target
     # the scale section's checkpoint and step batch (scale.py): a >= 300M model in the full bench,
     # a tiny one in --quick (the same code path, the JSON complete; its ratios are not the targets')
@@ -153,7 +153,7 @@ class Profile:
 
 
 FULL = Profile(name="full", vocab=4096, sizes=((128, 384), (256, 768), (512, 1536)), head_dim=64, layers=4,
-               seq=128, batch=4, step_size=1, compile_dims=(128, 384), compile_layers=(4, 8, 16), repeats=5,
+               seq=128, batch=4, step_size=1, compile_dims=(128, 384), compile_layers=(4, 8, 16), repeats=7,
                warmup=1, compile_repeats=2)
 # --quick: one size, which is also the 4-layer compile model (its simu_graddiff step's compile is
 # the 4-layer figure), the programs every headline key needs (12 XLA programs; XLA:CPU spends
