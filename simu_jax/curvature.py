@@ -261,7 +261,8 @@ def hutchinson_diagonal(
     ``1/sqrt(num_probes)``. One probe is one forward-over-reverse ``jax.jvp``; more
     linearize the gradient map once and each probe costs one linear HVP, summed
     sequentially (``lax.scan``), so memory does not grow with ``num_probes``
-    (:func:`grad_and_hutchinson`, whose gradient this discards). Returns float32 (float64 for f64 params).
+    (:func:`grad_and_hutchinson`, whose gradient this discards). Returns float32 (float64
+    for f64 params).
     The estimate may be negative: Sophia's ``max(rho*h, eps)`` handles that.
 
     Scale: the diagonal of the Hessian of ``f`` itself; for a mean loss (the unlearning

@@ -406,7 +406,8 @@ def test_hvp_analysis_ratios():
     c = lambda g, xla: {"matmul_gflop": g, "gflop": xla}  # noqa: E731 - XLA's count (one layer) is not used
     row = {"times": {"forward": t(1.0), "grad": t(3.0), "hvp": t(8.0), "hvp_revrev": t(9.0), "hvp_lin1": t(8.5),
                      "hvp_lin4": t(26.0)},
-           "cost_analysis": {"grad": c(3.0, 1.0), "hvp": c(9.0, 2.0), "hvp_lin1": c(9.0, 2.0), "hvp_lin4": c(27.0, 4.0)}}
+           "cost_analysis": {"grad": c(3.0, 1.0), "hvp": c(9.0, 2.0), "hvp_lin1": c(9.0, 2.0),
+                             "hvp_lin4": c(27.0, 4.0)}}
     a = hvp_analysis(row)
     assert a["time_over_grad"]["hvp"] == pytest.approx(8 / 3)
     assert a["time_over_grad"]["hvp_linearized_marginal"] == pytest.approx((26 - 8.5) / 3 / 3)

@@ -389,6 +389,10 @@ def _hvp_note(r: dict, t: dict) -> str:
     if "hvp" in fl:
         text += (f" Counted in the two programs (largest size): the HVP does {fl['hvp']:.2f}x the gradient's flops "
                  f"in {tm['hvp']:.2f}x its time (time ratio / flop ratio {a['hvp_time_ratio_over_flop_ratio']:.2f}).")
+        if a["hvp_time_ratio_over_flop_ratio"] < 1:
+            text += (" Below 1, the HVP does more matmul flops per second than the gradient: a `>=` bound on this "
+                     "figure is met by a slower HVP or a faster gradient, not by a faster HVP (the folded "
+                     "weight cotangents, `curvature.fold_transposed_dots`, lowered it).")
     if "hvp_revrev" in tm:
         text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
                  + (f" ({fl['hvp_revrev']:.2f}x flops)" if "hvp_revrev" in fl else "") + ", no cheaper.")
@@ -465,9 +469,9 @@ def notes(r: dict) -> list[str]:
     if "sophia_h_over_so_step" in missed:
         h, s = steps["so_graddiff_hutchinson"], steps["so_graddiff"]
         out.append(f"- **`sophia_h_over_so_step` = {num(t['sophia_h_over_so_step']['value'])}**: Sophia-H "
-                   f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step is one `jax.linearize` of "
-                   "the gradient map and one Hutchinson probe's product through it "
-                   "(`curvature.grad_and_hutchinson`): the primal forward and backward plus their tangents, "
+                   f"{ms(h['median_s'])} ms vs SO {ms(s['median_s'])} ms per step; the step is one `jax.jvp` of "
+                   "the gradient map in the Hutchinson probe's direction, which gives the gradient and the probe's "
+                   "HVP together (`curvature.grad_and_hutchinson`): the primal forward and backward plus their tangents, "
                    "about 3x the gradient's matmul flops, so it costs what one exact HVP costs (the second-order "
                    "section's HVP / gradient below) plus the optimizer's update."
                    + _profile_mix(r, "step/so_graddiff_hutchinson"))

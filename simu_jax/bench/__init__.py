@@ -17,7 +17,8 @@ reports for it (``jax.monitoring`` compile events). Sections:
   exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
   (``curvature.fold_transposed_dots``) gradient map with its first product (``hvp_lin1``) and
   with 4 products chained in a loop, each normalized (``hvp_lin4``, as the Newton-type solvers'
-  Lanczos / CG run them; the marginal product is (lin4 - lin1) / 3); for every program, XLA's cost analysis (flops, bytes) of the compiled executable and the
+  Lanczos / CG run them; the marginal product is (lin4 - lin1) / 3); for every program, XLA's
+  cost analysis (flops, bytes) of the compiled executable and the
   matmul flops of its jaxpr over all layers (``harness.matmul_flops``: XLA:CPU counts the layer
   scan's body once); ``hvp_analysis`` puts time ratios next to flop ratios (is the HVP
   flop-bound?).

@@ -162,7 +162,8 @@ QUICK = Profile(name="quick", vocab=256, sizes=((32, 64),), head_dim=16, layers=
                 compile_dims=(32, 64), compile_layers=(4, 8, 16), repeats=2, warmup=1, compile_repeats=1,
                 ops=("grad", "hvp", "grad_simu"),
                 methods=("so_graddiff", "so_graddiff_hutchinson", "simu_graddiff", "simu_newton"),
-                cg_iters=4, overlap=True, hvp_variants=("hvp_lin1", "hvp_lin4"), remat_compare=(), layer_loop_compare=(),
+                cg_iters=4, overlap=True, hvp_variants=("hvp_lin1", "hvp_lin4"), remat_compare=(),
+                layer_loop_compare=(),
                 attribution_repeats=2,
                 wall_budget_s=180.0,
                 scale=ScaleSpec(hidden=64, mlp=128, layers=2, vocab=512, heads=4, kv_heads=2))
