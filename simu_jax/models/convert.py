@@ -471,8 +471,8 @@ def load_params(path: str | Path, cfg: ModelConfig | None = None, shardings=None
         infos, stacked, transpose = plan[p]
         read = _slice_reader(tuple(spec.shape), np.dtype(spec.dtype), infos, stacked, transpose)
         # wait for each leaf's transfers: a device_put returns before it has copied its host
-        # block, and blocks of several leaves in flight raised the peak by up to 1.6 blocks
-        # (91-115 MB over 84 MB held, tests/test_hf_io.py's memory worker, one CPU device)
+        # block, and blocks of several leaves in flight raised the one-device peak from 94-98 MB
+        # to 101-115 MB (84 MB held, largest block 16.8 MB; tests/test_hf_io.py's memory worker)
         flat[p] = _make_array(spec.shape, spec.dtype, flat_sh[p], read).block_until_ready()
     return _unflatten(flat)
 
