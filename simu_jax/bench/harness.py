@@ -194,6 +194,8 @@ def hvp_analysis(row: dict[str, Any]) -> dict[str, Any]:
     if "hvp" in out["flops_over_grad"]:
         # > 1: the HVP runs at a lower flop rate than the gradient (overhead); ~1: flop-bound
         out["hvp_time_ratio_over_flop_ratio"] = out["time_over_grad"]["hvp"] / out["flops_over_grad"]["hvp"]
+        # its inverse: the HVP's matmul flops per second over the gradient's (the efficiency target)
+        out["hvp_flop_efficiency"] = out["flops_over_grad"]["hvp"] / out["time_over_grad"]["hvp"]
     return out
 
 
@@ -272,6 +274,7 @@ def summarize(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "hvp_over_grad": big["times"]["hvp"]["median_s"] / big["times"]["grad"]["median_s"],
         "hvp_flops_over_grad": big["hvp_analysis"]["flops_over_grad"]["hvp"],
         "hvp_time_over_flops": big["hvp_analysis"]["hvp_time_ratio_over_flop_ratio"],
+        "hvp_flop_efficiency": big["hvp_analysis"]["hvp_flop_efficiency"],
         "hvp_marginal_lin_over_grad": big["hvp_analysis"]["time_over_grad"]["hvp_linearized_marginal"],
         "attribution_over_grad": att["ig"]["median_s"] / att["grad"]["median_s"],
         "compile_s_4_layers": comp["4"]["median_s"],

@@ -21,6 +21,7 @@ SUMMARY_KEYS = (
     "hvp_over_grad",
     "hvp_flops_over_grad",
     "hvp_time_over_flops",
+    "hvp_flop_efficiency",
     "hvp_marginal_lin_over_grad",
     "attribution_over_grad",
     "compile_s_4_layers",
@@ -52,8 +53,11 @@ TARGETS = (
     ("simu_over_so_step", "<=", ("simu_over_so_grad_flops", 0.03),
      "SIMU step / SO step (JAX), within 0.03 of the matmul-flop ratio of the SIMU-subset gradient to the full one"),
     ("sophia_h_over_so_step", "<=", 3.0, "Sophia-H step (one Hutchinson HVP) / SO step (JAX)"),
-    ("hvp_time_over_flops", ">=", 0.95,
-     "exact HVP / gradient: time ratio / matmul-flop ratio (largest size)"),
+    # issue 15 wrote this target as "hvp_time_over_flops >= 0.95" and named it the HVP's flop
+    # efficiency; time ratio / flop ratio is the inverse of an efficiency (below 1 the HVP does more
+    # flops per second than the gradient), so the bound is on flop ratio / time ratio, the intent
+    ("hvp_flop_efficiency", ">=", 0.95,
+     "exact HVP / gradient: matmul-flop ratio / time ratio, the HVP's flop rate over the gradient's (largest size)"),
     ("hvp_marginal_lin_over_grad", "<=", 2.0,
      "each product after the first of one jax.linearize of the gradient map, chained in a loop as Lanczos "
      "runs them / gradient (largest size)"),
@@ -81,7 +85,11 @@ TARGETS = (
 UNTARGETED = {
     "hvp_over_grad": "exact HVP time / gradient time (largest size): no target, no single exact HVP can be <= 2x "
                      "(it does `hvp_flops_over_grad` times the gradient's matmul flops); the targets are "
-                     "`hvp_time_over_flops` and `hvp_marginal_lin_over_grad`",
+                     "`hvp_flop_efficiency` and `hvp_marginal_lin_over_grad`",
+    "hvp_time_over_flops": "exact HVP / gradient: time ratio / matmul-flop ratio (largest size), "
+                           "1 / `hvp_flop_efficiency`: below 1 the HVP does more flops per second than the "
+                           "gradient, so a `>=` bound on it (issue 15's wording) would be met by a slower HVP; "
+                           "the target is on `hvp_flop_efficiency`",
 }
 
 SECOND_ORDER_OPS = ("forward", "grad", "hvp", "ggn_vp", "hutchinson", "grad_simu", "hvp_simu")
