@@ -27,7 +27,7 @@ import optax
 from simu_jax import optim
 from simu_jax.base import IGNORE_INDEX
 from simu_jax.curvature import ggn_operator, lanczos, rademacher_like, tree_norm
-from simu_jax.curvature import acc_dtype, fold_transposed_dots, grad_and_hutchinson
+from simu_jax.curvature import acc_dtype, fold_transposed_dots, grad_and_hutchinson, linearize
 from simu_jax.losses import (LossSpec, kl_at_targets, logit_positions, nll_term, scored_targets, token_mean_nll,
                              unlearning_loss)
 from simu_jax.optim import OptimSpec
@@ -513,7 +513,7 @@ def _newton_type_step(graphdef, partition, method, s, trainable, opt_state, froz
             (value, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(tr, *args)
             return g, (value, terms)
 
-        g, curvature, (loss, terms) = jax.linearize(fold_transposed_dots(value_and_grad), trainable, has_aux=True)
+        g, curvature, (loss, terms) = linearize(fold_transposed_dots(value_and_grad), trainable, has_aux=True)
     else:
         logits_fn, objective, forget_nll, retain_term = _logit_losses(graphdef, partition, method, s, rows, frozen,
                                                                       ref, batch, step)

@@ -620,7 +620,7 @@ def newton_cg_step(
     """
     grad_fn = lambda p: jax.grad(loss_fn)(p, *args)  # noqa: E731
     loss = loss_fn(params, *args)
-    g, h_lin = jax.linearize(C.fold_transposed_dots(grad_fn), params)  # g = grad, h_lin(v) = H v
+    g, h_lin = C.linearize(C.fold_transposed_dots(grad_fn), params)  # g = grad, h_lin(v) = H v
     if mask is not None:
         g = _zeros_outside(mask, g)
         matvec = lambda v: _zeros_outside(mask, h_lin(_zeros_outside(mask, v)))  # noqa: E731
@@ -815,7 +815,7 @@ def newton_tr_step(
         loss, g = jax.value_and_grad(loss_fn)(p, *args)
         return g, loss
 
-    g, h_lin, loss = jax.linearize(C.fold_transposed_dots(value_and_grad), params, has_aux=True)
+    g, h_lin, loss = C.linearize(C.fold_transposed_dots(value_and_grad), params, has_aux=True)
     if mask is not None:
         g = _zeros_outside(mask, g)
         matvec = lambda v: _zeros_outside(mask, h_lin(_zeros_outside(mask, v)))  # noqa: E731

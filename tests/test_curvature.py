@@ -138,6 +138,53 @@ def test_fold_transposed_dots_rewrites_every_weight_cotangent(x64):
                                rtol=1e-10, atol=1e-12)
 
 
+def _scanned_loss(p, x, y, unroll):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x @ p["w_in"], p["w_layers"], unroll=unroll)
+    return _ce_of_logits(h @ p["w_out"], y)
+
+
+def _count_eqns(jaxpr, name: str) -> int:
+    """Equations named ``name`` in ``jaxpr`` and every sub-jaxpr."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0
+    for e in jaxpr.eqns:
+        total += e.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            total += _count_eqns(sub, name)
+    return total
+
+
+@pytest.mark.parametrize("unroll", [True, 1])
+def test_linearize_splits_unrolled_scan_residuals_and_keeps_the_products(x64, unroll):
+    """`curvature.linearize`: three chained products of its linear map in a `fori_loop` (as Lanczos
+    runs them) equal H^3 v of the dense Hessian; with an unrolled layer scan the map re-stacks
+    per-layer residual pieces (`stack` equations that jax.linearize's map lacks), with a rolled scan it
+    is jax.linearize's map (nothing re-stacked, which would cost a copy per product there)."""
+    rng = np.random.default_rng(1)
+    p = {"w_in": jnp.asarray(rng.normal(size=(D_IN, 4))), "w_layers": jnp.asarray(rng.normal(size=(3, 4, 4)) * 0.5),
+         "w_out": jnp.asarray(rng.normal(size=(4, V)))}
+    _, x, y = _mlp_problem()
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
+    grad_map = lambda q: jax.grad(_scanned_loss)(q, x, y, unroll)  # noqa: E731
+
+    def products(linearize, q, u):
+        lin = linearize(grad_map, q)[1]
+        return jax.lax.fori_loop(0, 3, lambda _, w: lin(w), u)
+
+    ours = jax.jit(lambda q, u: products(C.linearize, q, u))
+    flat, unravel = ravel_pytree(p)
+    dense = np.asarray(jax.hessian(lambda f: _scanned_loss(unravel(f), x, y, unroll))(flat))
+    np.testing.assert_allclose(_flat(ours(p, v)), dense @ dense @ dense @ _flat(v), rtol=1e-10, atol=1e-12)
+
+    def restacks(linearize):  # stack equations of the one-product program
+        return _count_eqns(jax.make_jaxpr(lambda q, u: linearize(grad_map, q)[1](u))(p, v), "stack")
+
+    if unroll is True:
+        assert restacks(C.linearize) > restacks(jax.linearize)
+    else:
+        assert restacks(C.linearize) == restacks(jax.linearize)
+
+
 def test_ggn_vp_matches_dense_jacobian_product(x64):
     params, x, y = _mlp_problem()
     flat, unravel = ravel_pytree(params)

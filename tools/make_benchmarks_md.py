@@ -394,7 +394,7 @@ def _hvp_note(r: dict, t: dict) -> str:
         text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
                  + (f" ({fl['hvp_revrev']:.2f}x flops)" if "hvp_revrev" in fl else "") + ", no cheaper.")
     if "hvp_linearized_marginal" in tm:
-        text += (f" One `jax.linearize` of the gradient map reused for 4 chained products (a Lanczos loop): "
+        text += (f" One `curvature.linearize` of the gradient map reused for 4 chained products (a Lanczos loop): "
                  f"{tm['hvp_lin4_per_product']:.2f}x "
                  f"the gradient per product, each product after the first {tm['hvp_linearized_marginal']:.2f}x"
                  + (f" ({fl['hvp_linearized_marginal']:.2f}x flops: the tangent passes only)"

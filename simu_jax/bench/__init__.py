@@ -14,7 +14,7 @@ reports for it (``jax.monitoring`` compile events). Sections:
   one-probe Hutchinson diagonal (``curvature.hutchinson_diagonal``), with ratios to the
   gradient; plus the gradient and HVP on the SIMU subset (attention + selected ``down_proj``
   rows, the rest closed over) to show what the mask saves. At the largest size also two other
-  exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``jax.linearize`` of the
+  exact HVP formulations: reverse-over-reverse (``hvp_revrev``) and one ``curvature.linearize`` of the
   (``curvature.fold_transposed_dots``) gradient map with its first product (``hvp_lin1``) and
   with 4 products chained in a loop, each normalized (``hvp_lin4``, as the Newton-type solvers'
   Lanczos / CG run them; the marginal product is (lin4 - lin1) / 3); for every program, XLA's

@@ -146,7 +146,7 @@ def second_order_size(p: Profile, hidden: int, inter: int, batch) -> tuple[dict[
         return jax.grad(lambda q: C.tree_vdot(jax.grad(loss)(q, b), vv))(prm)
 
     def linearized(prm, b):  # the gradient map linearized once, as the Newton-type solvers do
-        return jax.linearize(C.fold_transposed_dots(lambda q: jax.grad(loss)(q, b)), prm)[1]
+        return C.linearize(C.fold_transposed_dots(lambda q: jax.grad(loss)(q, b)), prm)[1]
 
     def hvp_lin1(prm, vv, b):  # the linearization and its first product
         return linearized(prm, b)(vv)

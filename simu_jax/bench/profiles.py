@@ -59,7 +59,7 @@ TARGETS = (
     ("hvp_flop_efficiency", ">=", 0.95,
      "exact HVP / gradient: matmul-flop ratio / time ratio, the HVP's flop rate over the gradient's (largest size)"),
     ("hvp_marginal_lin_over_grad", "<=", 2.0,
-     "each product after the first of one jax.linearize of the gradient map, chained in a loop as Lanczos "
+     "each product after the first of one curvature.linearize of the gradient map, chained in a loop as Lanczos "
      "runs them / gradient (largest size)"),
     ("attribution_over_grad", "<=", 6.0,
      "IG attribution (m = 3, 8 layers) of the forget rows / the gradient on the same rows"),

@@ -158,7 +158,7 @@ class BenchRun:
                         "SIMU subset (attention + selected down_proj rows)",
                 "hutchinson_probes": 1, "sizes": sizes,
                 "hvp_variants": ("hvp_revrev: reverse-over-reverse, grad of <grad f, v>; "
-                                 "hvp_lin1 / hvp_lin4: jax.linearize of the gradient map once, then 1 product / 4 "
+                                 "hvp_lin1 / hvp_lin4: curvature.linearize of the gradient map once, then 1 product / 4 "
                                  "products chained in a fori_loop, each normalized (as the Newton-type "
                                  "solvers' Lanczos and CG reuse it); the marginal product is "
                                  "(hvp_lin4 - hvp_lin1) / 3; "
