@@ -296,8 +296,15 @@ def _profile_ratio_note(r: dict) -> str:
         a, b = g["by_category_ms"].get(cat, 0), h["by_category_ms"].get(cat, 0)
         if a > 0:
             parts.append(f"{short} {b / a:.1f}x")
-    return (f" Profile at the steps' config: HVP op time {h['op_ms_total']:.0f} ms vs gradient "
-            f"{g['op_ms_total']:.0f} ms; by kind, HVP / gradient: " + ", ".join(parts) + ".")
+    text = (f" Profile at the steps' config: HVP op time {h['op_ms_total']:.0f} ms vs gradient "
+            f"{g['op_ms_total']:.0f} ms; by kind, HVP / gradient: " + ", ".join(parts))
+    timed = r["second_order"]["sizes"][r["profile"]["step_size"]]["times"]
+    off = {op: x["wall_ms"] / (timed[op]["median_s"] * 1e3) for op, x in (("grad", g), ("hvp", h)) if op in timed}
+    if any(not 2 / 3 <= v <= 1.5 for v in off.values()):  # the profile's calls are few and not in turns
+        text += (" (rough: under the profiler " + ", ".join(f"the {'gradient' if op == 'grad' else 'HVP'} ran "
+                                                           f"{v:.2f}x its timed median" for op, v in off.items())
+                 + ")")
+    return text + "."
 
 
 def _profile_grad_note(r: dict) -> str:
