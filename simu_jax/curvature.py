@@ -161,7 +161,7 @@ def linearize(fn: Callable[..., Any], *primals, has_aux: bool = False):
     right before its scan slices them; XLA's simplifier cancels a slice of a concatenate that is
     exactly one of its pieces, so the loop reads each layer's residual in place (our reading of
     the profile of the same 4 products: slices 77 op-ms; wall time 0.92-0.99x in turns over four
-    runs, one product 0.98-1.0x; the bench's simu_newton step 0.92x the SO step's ratio before).
+    runs, one product 0.98-1.0x; the bench's simu_newton step: 10.8x the SO step, 11.8x before).
 
     Only constants whose every use is a stacked input (``xs``) of a fully unrolled scan of the
     linear map are split: a rolled scan slices its inputs with a dynamic index in a loop, which
