@@ -174,6 +174,8 @@ def linearize(fn: Callable[..., Any], *primals, has_aux: bool = False):
 
 
 def _per_layer_residuals(linear_fn: Callable[..., Any], primals: tuple) -> Callable[..., Any]:
+    if not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(primals)):
+        return linear_fn  # integer primals take float0 tangents: the primals are no example of them
     converted, consts = jax.closure_convert(linear_fn, *primals)
     if not consts:
         return linear_fn

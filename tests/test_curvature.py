@@ -185,6 +185,16 @@ def test_linearize_splits_unrolled_scan_residuals_and_keeps_the_products(x64, un
         assert restacks(C.linearize) == restacks(jax.linearize)
 
 
+def test_linearize_with_an_integer_primal_is_jax_linearize():
+    """Integer primals take float0 tangents: nothing is split, the map is jax.linearize's."""
+    f = lambda p: jnp.sum(jnp.sin(p["w"]) * p["n"])  # noqa: E731
+    p = {"w": jnp.arange(3.0), "n": jnp.arange(3)}
+    u = {"w": jnp.ones(3), "n": np.zeros(3, jax.dtypes.float0)}
+    (y, lin), (y_ref, lin_ref) = jax.jit(lambda q: C.linearize(f, q))(p), jax.linearize(f, p)
+    assert float(y) == pytest.approx(float(y_ref))
+    assert float(lin(u)) == pytest.approx(float(lin_ref(u)), rel=1e-6)
+
+
 def test_ggn_vp_matches_dense_jacobian_product(x64):
     params, x, y = _mlp_problem()
     flat, unravel = ravel_pytree(params)
