@@ -395,7 +395,7 @@ def _hvp_note(r: dict, t: dict) -> str:
             "so about 3x the gradient's matmul flops.")
     if "hvp" in fl:
         text += (f" Counted in the two programs (largest size): the HVP does {fl['hvp']:.2f}x the gradient's flops "
-                 f"in {tm['hvp']:.2f}x its time (flop ratio / time ratio {a['hvp_time_ratio_over_flop_ratio'] ** -1:.2f}, "
+                 f"in {tm['hvp']:.2f}x its time (flop ratio / time ratio {a['hvp_flop_efficiency']:.2f}, "
                  f"its inverse `hvp_time_over_flops` {a['hvp_time_ratio_over_flop_ratio']:.2f}).")
     if "hvp_revrev" in tm:
         text += (f" Reverse-over-reverse: {tm['hvp_revrev']:.2f}x"
